@@ -1,0 +1,95 @@
+//! Configuration: `owlery.toml`, overridden by `OWLERY_*` environment variables, overridden
+//! by command-line flags. No configuration at all serves 127.0.0.1:8080 on the embedded
+//! log with plugins from `plugins/` and data in `data/`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub plugins_dir: PathBuf,
+    /// Partitions of each topic the embedded log creates.
+    pub partitions: u32,
+    /// Fan-out records kept for resuming clients.
+    pub fanout_retention: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("data"),
+            plugins_dir: PathBuf::from("plugins"),
+            partitions: 4,
+            fanout_retention: 100_000,
+        }
+    }
+}
+
+/// The keys `owlery.toml` may hold (all optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub plugins_dir: Option<PathBuf>,
+    pub partitions: Option<u32>,
+    pub fanout_retention: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ConfigFile {
+    /// Read `path`; a missing file is an empty configuration only when `required` is false.
+    pub fn load(path: &Path, required: bool) -> Result<ConfigFile, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                toml::from_str(&text).map_err(|e| ConfigError::File { path: path.to_owned(), message: e.to_string() })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(ConfigFile::default()),
+            Err(e) => Err(ConfigError::File { path: path.to_owned(), message: e.to_string() }),
+        }
+    }
+}
+
+impl Config {
+    /// Layer the file over the defaults; flags and environment (already merged by the CLI)
+    /// are layered over that by the caller.
+    pub fn from_file(file: ConfigFile) -> Config {
+        let d = Config::default();
+        Config {
+            listen: file.listen.unwrap_or(d.listen),
+            data_dir: file.data_dir.unwrap_or(d.data_dir),
+            plugins_dir: file.plugins_dir.unwrap_or(d.plugins_dir),
+            partitions: file.partitions.unwrap_or(d.partitions),
+            fanout_retention: file.fanout_retention.unwrap_or(d.fanout_retention),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1024).contains(&self.partitions) {
+            return Err(ConfigError::Invalid("partitions must be 1 to 1024".into()));
+        }
+        if self.fanout_retention == 0 {
+            return Err(ConfigError::Invalid("fanout_retention must be at least 1".into()));
+        }
+        if !self.listen.ip().is_loopback() {
+            // Auth is not built yet: never expose the API beyond this machine.
+            return Err(ConfigError::Invalid(format!(
+                "refusing to listen on {}: without authentication Owlery only binds a loopback address (127.0.0.1 or ::1)",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,266 @@
+//! The event envelope: its wire shape, its validation, and the routing of event types to topics.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// One event as producers send it and as the log stores it (JSON, camelCase keys).
+/// Fields the host does not know are kept in `extra` and written back unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub timestamp: String,
+    pub source: String,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub metadata: Map<String, Value>,
+    #[serde(default)]
+    pub data: Value,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// Why an envelope was refused; `field` names the offending field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct EnvelopeError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> EnvelopeError {
+    EnvelopeError { field, message: message.into() }
+}
+
+/// The longest event type accepted; keeps topic routing and room names sane.
+const MAX_EVENT_TYPE_LEN: usize = 128;
+
+/// `incident.created`: dot-separated segments of letters, digits, `_` and `-`.
+pub fn check_event_type(event_type: &str) -> Result<(), String> {
+    if event_type.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if event_type.len() > MAX_EVENT_TYPE_LEN {
+        return Err(format!("must be at most {MAX_EVENT_TYPE_LEN} characters"));
+    }
+    let segment_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !event_type.split('.').all(segment_ok) || !event_type.contains('.') {
+        return Err(format!(
+            "{event_type:?} is not a dotted event type like \"incident.created\" (letters, digits, '_' and '-' between dots)"
+        ));
+    }
+    Ok(())
+}
+
+impl Envelope {
+    /// Validate one JSON value from a producer and fill in what the host assigns
+    /// (`eventId`, `timestamp`, `source`). Every error names the field.
+    pub fn from_producer(value: Value) -> Result<Envelope, EnvelopeError> {
+        let Value::Object(mut object) = value else {
+            return Err(invalid("(body)", "an event must be a JSON object"));
+        };
+        let event_type = match object.remove("eventType") {
+            Some(Value::String(s)) => s,
+            Some(other) => return Err(invalid("eventType", format!("must be a string, got {}", kind(&other)))),
+            None => return Err(invalid("eventType", "is required")),
+        };
+        check_event_type(&event_type).map_err(|m| invalid("eventType", m))?;
+        let event_id = match object.remove("eventId") {
+            None | Some(Value::Null) => Uuid::new_v4(),
+            Some(Value::String(s)) => {
+                Uuid::parse_str(&s).map_err(|_| invalid("eventId", format!("{s:?} is not a UUID")))?
+            }
+            Some(other) => return Err(invalid("eventId", format!("must be a UUID string, got {}", kind(&other)))),
+        };
+        let timestamp = match object.remove("timestamp") {
+            None | Some(Value::Null) => now_rfc3339(),
+            Some(Value::String(s)) => {
+                let parsed = chrono::DateTime::parse_from_rfc3339(&s)
+                    .map_err(|e| invalid("timestamp", format!("{s:?} is not an RFC 3339 timestamp: {e}")))?;
+                parsed.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            }
+            Some(other) => {
+                return Err(invalid("timestamp", format!("must be an RFC 3339 string, got {}", kind(&other))));
+            }
+        };
+        let source = match object.remove("source") {
+            None | Some(Value::Null) => "api".to_owned(),
+            Some(Value::String(s)) if !s.is_empty() => s,
+            Some(Value::String(_)) => return Err(invalid("source", "must not be empty")),
+            Some(other) => return Err(invalid("source", format!("must be a string, got {}", kind(&other)))),
+        };
+        let user_id = match object.remove("userId") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(other) => return Err(invalid("userId", format!("must be a string, got {}", kind(&other)))),
+        };
+        let metadata = match object.remove("metadata") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(m)) => m,
+            Some(other) => return Err(invalid("metadata", format!("must be an object, got {}", kind(&other)))),
+        };
+        let data = object.remove("data").unwrap_or_else(|| Value::Object(Map::new()));
+        Ok(Envelope { event_id, event_type, timestamp, source, user_id, metadata, data, extra: object })
+    }
+
+    /// The partition key: the user, so one user's events stay in order, else the event.
+    pub fn partition_key(&self) -> String {
+        match &self.user_id {
+            Some(user) => user.clone(),
+            None => self.event_id.to_string(),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serialises")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Envelope, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// An event-type pattern: `incident.*` (prefix), `*` (anything), or an exact type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    pub fn new(pattern: impl Into<String>) -> Self {
+        Pattern(pattern.into())
+    }
+
+    pub fn matches(&self, event_type: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => event_type.starts_with(prefix),
+            None => self.0 == event_type,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Maps event types to topics; the first matching route wins.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    routes: Vec<(Pattern, String)>,
+    fallback: String,
+}
+
+impl Default for Routing {
+    /// The product's catalog (see DESIGN.md).
+    fn default() -> Self {
+        let route = |p: &str, t: &str| (Pattern::new(p), t.to_owned());
+        Routing {
+            routes: vec![
+                route("incident.*", "incident-events"),
+                route("comment.*", "incident-events"),
+                route("severity.*", "incident-events"),
+                route("user.connected", "presence-events"),
+                route("user.disconnected", "presence-events"),
+                route("user.joined_room", "presence-events"),
+                route("user.left_room", "presence-events"),
+                route("user.logged_in", "auth-events"),
+                route("user.logged_out", "auth-events"),
+                route("user.registered", "auth-events"),
+                route("token.*", "auth-events"),
+                route("alert.*", "alert-events"),
+            ],
+            fallback: "events".to_owned(),
+        }
+    }
+}
+
+impl Routing {
+    pub fn new(routes: Vec<(Pattern, String)>, fallback: String) -> Self {
+        Routing { routes, fallback }
+    }
+
+    pub fn topic_for(&self, event_type: &str) -> &str {
+        self.routes.iter().find(|(p, _)| p.matches(event_type)).map_or(&self.fallback, |(_, t)| t)
+    }
+
+    /// Every topic the table can route to.
+    pub fn topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self.routes.iter().map(|(_, t)| t.clone()).collect();
+        topics.push(self.fallback.clone());
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+}
+
+/// Topic names: letters, digits, `-`, `_` and `.`, at most 255 characters.
+pub fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > 255 {
+        return Err("must be 1 to 255 characters".into());
+    }
+    if !topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err(format!("{topic:?} may hold only letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn fills_in_what_the_host_assigns_and_keeps_unknown_fields() {
+        let e = Envelope::from_producer(json!({"eventType": "incident.created", "data": {"id": 1}, "tenant": "x"}))
+            .unwrap();
+        assert_eq!(e.source, "api");
+        assert_eq!(e.extra["tenant"], "x");
+        let round: Value = serde_json::from_slice(&e.to_bytes()).unwrap();
+        assert_eq!(round["tenant"], "x");
+        assert_eq!(round["eventId"], e.event_id.to_string());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (json!({}), "eventType"),
+            (json!({"eventType": 5}), "eventType"),
+            (json!({"eventType": "nodots"}), "eventType"),
+            (json!({"eventType": "a.b", "eventId": "nope"}), "eventId"),
+            (json!({"eventType": "a.b", "timestamp": "yesterday"}), "timestamp"),
+            (json!({"eventType": "a.b", "metadata": []}), "metadata"),
+            (json!({"eventType": "a.b", "userId": {}}), "userId"),
+            (json!([1]), "(body)"),
+        ];
+        for (value, field) in cases {
+            assert_eq!(Envelope::from_producer(value.clone()).unwrap_err().field, field, "{value}");
+        }
+    }
+
+    #[test]
+    fn routes_by_the_catalog() {
+        let r = Routing::default();
+        assert_eq!(r.topic_for("incident.created"), "incident-events");
+        assert_eq!(r.topic_for("severity.escalated"), "incident-events");
+        assert_eq!(r.topic_for("user.joined_room"), "presence-events");
+        assert_eq!(r.topic_for("token.refreshed"), "auth-events");
+        assert_eq!(r.topic_for("billing.paid"), "events");
+    }
+}

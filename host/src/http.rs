@@ -1,0 +1,234 @@
+//! The HTTP front (axum): publish, replay, plugin status and queries, WebSocket fan-out,
+//! health. Every error is JSON: `{"error": "...", "field": "...", "index": n}`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::envelope::{Envelope, Routing, check_topic};
+use crate::fanout::Hub;
+use crate::log::{AppendItem, EventLog, LogError};
+use crate::plugins::{PluginError, Plugins};
+
+/// Events accepted in one request at most.
+pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
+/// Records returned by one replay request at most.
+const MAX_REPLAY: usize = 10_000;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub log: Arc<dyn EventLog>,
+    pub plugins: Arc<Plugins>,
+    pub hub: Hub,
+    pub routing: Arc<Routing>,
+    pub backend: &'static str,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/api/events", post(publish))
+        .route("/api/events/replay", get(replay))
+        .route("/api/plugins", get(list_plugins))
+        .route("/api/plugins/{name}", get(plugin_status))
+        .route("/api/plugins/{name}/query", get(query_plugin))
+        .route("/ws", get(websocket))
+        .with_state(state)
+}
+
+/// An error answer: status plus a JSON body naming the problem.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, body: json!({ "error": message.into() }) }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.body[key] = value.into();
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body)).into_response()
+    }
+}
+
+impl From<LogError> for ApiError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::NoSuchTopic(_) | LogError::NoSuchPartition { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, e.to_string())
+            }
+            LogError::Storage(_) | LogError::Unavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+        }
+    }
+}
+
+impl From<PluginError> for ApiError {
+    fn from(e: PluginError) -> Self {
+        let status = match e {
+            PluginError::NotFound(_) => StatusCode::NOT_FOUND,
+            PluginError::NotRunning(_) => StatusCode::SERVICE_UNAVAILABLE,
+            PluginError::Failed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+async fn health(State(state): State<AppState>) -> impl IntoResponse {
+    axum::Json(json!({"status": "ok", "log": state.backend, "plugins": state.plugins.list().len()}))
+}
+
+#[derive(Deserialize)]
+struct PublishParams {
+    topic: Option<String>,
+}
+
+/// `POST /api/events`: one envelope or an array. All are validated before any is appended.
+async fn publish(
+    State(state): State<AppState>,
+    Query(params): Query<PublishParams>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")).with("field", "(body)"))?;
+    let (values, single) = match value {
+        Value::Array(values) => (values, false),
+        other => (vec![other], true),
+    };
+    if values.is_empty() {
+        return Err(ApiError::bad_request("empty batch: send one event or a non-empty array").with("field", "(body)"));
+    }
+    if values.len() > MAX_EVENTS_PER_REQUEST {
+        return Err(ApiError::bad_request(format!("at most {MAX_EVENTS_PER_REQUEST} events per request"))
+            .with("field", "(body)"));
+    }
+    if let Some(topic) = &params.topic {
+        check_topic(topic).map_err(|e| ApiError::bad_request(format!("topic: {e}")).with("field", "topic"))?;
+    }
+    let mut items = Vec::with_capacity(values.len());
+    for (index, value) in values.into_iter().enumerate() {
+        let envelope = Envelope::from_producer(value).map_err(|e| {
+            let error = ApiError::bad_request(e.to_string()).with("field", e.field);
+            if single { error } else { error.with("index", index) }
+        })?;
+        let topic = params.topic.clone().unwrap_or_else(|| state.routing.topic_for(&envelope.event_type).to_owned());
+        items.push(AppendItem { topic, key: envelope.partition_key(), envelope });
+    }
+    let appended = state.log.append(items).await?;
+    Ok((StatusCode::CREATED, axum::Json(json!({ "events": appended }))))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReplayParams {
+    topic: Option<String>,
+    partition: Option<u32>,
+    #[serde(default)]
+    from_offset: u64,
+    limit: Option<usize>,
+}
+
+/// `GET /api/events/replay?topic=&fromOffset=&limit=[&partition=]`: stored envelopes in
+/// offset order, per partition; `next` says where to continue.
+async fn replay(
+    State(state): State<AppState>,
+    Query(params): Query<ReplayParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let topic = params.topic.ok_or_else(|| ApiError::bad_request("topic is required").with("field", "topic"))?;
+    check_topic(&topic).map_err(|e| ApiError::bad_request(format!("topic: {e}")).with("field", "topic"))?;
+    let limit = params.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_REPLAY {
+        return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_REPLAY}")).with("field", "limit"));
+    }
+    let partitions = match params.partition {
+        Some(p) => vec![p],
+        None => (0..state.log.partitions(&topic).await?).collect(),
+    };
+    let mut records = Vec::new();
+    let mut next = BTreeMap::new();
+    for partition in partitions {
+        let want = limit - records.len();
+        let polled =
+            if want == 0 { Vec::new() } else { state.log.poll(&topic, partition, params.from_offset, want).await? };
+        next.insert(partition.to_string(), polled.last().map_or(params.from_offset, |r| r.offset + 1));
+        for record in polled {
+            let event: Value = serde_json::from_slice(&record.payload)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&record.payload).into_owned()));
+            records.push(json!({"partition": record.partition, "offset": record.offset, "event": event}));
+        }
+    }
+    Ok(axum::Json(json!({"topic": topic, "records": records, "next": next})))
+}
+
+async fn plugin_json(state: &AppState, status: crate::plugins::runner::PluginStatus) -> Value {
+    let mut lag = 0u64;
+    for (topic, partitions) in &status.offsets {
+        for (partition, next) in partitions {
+            if let Ok(high) = state.log.high_watermark(topic, *partition).await {
+                lag += high.saturating_sub(*next);
+            }
+        }
+    }
+    let mut value = serde_json::to_value(&status).expect("status serialises");
+    value["lag"] = lag.into();
+    value
+}
+
+async fn list_plugins(State(state): State<AppState>) -> axum::Json<Value> {
+    let mut out = Vec::new();
+    for status in state.plugins.list() {
+        out.push(plugin_json(&state, status).await);
+    }
+    axum::Json(json!({ "plugins": out }))
+}
+
+async fn plugin_status(State(state): State<AppState>, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    let status = state.plugins.status(&name)?;
+    Ok(axum::Json(plugin_json(&state, status).await))
+}
+
+/// `GET /api/plugins/{name}/query?...`: the query string, as a JSON object, goes to the
+/// plugin's `query`; its JSON answer comes back as is.
+async fn query_plugin(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let request = serde_json::to_string(&params).expect("strings serialise");
+    let answer = state.plugins.query(&name, request).await?;
+    let body: Value = serde_json::from_str(&answer).unwrap_or(Value::String(answer));
+    Ok(axum::Json(body).into_response())
+}
+
+#[derive(Deserialize)]
+struct WsParams {
+    rooms: Option<String>,
+    since: Option<u64>,
+}
+
+/// `GET /ws?rooms=a,b&since=N`: JSON text frames `{"room", "offset", "event"}`.
+async fn websocket(State(state): State<AppState>, Query(params): Query<WsParams>, ws: WebSocketUpgrade) -> Response {
+    let rooms: Vec<String> = params.rooms.unwrap_or_default().split(',').map(|r| r.trim().to_owned()).collect();
+    let hub = state.hub.clone();
+    ws.on_upgrade(move |socket| hub.serve(socket, rooms, params.since))
+}

@@ -1,0 +1,86 @@
+//! The event log: the `EventLog` contract and its backends.
+//!
+//! The contract is written for a remote log that can fail (Iggy): every call is async and
+//! fallible. `embedded` is the default backend, durable on local disk.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::envelope::Envelope;
+
+/// One envelope to append, with the topic the routing chose and its partition key.
+#[derive(Debug, Clone)]
+pub struct AppendItem {
+    pub topic: String,
+    pub key: String,
+    pub envelope: Envelope,
+}
+
+/// Where an appended envelope landed. `duplicate` is true when its `eventId` was already in
+/// the log; then the position is the one of the first copy and nothing new was written.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Appended {
+    pub event_id: Uuid,
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub duplicate: bool,
+}
+
+/// One stored message: the envelope's JSON bytes at its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub partition: u32,
+    pub offset: u64,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("log storage failed: {0}")]
+    Storage(String),
+    #[error("log is unavailable: {0}")]
+    Unavailable(String),
+    #[error("no topic {0:?}")]
+    NoSuchTopic(String),
+    #[error("topic {topic:?} has no partition {partition}")]
+    NoSuchPartition { topic: String, partition: u32 },
+}
+
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Create the topics that are missing (idempotent).
+    async fn ensure_topics(&self, topics: &[String]) -> Result<(), LogError>;
+
+    /// Append all items durably, or none of them. A repeated `eventId` is accepted once.
+    async fn append(&self, items: Vec<AppendItem>) -> Result<Vec<Appended>, LogError>;
+
+    /// Up to `max` records of one partition, starting at `from` (inclusive), in order.
+    async fn poll(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError>;
+
+    /// Number of partitions of a topic.
+    async fn partitions(&self, topic: &str) -> Result<u32, LogError>;
+
+    /// The offset the next record of the partition will get (= records in it).
+    async fn high_watermark(&self, topic: &str, partition: u32) -> Result<u64, LogError>;
+
+    /// Every topic, sorted.
+    async fn topics(&self) -> Result<Vec<String>, LogError>;
+
+    /// A counter that changes whenever anything is appended: wait on it to tail the log.
+    fn changes(&self) -> watch::Receiver<u64>;
+}
+
+/// FNV-1a: a stable hash, so a key maps to the same partition in every version of Owlery.
+pub fn partition_for(key: &str, partitions: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % u64::from(partitions.max(1))) as u32
+}

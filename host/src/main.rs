@@ -1,0 +1,28 @@
+//! The `owlery` binary: parses arguments and calls the library.
+
+use clap::Parser;
+use owlery::cli::{Cli, Command};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .init();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.config()?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(owlery::server::serve(config, owlery::server::shutdown_signal()))
+        }
+    }
+}

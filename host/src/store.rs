@@ -1,0 +1,261 @@
+//! The host's own durable store: plugin state, plugin offsets, the fan-out log and the
+//! outbox of events plugins publish, all in one redb file so that a plugin's batch commits
+//! its state writes, new offsets, broadcasts and publishes in one transaction.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::log::AppendItem;
+
+/// (plugin, key) → value
+const STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("plugin_state");
+/// (plugin, topic, partition) → next offset to read
+const OFFSETS: TableDefinition<(&str, &str, u32), u64> = TableDefinition::new("plugin_offsets");
+/// fan-out offset → FanoutRecord JSON
+const FANOUT: TableDefinition<u64, &[u8]> = TableDefinition::new("fanout");
+/// outbox sequence → OutboxEntry JSON
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// counters: "fanout_next", "outbox_next"
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(String);
+
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError(e.into().to_string())
+}
+
+/// A broadcast as recorded in the fan-out log. `payload` is JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FanoutRecord {
+    pub offset: u64,
+    pub room: String,
+    pub plugin: String,
+    pub payload: String,
+}
+
+/// An event waiting to be appended to the log (published by a plugin, or a dead letter).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OutboxEntry {
+    topic: String,
+    key: String,
+    envelope: crate::envelope::Envelope,
+}
+
+/// Everything one successful batch of one plugin changes.
+#[derive(Debug, Default)]
+pub struct BatchCommit {
+    /// key → new value, or `None` to delete
+    pub state_writes: BTreeMap<String, Option<Vec<u8>>>,
+    /// (topic, partition) → next offset to read
+    pub offsets: Vec<(String, u32, u64)>,
+    /// (room, JSON payload)
+    pub broadcasts: Vec<(String, String)>,
+    /// events to append to the log after the commit
+    pub outbox: Vec<AppendItem>,
+}
+
+impl BatchCommit {
+    pub fn is_empty(&self) -> bool {
+        self.state_writes.is_empty() && self.offsets.is_empty() && self.broadcasts.is_empty() && self.outbox.is_empty()
+    }
+}
+
+pub struct Store {
+    db: Database,
+    /// Held from a batch's commit until its fan-out records are handed on, so that they
+    /// reach the hub in offset order.
+    commit_order: std::sync::Mutex<()>,
+    /// Fan-out records kept; older ones are trimmed (a resuming client is told).
+    fanout_retention: u64,
+}
+
+impl Store {
+    pub fn open(dir: &Path, fanout_retention: u64) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+        let db = Database::create(dir.join("store.redb")).map_err(db_err)?;
+        let txn = db.begin_write().map_err(db_err)?;
+        txn.open_table(STATE).map_err(db_err)?;
+        txn.open_table(OFFSETS).map_err(db_err)?;
+        txn.open_table(FANOUT).map_err(db_err)?;
+        txn.open_table(OUTBOX).map_err(db_err)?;
+        txn.open_table(META).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(Store { db, commit_order: std::sync::Mutex::new(()), fanout_retention: fanout_retention.max(1) })
+    }
+
+    /// Commit one plugin batch atomically, then hand its fan-out records (with their
+    /// offsets) to `committed`; records of successive commits are handed on in order.
+    pub fn commit_batch(
+        &self,
+        plugin: &str,
+        batch: &BatchCommit,
+        committed: impl FnOnce(Vec<FanoutRecord>),
+    ) -> Result<(), StoreError> {
+        let _order = self.commit_order.lock().unwrap_or_else(|e| e.into_inner());
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let mut fanout = Vec::with_capacity(batch.broadcasts.len());
+        {
+            let mut state = txn.open_table(STATE).map_err(db_err)?;
+            for (key, value) in &batch.state_writes {
+                match value {
+                    Some(v) => state.insert((plugin, key.as_str()), v.as_slice()).map(drop),
+                    None => state.remove((plugin, key.as_str())).map(drop),
+                }
+                .map_err(db_err)?;
+            }
+            let mut offsets = txn.open_table(OFFSETS).map_err(db_err)?;
+            for (topic, partition, next) in &batch.offsets {
+                offsets.insert((plugin, topic.as_str(), *partition), *next).map_err(db_err)?;
+            }
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            if !batch.broadcasts.is_empty() {
+                let mut table = txn.open_table(FANOUT).map_err(db_err)?;
+                let mut next = meta.get("fanout_next").map_err(db_err)?.map_or(0, |v| v.value());
+                for (room, payload) in &batch.broadcasts {
+                    let record = FanoutRecord {
+                        offset: next,
+                        room: room.clone(),
+                        plugin: plugin.to_owned(),
+                        payload: payload.clone(),
+                    };
+                    table.insert(next, serde_json::to_vec(&record).expect("serialises").as_slice()).map_err(db_err)?;
+                    fanout.push(record);
+                    next += 1;
+                }
+                meta.insert("fanout_next", next).map_err(db_err)?;
+                // Trim what is past retention, a little at a time.
+                if let Some(cut) = next.checked_sub(self.fanout_retention) {
+                    let old: Vec<u64> = table
+                        .range(..cut)
+                        .map_err(db_err)?
+                        .take(1024)
+                        .filter_map(|e| e.ok().map(|(k, _)| k.value()))
+                        .collect();
+                    for key in old {
+                        table.remove(key).map_err(db_err)?;
+                    }
+                }
+            }
+            if !batch.outbox.is_empty() {
+                let mut table = txn.open_table(OUTBOX).map_err(db_err)?;
+                let mut next = meta.get("outbox_next").map_err(db_err)?.map_or(0, |v| v.value());
+                for item in &batch.outbox {
+                    let entry = OutboxEntry {
+                        topic: item.topic.clone(),
+                        key: item.key.clone(),
+                        envelope: item.envelope.clone(),
+                    };
+                    table.insert(next, serde_json::to_vec(&entry).expect("serialises").as_slice()).map_err(db_err)?;
+                    next += 1;
+                }
+                meta.insert("outbox_next", next).map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)?;
+        committed(fanout);
+        Ok(())
+    }
+
+    pub fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(STATE).map_err(db_err)?;
+        Ok(table.get((plugin, key)).map_err(db_err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Every (key, value) of `plugin` whose key starts with `prefix`, in key order.
+    pub fn state_scan(&self, plugin: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(STATE).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.range((plugin, prefix)..).map_err(db_err)? {
+            let (key, value) = entry.map_err(db_err)?;
+            let (owner, k) = key.value();
+            if owner != plugin || !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_owned(), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The plugin's committed offsets: (topic, partition) → next offset to read.
+    pub fn offsets(&self, plugin: &str) -> Result<HashMap<(String, u32), u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(OFFSETS).map_err(db_err)?;
+        let mut out = HashMap::new();
+        for entry in table.range((plugin, "", 0)..).map_err(db_err)? {
+            let (key, value) = entry.map_err(db_err)?;
+            let (owner, topic, partition) = key.value();
+            if owner != plugin {
+                break;
+            }
+            out.insert((topic.to_owned(), partition), value.value());
+        }
+        Ok(out)
+    }
+
+    /// Drop a plugin's state and offsets (replay from zero, purge).
+    pub fn reset_plugin(&self, plugin: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut state = txn.open_table(STATE).map_err(db_err)?;
+            state.retain(|(owner, _), _| owner != plugin).map_err(db_err)?;
+            let mut offsets = txn.open_table(OFFSETS).map_err(db_err)?;
+            offsets.retain(|(owner, _, _), _| owner != plugin).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// Fan-out records with offset ≥ `from`, at most `max`; and the oldest offset retained.
+    pub fn fanout_from(&self, from: u64, max: usize) -> Result<(Vec<FanoutRecord>, u64), StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(FANOUT).map_err(db_err)?;
+        let oldest =
+            table.first().map_err(db_err)?.map_or_else(|| self.fanout_next_in(&txn), |(k, _)| Ok(k.value()))?;
+        let mut out = Vec::new();
+        for entry in table.range(from..).map_err(db_err)?.take(max) {
+            let (_, value) = entry.map_err(db_err)?;
+            out.push(serde_json::from_slice(value.value()).map_err(|e| StoreError(e.to_string()))?);
+        }
+        Ok((out, oldest))
+    }
+
+    /// The offset the next broadcast will get.
+    pub fn fanout_next(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        self.fanout_next_in(&txn)
+    }
+
+    fn fanout_next_in(&self, txn: &redb::ReadTransaction) -> Result<u64, StoreError> {
+        let meta = txn.open_table(META).map_err(db_err)?;
+        Ok(meta.get("fanout_next").map_err(db_err)?.map_or(0, |v| v.value()))
+    }
+
+    /// The oldest `max` outbox entries, in order, with their sequence numbers.
+    pub fn outbox_peek(&self, max: usize) -> Result<Vec<(u64, AppendItem)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(OUTBOX).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)?.take(max) {
+            let (seq, value) = entry.map_err(db_err)?;
+            let e: OutboxEntry = serde_json::from_slice(value.value()).map_err(|e| StoreError(e.to_string()))?;
+            out.push((seq.value(), AppendItem { topic: e.topic, key: e.key, envelope: e.envelope }));
+        }
+        Ok(out)
+    }
+
+    /// Forget outbox entries up to and including `last` (they are in the log now).
+    pub fn outbox_remove_through(&self, last: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(OUTBOX).map_err(db_err)?;
+            table.retain_in(..=last, |_, _| false).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `owlery` binary, real plugins built for wasm32-wasip2, real
+//! HTTP and WebSocket clients.
+
+mod support;
+
+mod durability;
+mod misbehaving;
+mod publish;
+mod routing;

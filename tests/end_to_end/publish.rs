@@ -1,0 +1,70 @@
+//! `POST /api/events`: validation errors name the problem and append nothing.
+
+use serde_json::{Value, json};
+
+use crate::support::{Host, event};
+
+async fn total_records(host: &Host) -> usize {
+    let mut total = 0;
+    for topic in ["incident-events", "presence-events", "auth-events", "alert-events", "events", "dead-letters"] {
+        total += host.topic_records(topic).await.len();
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_400_naming_the_problem_and_the_log_is_unchanged() {
+    let host = Host::empty();
+    let (status, _) = host.post_events(&event("incident.created", json!({"id": 1}))).await;
+    assert_eq!(status, 201);
+    let before = total_records(&host).await;
+    assert_eq!(before, 1);
+
+    let cases: Vec<(&str, &str, Option<u64>, &str)> = vec![
+        ("{not json", "(body)", None, "not valid JSON"),
+        ("[]", "(body)", None, "empty"),
+        ("42", "(body)", None, "object"),
+        (r#"{"source": "x"}"#, "eventType", None, "required"),
+        (r#"{"eventType": 5}"#, "eventType", None, "string"),
+        (r#"{"eventType": "created"}"#, "eventType", None, "dotted"),
+        (r#"{"eventType": "a.b", "eventId": "123"}"#, "eventId", None, "UUID"),
+        (r#"{"eventType": "a.b", "timestamp": "tuesday"}"#, "timestamp", None, "RFC 3339"),
+        (r#"{"eventType": "a.b", "userId": {"id": 1}}"#, "userId", None, "string"),
+        (r#"{"eventType": "a.b", "metadata": "x"}"#, "metadata", None, "object"),
+        (r#"[{"eventType": "a.b"}, {"eventType": "a.b", "source": 7}]"#, "source", Some(1), "string"),
+    ];
+    for (body, field, index, says) in cases {
+        let (status, answer) = host.post_raw(body).await;
+        assert_eq!(status, 400, "{body} → {answer}");
+        assert_eq!(answer["field"], field, "{body} → {answer}");
+        assert_eq!(answer["index"].as_u64(), index, "{body} → {answer}");
+        let message = answer["error"].as_str().unwrap();
+        assert!(message.contains(says), "{body}: {message:?} should say {says:?}");
+    }
+    let response =
+        host.http.post(host.url("/api/events?topic=no%20spaces")).json(&event("a.b", json!({}))).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    assert_eq!(response.json::<Value>().await.unwrap()["field"], "topic");
+
+    assert_eq!(total_records(&host).await, before, "a refused request appended something");
+
+    // A request may name its topic; the answer gives each event's place.
+    let response =
+        host.http.post(host.url("/api/events?topic=custom")).json(&event("a.b", json!({}))).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["events"][0]["topic"], "custom");
+    assert_eq!(body["events"][0]["offset"], 0);
+    assert!(body["events"][0]["partition"].is_u64());
+    let records = host.topic_records("custom").await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["event"]["eventType"], "a.b");
+
+    let (status, answer) = host.get("/api/events/replay?topic=nope").await;
+    assert_eq!(status, 404, "{answer}");
+    let (status, answer) = host.get("/api/events/replay").await;
+    assert_eq!(status, 400);
+    assert_eq!(answer["field"], "topic");
+    let (status, answer) = host.get("/api/plugins/nope/query").await;
+    assert_eq!(status, 404, "{answer}");
+}

@@ -1,0 +1,259 @@
+//! Test glue: a real `owlery` process on a free port with its own temp directories, real
+//! plugins copied into its plugins directory, an HTTP client and WebSocket clients.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+pub use owlery_test_guests as guests;
+
+pub struct Host {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Host {
+    /// A host with an empty plugins directory.
+    pub fn empty() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+        let mut host = Host { dir, child: None, base: String::new(), http: reqwest::Client::new() };
+        host.start();
+        host
+    }
+
+    /// A host running the three shipped plugins with their shipped manifests.
+    pub fn with_shipped_plugins() -> Host {
+        Host::with_plugins(&[shipped("ws-broadcast"), shipped("analytics"), shipped("alerts")])
+    }
+
+    /// A host with the given (name, wasm path, manifest text) plugins.
+    pub fn with_plugins(plugins: &[(String, PathBuf, String)]) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin_dir = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugin_dir).unwrap();
+        for (name, wasm, manifest) in plugins {
+            std::fs::copy(wasm, plugin_dir.join(format!("{name}.wasm"))).unwrap();
+            std::fs::write(plugin_dir.join(format!("{name}.toml")), manifest).unwrap();
+        }
+        let mut host = Host { dir, child: None, base: String::new(), http: reqwest::Client::new() };
+        host.start();
+        host
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Start the binary (again) on the same directories; waits until it listens.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("owlery.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_owlery"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--plugins-dir")
+            .arg(self.dir.path().join("plugins"))
+            .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
+            .env_remove("OWLERY_CONFIG")
+            .current_dir(self.dir.path())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("starting owlery");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(address) = line.strip_prefix("owlery listening on ") {
+                    let _ = tx.send(address.to_owned());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(address) => self.base = address,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("owlery did not start; its log:\n{}", self.log());
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// `kill -9`: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id() as i32;
+            // SAFETY-free: libc::kill with a pid we own.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            let status = child.wait().unwrap();
+            assert!(status.success(), "owlery exited with {status} on SIGTERM; log:\n{}", self.log());
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("owlery.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post_events(&self, body: &Value) -> (u16, Value) {
+        let response = self.http.post(self.url("/api/events")).json(body).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, body: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url("/api/events"))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Every record of a topic, all partitions.
+    pub async fn topic_records(&self, topic: &str) -> Vec<Value> {
+        let mut all = Vec::new();
+        let (status, first) = self.get(&format!("/api/events/replay?topic={topic}&fromOffset=0&limit=10000")).await;
+        assert_eq!(status, 200, "{first}");
+        all.extend(first["records"].as_array().unwrap().iter().cloned());
+        all
+    }
+
+    pub async fn query(&self, plugin: &str, query: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/plugins/{plugin}/query{query}")).await;
+        assert_eq!(status, 200, "query {plugin}: {body}");
+        body
+    }
+
+    pub async fn plugin(&self, name: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/plugins/{name}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Wait until the plugin has read everything in its topics (lag 0).
+    pub async fn caught_up(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.plugin(name).await;
+            if status["lag"] == 0 && status["state"] == "running" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{name} never caught up: {status}\nlog:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn ws(&self, query: &str) -> Ws {
+        let url = format!("{}/ws{query}", self.base.replace("http://", "ws://"));
+        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+        let mut ws = Ws { stream };
+        let hello = ws.next_json(Duration::from_secs(5)).await.expect("welcome frame");
+        assert_eq!(hello["type"], "welcome", "{hello}");
+        ws
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- owlery log ---\n{}", self.log());
+        }
+    }
+}
+
+/// (name, built wasm, manifest text) of a shipped plugin.
+pub fn shipped(name: &str) -> (String, PathBuf, String) {
+    let wasm = match name {
+        "ws-broadcast" => guests::WS_BROADCAST,
+        "analytics" => guests::ANALYTICS,
+        "alerts" => guests::ALERTS,
+        other => panic!("no shipped plugin {other}"),
+    };
+    let manifest = std::fs::read_to_string(Path::new(guests::PLUGINS_DIR).join(format!("{name}.toml"))).unwrap();
+    (name.to_owned(), PathBuf::from(wasm), manifest)
+}
+
+pub struct Ws {
+    stream: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+impl Ws {
+    /// The next JSON text frame, or None if nothing arrives within `timeout`.
+    pub async fn next_json(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.stream.next()).await.ok()??.ok()?;
+            if let Message::Text(text) = message {
+                return Some(serde_json::from_str(text.as_str()).unwrap());
+            }
+        }
+    }
+
+    /// The next broadcast frame (skipping control replies).
+    pub async fn next_event(&mut self, timeout: Duration) -> Option<Value> {
+        loop {
+            let frame = self.next_json(timeout).await?;
+            if frame.get("offset").is_some() && frame.get("room").is_some() {
+                return Some(frame);
+            }
+        }
+    }
+
+    /// The next broadcast frame of `room`.
+    pub async fn next_in_room(&mut self, room: &str, timeout: Duration) -> Option<Value> {
+        loop {
+            let frame = self.next_event(timeout).await?;
+            if frame["room"] == room {
+                return Some(frame);
+            }
+        }
+    }
+
+    pub async fn send_json(&mut self, value: &Value) {
+        self.stream.send(Message::Text(value.to_string().into())).await.unwrap();
+    }
+}
+
+pub fn event(event_type: &str, data: Value) -> Value {
+    serde_json::json!({"eventType": event_type, "source": "test", "data": data})
+}

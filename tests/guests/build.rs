@@ -1,0 +1,91 @@
+//! Builds the plugins (`plugins/`) and the test plugins (`tests/plugins/`) for
+//! wasm32-wasip2, so that a plain `cargo test` has every guest, and writes their paths.
+//!
+//! The inner cargo gets a target directory under OUT_DIR so it never waits on the outer
+//! build's lock, and none of the outer build's flags.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TARGET: &str = "wasm32-wasip2";
+
+fn main() {
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let root =
+        manifest_dir.parent().and_then(Path::parent).expect("tests/guests sits two levels below the root").to_owned();
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let target_dir = out.join("wasm");
+    ensure_target();
+
+    let workspaces = [root.join("plugins"), root.join("tests/plugins")];
+    for ws in &workspaces {
+        build(ws, &target_dir);
+    }
+    for watched in [
+        "wit",
+        "plugins/Cargo.toml",
+        "plugins/Cargo.lock",
+        "plugins/sdk",
+        "plugins/ws-broadcast",
+        "plugins/analytics",
+        "plugins/alerts",
+        "tests/plugins/Cargo.toml",
+        "tests/plugins/Cargo.lock",
+        "tests/plugins/misbehave",
+    ] {
+        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+    }
+
+    let wasm = |name: &str| target_dir.join(TARGET).join("release").join(format!("{name}.wasm"));
+    let mut paths = String::new();
+    for (constant, file) in
+        [("WS_BROADCAST", "ws_broadcast"), ("ANALYTICS", "analytics"), ("ALERTS", "alerts"), ("MISBEHAVE", "misbehave")]
+    {
+        let path = wasm(file);
+        assert!(path.exists(), "{} was not built", path.display());
+        paths.push_str(&format!("pub const {constant}: &str = {:?};\n", path.display().to_string()));
+    }
+    paths.push_str(&format!("pub const PLUGINS_DIR: &str = {:?};\n", root.join("plugins").display().to_string()));
+    paths.push_str(&format!(
+        "pub const TEST_PLUGINS_DIR: &str = {:?};\n",
+        root.join("tests/plugins").display().to_string()
+    ));
+    std::fs::write(out.join("paths.rs"), paths).unwrap();
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for var in
+        ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WORKSPACE_WRAPPER"]
+    {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn build(workspace: &Path, target_dir: &Path) {
+    let status = cargo()
+        .args(["build", "--release", "--locked", "--target", TARGET, "--manifest-path"])
+        .arg(workspace.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir)
+        .status()
+        .expect("running cargo for the guests");
+    assert!(status.success(), "building the guests in {} failed", workspace.display());
+}
+
+/// The wasm32-wasip2 standard library must be installed; install it with rustup if not.
+fn ensure_target() {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let libdir = Command::new(&rustc).args(["--print", "target-libdir", "--target", TARGET]).output();
+    let installed = libdir
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| Path::new(String::from_utf8_lossy(&o.stdout).trim()).exists());
+    if installed {
+        return;
+    }
+    println!("cargo:warning=installing the {TARGET} target with rustup");
+    let added = Command::new("rustup").args(["target", "add", TARGET]).status();
+    assert!(added.is_ok_and(|s| s.success()), "the {TARGET} target is missing: run `rustup target add {TARGET}`");
+}
