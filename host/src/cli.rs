@@ -1,4 +1,4 @@
-//! The command line: `owlery serve`.
+//! The command line: `owlery serve`, and `owlery plugins ...` against a running host.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +18,72 @@ pub struct Cli {
 pub enum Command {
     /// Serve the HTTP API and run the plugins of the plugins directory.
     Serve(ServeArgs),
+    /// Manage the plugins of a running host.
+    Plugins(PluginsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PluginsArgs {
+    /// The host's base URL.
+    #[arg(long, env = "OWLERY_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    #[command(subcommand)]
+    pub action: PluginAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginAction {
+    /// Every plugin with its version, state, offsets and lag.
+    List,
+    /// One plugin's status.
+    Status {
+        name: String,
+    },
+    /// Install or replace a plugin from a .wasm file (name: the file's stem unless given).
+    Upload {
+        wasm: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        /// Manifest file [default: the .toml beside the .wasm, if any].
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Stop a plugin and delete its files; --purge also drops its offsets and state.
+    Remove {
+        name: String,
+        #[arg(long)]
+        purge: bool,
+    },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// Reset a plugin's state and offsets and run it again (from offset 0, or from the
+    /// first event at or after --timestamp).
+    Replay {
+        name: String,
+        #[arg(long)]
+        timestamp: Option<String>,
+    },
+    /// Run a candidate version from offset 0 beside the live one, effects suppressed.
+    Shadow {
+        name: String,
+        wasm: PathBuf,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Swap the caught-up shadow in (--force: even if it still lags).
+    Promote {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop and drop the shadow.
+    Discard {
+        name: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,4 +128,69 @@ impl ServeArgs {
         config.validate()?;
         Ok(config)
     }
+}
+
+fn read_manifest(explicit: Option<&PathBuf>, wasm: &std::path::Path) -> anyhow::Result<Option<String>> {
+    use anyhow::Context;
+    match explicit {
+        Some(path) => Ok(Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)),
+        None => Ok(std::fs::read_to_string(wasm.with_extension("toml")).ok()),
+    }
+}
+
+/// Run a `plugins` subcommand against a host; prints the host's JSON answer.
+pub async fn run_plugins(args: PluginsArgs) -> anyhow::Result<()> {
+    use anyhow::{Context, bail};
+    let base = args.url.trim_end_matches('/').to_owned();
+    let http = reqwest::Client::new();
+    let url = |path: String| format!("{base}/api/plugins{path}");
+    let request = match &args.action {
+        PluginAction::List => http.get(url(String::new())),
+        PluginAction::Status { name } => http.get(url(format!("/{name}"))),
+        PluginAction::Upload { wasm, name, manifest } => {
+            let name = match name {
+                Some(name) => name.clone(),
+                None => wasm
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .context("cannot tell the plugin's name; use --name")?
+                    .to_owned(),
+            };
+            let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
+            let mut request = http.put(url(format!("/{name}"))).body(bytes);
+            if let Some(text) = read_manifest(manifest.as_ref(), wasm)? {
+                request = request.query(&[("manifest", text)]);
+            }
+            request
+        }
+        PluginAction::Remove { name, purge } => http.delete(url(format!("/{name}"))).query(&[("purge", purge)]),
+        PluginAction::Pause { name } => http.post(url(format!("/{name}/pause"))),
+        PluginAction::Resume { name } => http.post(url(format!("/{name}/resume"))),
+        PluginAction::Replay { name, timestamp } => {
+            let body = match timestamp {
+                Some(at) => serde_json::json!({ "timestamp": at }),
+                None => serde_json::json!({ "from": 0 }),
+            };
+            http.post(url(format!("/{name}/replay"))).json(&body)
+        }
+        PluginAction::Shadow { name, wasm, manifest } => {
+            let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
+            let mut request = http.post(url(format!("/{name}/shadow"))).body(bytes);
+            if let Some(text) = read_manifest(manifest.as_ref(), wasm)? {
+                request = request.query(&[("manifest", text)]);
+            }
+            request
+        }
+        PluginAction::Promote { name, force } => http.post(url(format!("/{name}/promote"))).query(&[("force", force)]),
+        PluginAction::Discard { name } => http.delete(url(format!("/{name}/shadow"))),
+    };
+    let response = request.send().await.with_context(|| format!("cannot reach the host at {base}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let message = body.get("error").and_then(|e| e.as_str()).map_or_else(|| body.to_string(), str::to_owned);
+        bail!("{status}: {message}");
+    }
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,7 +17,11 @@ use serde_json::{Value, json};
 use crate::envelope::{Envelope, Routing, check_topic};
 use crate::fanout::Hub;
 use crate::log::{AppendItem, EventLog, LogError};
-use crate::plugins::{PluginError, Plugins};
+use crate::plugins::runner::{PluginStatus, ReplayFrom};
+use crate::plugins::{Installed, PluginError, Plugins};
+
+/// Largest plugin upload.
+const MAX_PLUGIN_BYTES: usize = 64 << 20;
 
 /// Events accepted in one request at most.
 pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
@@ -38,8 +43,19 @@ pub fn router(state: AppState) -> Router {
         .route("/api/events", post(publish))
         .route("/api/events/replay", get(replay))
         .route("/api/plugins", get(list_plugins))
-        .route("/api/plugins/{name}", get(plugin_status))
+        .route(
+            "/api/plugins/{name}",
+            get(plugin_status).put(upload_plugin).delete(delete_plugin).layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
+        )
         .route("/api/plugins/{name}/query", get(query_plugin))
+        .route("/api/plugins/{name}/pause", post(pause_plugin))
+        .route("/api/plugins/{name}/resume", post(resume_plugin))
+        .route("/api/plugins/{name}/replay", post(replay_plugin))
+        .route(
+            "/api/plugins/{name}/shadow",
+            post(start_shadow).delete(discard_shadow).layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
+        )
+        .route("/api/plugins/{name}/promote", post(promote_shadow))
         .route("/ws", get(websocket))
         .with_state(state)
 }
@@ -89,6 +105,11 @@ impl From<PluginError> for ApiError {
             PluginError::NotFound(_) => StatusCode::NOT_FOUND,
             PluginError::NotRunning(_) => StatusCode::SERVICE_UNAVAILABLE,
             PluginError::Failed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            PluginError::Conflict(_) => StatusCode::CONFLICT,
+            PluginError::Invalid(ref message) => {
+                let field = if message.starts_with("manifest") { "manifest" } else { "wasm" };
+                return ApiError::bad_request(message.clone()).with("field", field);
+            }
         };
         ApiError::new(status, e.to_string())
     }
@@ -180,7 +201,7 @@ async fn replay(
     Ok(axum::Json(json!({"topic": topic, "records": records, "next": next})))
 }
 
-async fn plugin_json(state: &AppState, status: crate::plugins::runner::PluginStatus) -> Value {
+async fn lag(state: &AppState, status: &PluginStatus) -> u64 {
     let mut lag = 0u64;
     for (topic, partitions) in &status.offsets {
         for (partition, next) in partitions {
@@ -189,8 +210,20 @@ async fn plugin_json(state: &AppState, status: crate::plugins::runner::PluginSta
             }
         }
     }
+    lag
+}
+
+async fn plugin_json(state: &AppState, (status, shadow): (PluginStatus, Option<PluginStatus>)) -> Value {
     let mut value = serde_json::to_value(&status).expect("status serialises");
-    value["lag"] = lag.into();
+    value["lag"] = lag(state, &status).await.into();
+    if let Some(shadow) = shadow {
+        let shadow_lag = lag(state, &shadow).await;
+        let mut shadow_value = serde_json::to_value(&shadow).expect("status serialises");
+        shadow_value["lag"] = shadow_lag.into();
+        shadow_value["caughtUp"] =
+            (shadow_lag == 0 && shadow.state == crate::plugins::runner::RunState::Running).into();
+        value["shadow"] = shadow_value;
+    }
     value
 }
 
@@ -205,6 +238,165 @@ async fn list_plugins(State(state): State<AppState>) -> axum::Json<Value> {
 async fn plugin_status(State(state): State<AppState>, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
     let status = state.plugins.status(&name)?;
     Ok(axum::Json(plugin_json(&state, status).await))
+}
+
+#[derive(Deserialize)]
+struct UploadParams {
+    /// The manifest (TOML text); without it a plugin keeps the one it has.
+    manifest: Option<String>,
+}
+
+/// `PUT /api/plugins/{name}?manifest=TOML` with the `.wasm` as the body: validated and
+/// compiled before anything is replaced; then started, or swapped in keeping its offsets
+/// and state, and saved in the plugins directory.
+async fn upload_plugin(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(params): Query<UploadParams>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let plugins = state.plugins.clone();
+    let plugin = name.clone();
+    let installed = tokio::task::spawn_blocking(move || plugins.upload(&plugin, &body, params.manifest.as_deref()))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let (code, word) = match installed {
+        Installed::Started => (StatusCode::CREATED, "started"),
+        Installed::Swapped => (StatusCode::OK, "swapped"),
+        Installed::Unchanged => (StatusCode::OK, "unchanged"),
+    };
+    let status = plugin_json(&state, state.plugins.status(&name)?).await;
+    Ok((code, axum::Json(json!({"installed": word, "plugin": status}))))
+}
+
+#[derive(Deserialize)]
+struct DeleteParams {
+    #[serde(default)]
+    purge: bool,
+}
+
+/// `DELETE /api/plugins/{name}[?purge=true]`: stop it and delete its files; its offsets
+/// and state stay (so adding it again resumes) unless `purge`.
+async fn delete_plugin(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(params): Query<DeleteParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let plugins = state.plugins.clone();
+    let plugin = name.clone();
+    tokio::task::spawn_blocking(move || plugins.delete(&plugin, params.purge))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(axum::Json(json!({"removed": name, "purged": params.purge})))
+}
+
+async fn pause_plugin(State(state): State<AppState>, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    state.plugins.pause(&name).await?;
+    Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
+}
+
+async fn resume_plugin(State(state): State<AppState>, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    state.plugins.resume(&name).await?;
+    Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
+}
+
+/// `POST /api/plugins/{name}/replay` with `{"from": 0}`, `{"offsets": {"topic": {"0": 5}}}`
+/// or `{"timestamp": "2026-11-23T10:00:00Z"}` (an empty body means from 0).
+async fn replay_plugin(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let request: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({"from": 0})
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))?
+    };
+    let from = replay_from(&request)?;
+    state.plugins.replay(&name, from).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(plugin_json(&state, state.plugins.status(&name)?).await)))
+}
+
+fn replay_from(request: &Value) -> Result<ReplayFrom, ApiError> {
+    if let Some(from) = request.get("from") {
+        return match from.as_u64() {
+            Some(0) => Ok(ReplayFrom::Start),
+            Some(offset) => {
+                // One offset for every partition of every topic is not meaningful across
+                // partitions; only zero is accepted in this form.
+                Err(ApiError::bad_request(format!(
+                    "from: {offset} is not 0; give offsets per partition as \"offsets\""
+                ))
+                .with("field", "from"))
+            }
+            None => Err(ApiError::bad_request("from: must be 0").with("field", "from")),
+        };
+    }
+    if let Some(offsets) = request.get("offsets") {
+        let parsed: BTreeMap<String, BTreeMap<u32, u64>> = serde_json::from_value(offsets.clone()).map_err(|e| {
+            ApiError::bad_request(format!("offsets: expected {{\"topic\": {{\"partition\": offset}}}}: {e}"))
+                .with("field", "offsets")
+        })?;
+        return Ok(ReplayFrom::Offsets(parsed));
+    }
+    if let Some(at) = request.get("timestamp") {
+        let text = at
+            .as_str()
+            .ok_or_else(|| ApiError::bad_request("timestamp: must be a string").with("field", "timestamp"))?;
+        let at = chrono::DateTime::parse_from_rfc3339(text).map_err(|e| {
+            ApiError::bad_request(format!("timestamp: {text:?} is not RFC 3339: {e}")).with("field", "timestamp")
+        })?;
+        return Ok(ReplayFrom::Timestamp(at.with_timezone(&chrono::Utc)));
+    }
+    Err(ApiError::bad_request("give one of from (0), offsets or timestamp").with("field", "(body)"))
+}
+
+/// `POST /api/plugins/{name}/shadow?manifest=TOML` with a candidate `.wasm`: run it from
+/// offset zero beside the live version, its broadcasts and publishes suppressed.
+async fn start_shadow(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(params): Query<UploadParams>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let plugins = state.plugins.clone();
+    let plugin = name.clone();
+    tokio::task::spawn_blocking(move || plugins.start_shadow(&plugin, &body, params.manifest.as_deref()))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok((StatusCode::CREATED, axum::Json(plugin_json(&state, state.plugins.status(&name)?).await)))
+}
+
+async fn discard_shadow(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let plugins = state.plugins.clone();
+    let plugin = name.clone();
+    tokio::task::spawn_blocking(move || plugins.discard_shadow(&plugin))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
+}
+
+#[derive(Deserialize)]
+struct PromoteParams {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /api/plugins/{name}/promote[?force=true]`: the shadow becomes the live version
+/// with its state and offsets; 409 while it still lags (unless forced).
+async fn promote_shadow(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(params): Query<PromoteParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let (_, shadow) = state.plugins.status(&name)?;
+    let shadow = shadow.ok_or_else(|| ApiError::new(StatusCode::CONFLICT, format!("plugin {name:?} has no shadow")))?;
+    let shadow_lag = lag(&state, &shadow).await;
+    state.plugins.promote(&name, params.force, shadow_lag).await?;
+    Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
 }
 
 /// `GET /api/plugins/{name}/query?...`: the query string, as a JSON object, goes to the

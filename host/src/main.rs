@@ -24,5 +24,9 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(owlery::server::serve(config, owlery::server::shutdown_signal()))
         }
+        Command::Plugins(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(owlery::cli::run_plugins(args))
+        }
     }
 }

@@ -154,6 +154,7 @@ pub struct HostState {
     table: ResourceTable,
     limits: StoreLimits,
     plugin: Arc<str>,
+    namespace: Arc<str>,
     caps: Arc<Capabilities>,
     store: Arc<HostStore>,
     routing: Arc<Routing>,
@@ -173,7 +174,10 @@ impl WasiView for HostState {
 /// Everything an instance needs from the host.
 #[derive(Clone)]
 pub struct InstanceContext {
+    /// The plugin's name: in logs and in the ids of what it publishes.
     pub plugin: Arc<str>,
+    /// Whose state it reads: the plugin's name, or a shadow's own key space.
+    pub namespace: Arc<str>,
     pub caps: Arc<Capabilities>,
     pub store: Arc<HostStore>,
     pub routing: Arc<Routing>,
@@ -224,6 +228,7 @@ impl LoadedComponent {
             table: ResourceTable::new(),
             limits,
             plugin: cx.plugin.clone(),
+            namespace: cx.namespace.clone(),
             caps: cx.caps.clone(),
             store: cx.store.clone(),
             routing: cx.routing.clone(),
@@ -331,7 +336,7 @@ impl host::Host for HostState {
         if let Some(value) = self.effects.state_writes.get(&key) {
             return Ok(value.clone());
         }
-        Ok(self.store.state_get(&self.plugin, &key)?)
+        Ok(self.store.state_get(&self.namespace, &key)?)
     }
 
     fn state_set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
@@ -350,7 +355,8 @@ impl host::Host for HostState {
 
     fn state_scan(&mut self, prefix: String) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
         self.need_state()?;
-        let mut merged: BTreeMap<String, Vec<u8>> = self.store.state_scan(&self.plugin, &prefix)?.into_iter().collect();
+        let mut merged: BTreeMap<String, Vec<u8>> =
+            self.store.state_scan(&self.namespace, &prefix)?.into_iter().collect();
         for (key, value) in self.effects.state_writes.range(prefix.clone()..) {
             if !key.starts_with(&prefix) {
                 break;

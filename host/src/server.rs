@@ -44,13 +44,15 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         outbox: outbox.clone(),
         tokio: tokio::runtime::Handle::current(),
     });
-    let plugins = Arc::new(Plugins::new(deps));
     std::fs::create_dir_all(&config.plugins_dir)
         .with_context(|| format!("creating the plugins directory {}", config.plugins_dir.display()))?;
+    let plugins = Arc::new(Plugins::new(deps, config.plugins_dir.clone()));
+    // Watch first, so that nothing written while the directory is read is missed.
+    let watcher = crate::plugins::watcher::watch(plugins.clone())
+        .with_context(|| format!("watching {}", config.plugins_dir.display()))?;
     {
         let plugins = plugins.clone();
-        let dir = config.plugins_dir.clone();
-        tokio::task::spawn_blocking(move || plugins.load_dir(&dir))
+        tokio::task::spawn_blocking(move || plugins.load_dir())
             .await?
             .with_context(|| format!("reading {}", config.plugins_dir.display()))?;
     }
@@ -64,6 +66,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
 
     let state = AppState { log, plugins: plugins.clone(), hub, routing, backend: "embedded" };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
+    drop(watcher);
     tracing::info!("stopping plugins");
     tokio::task::spawn_blocking(move || plugins.stop_all()).await?;
     forwarder.abort();

@@ -211,6 +211,43 @@ impl Store {
         txn.commit().map_err(db_err)
     }
 
+    /// Make `from`'s state and offsets `to`'s, in one transaction (a shadow's promotion).
+    /// `to`'s old state and offsets are dropped, and `from` is left empty.
+    pub fn promote_namespace(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut state = txn.open_table(STATE).map_err(db_err)?;
+            state.retain(|(owner, _), _| owner != to).map_err(db_err)?;
+            let moved: Vec<(String, Vec<u8>)> = state
+                .range((from, "")..)
+                .map_err(db_err)?
+                .map_while(|e| e.ok())
+                .map(|(k, v)| (k.value().0.to_owned(), k.value().1.to_owned(), v.value().to_vec()))
+                .take_while(|(owner, _, _)| owner == from)
+                .map(|(_, k, v)| (k, v))
+                .collect();
+            for (key, value) in &moved {
+                state.insert((to, key.as_str()), value.as_slice()).map_err(db_err)?;
+            }
+            state.retain(|(owner, _), _| owner != from).map_err(db_err)?;
+            let mut offsets = txn.open_table(OFFSETS).map_err(db_err)?;
+            offsets.retain(|(owner, _, _), _| owner != to).map_err(db_err)?;
+            let moved: Vec<(String, u32, u64)> = offsets
+                .range((from, "", 0)..)
+                .map_err(db_err)?
+                .map_while(|e| e.ok())
+                .map(|(k, v)| (k.value().0.to_owned(), k.value().1.to_owned(), k.value().2, v.value()))
+                .take_while(|(owner, _, _, _)| owner == from)
+                .map(|(_, t, p, n)| (t, p, n))
+                .collect();
+            for (topic, partition, next) in &moved {
+                offsets.insert((to, topic.as_str(), *partition), *next).map_err(db_err)?;
+            }
+            offsets.retain(|(owner, _, _), _| owner != from).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
     /// Fan-out records with offset ≥ `from`, at most `max`; and the oldest offset retained.
     pub fn fanout_from(&self, from: u64, max: usize) -> Result<(Vec<FanoutRecord>, u64), StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;

@@ -88,6 +88,7 @@ async fn a_clean_restart_resumes_from_committed_offsets() {
     let offsets = host.plugin("analytics").await["offsets"].clone();
     host.stop();
     host.start();
+    host.caught_up("analytics").await;
     let status = host.plugin("analytics").await;
     assert_eq!(status["offsets"], offsets, "offsets survive a restart");
     assert_eq!(status["processed"], 0, "nothing is handled again after a restart");

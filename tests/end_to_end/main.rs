@@ -4,6 +4,7 @@
 mod support;
 
 mod durability;
+mod lifecycle;
 mod misbehaving;
 mod publish;
 mod routing;

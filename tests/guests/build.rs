@@ -32,15 +32,20 @@ fn main() {
         "tests/plugins/Cargo.toml",
         "tests/plugins/Cargo.lock",
         "tests/plugins/misbehave",
+        "tests/plugins/wrong-world",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
 
     let wasm = |name: &str| target_dir.join(TARGET).join("release").join(format!("{name}.wasm"));
     let mut paths = String::new();
-    for (constant, file) in
-        [("WS_BROADCAST", "ws_broadcast"), ("ANALYTICS", "analytics"), ("ALERTS", "alerts"), ("MISBEHAVE", "misbehave")]
-    {
+    for (constant, file) in [
+        ("WS_BROADCAST", "ws_broadcast"),
+        ("ANALYTICS", "analytics"),
+        ("ALERTS", "alerts"),
+        ("MISBEHAVE", "misbehave"),
+        ("WRONG_WORLD", "wrong_world"),
+    ] {
         let path = wasm(file);
         assert!(path.exists(), "{} was not built", path.display());
         paths.push_str(&format!("pub const {constant}: &str = {:?};\n", path.display().to_string()));

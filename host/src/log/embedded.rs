@@ -29,7 +29,9 @@ type Reply = oneshot::Sender<Result<Vec<Appended>, LogError>>;
 
 pub struct EmbeddedLog {
     db: Arc<Database>,
-    writer: mpsc::Sender<(Vec<AppendItem>, Reply)>,
+    /// `None` only while dropping.
+    writer: Option<mpsc::Sender<(Vec<AppendItem>, Reply)>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
     changes: watch::Receiver<u64>,
     default_partitions: u32,
 }
@@ -55,11 +57,27 @@ impl EmbeddedLog {
         let (changes_tx, changes) = watch::channel(0);
         let writer_db = db.clone();
         let partitions = default_partitions.max(1);
-        std::thread::Builder::new()
+        let writer_thread = std::thread::Builder::new()
             .name("owlery-log-writer".into())
             .spawn(move || write_loop(&writer_db, &rx, &changes_tx, partitions))
             .map_err(|e| LogError::Storage(e.to_string()))?;
-        Ok(EmbeddedLog { db, writer: tx, changes, default_partitions: partitions })
+        Ok(EmbeddedLog {
+            db,
+            writer: Some(tx),
+            writer_thread: Some(writer_thread),
+            changes,
+            default_partitions: partitions,
+        })
+    }
+}
+
+impl Drop for EmbeddedLog {
+    /// Let the writer finish what is queued and close the file, so it can be opened again.
+    fn drop(&mut self) {
+        drop(self.writer.take());
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -187,7 +205,8 @@ impl EventLog for EmbeddedLog {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
-        self.writer.send((items, reply)).map_err(|_| LogError::Unavailable("the log writer has stopped".into()))?;
+        let writer = self.writer.as_ref().ok_or_else(|| LogError::Unavailable("the log is closing".into()))?;
+        writer.send((items, reply)).map_err(|_| LogError::Unavailable("the log writer has stopped".into()))?;
         answer.await.map_err(|_| LogError::Unavailable("the log writer has stopped".into()))?
     }
 
@@ -227,4 +246,36 @@ impl EventLog for EmbeddedLog {
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.clone()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::EmbeddedLog;
+    use crate::log::{EventLog, contract};
+
+    fn open(dir: &Path) -> Arc<dyn EventLog> {
+        Arc::new(EmbeddedLog::open(dir, 4).unwrap())
+    }
+
+    macro_rules! contract_tests {
+        ($($name:ident),* $(,)?) => {$(
+            #[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                contract::$name(&open, dir.path()).await;
+            }
+        )*};
+    }
+
+    contract_tests!(
+        appends_keep_order_per_partition,
+        a_repeated_event_id_is_stored_once,
+        appends_survive_a_reopen,
+        an_append_wakes_a_waiting_reader,
+        concurrent_appends_all_land,
+        unknown_topics_are_errors,
+    );
 }

@@ -3,6 +3,8 @@
 //! The contract is written for a remote log that can fail (Iggy): every call is async and
 //! fallible. `embedded` is the default backend, durable on local disk.
 
+#[cfg(test)]
+pub(crate) mod contract;
 pub mod embedded;
 
 use async_trait::async_trait;

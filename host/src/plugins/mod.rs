@@ -1,8 +1,10 @@
 //! The plugin registry: loads `NAME.wasm` (+ `NAME.toml`) from the plugins directory, runs
-//! one runner thread per plugin, and answers status and query requests.
+//! one runner thread per plugin (and per shadow), and carries out the lifecycle: install
+//! or swap a version, remove, pause, resume, replay, shadow, promote.
 
 pub mod manifest;
 pub mod runner;
+pub mod watcher;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,10 +15,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::envelope::Routing;
 use crate::fanout::Hub;
 use crate::log::EventLog;
-use crate::runtime::Runtime;
+use crate::runtime::{LoadedComponent, Runtime};
 use crate::store::Store;
 use manifest::Manifest;
-use runner::{Command, PluginStatus, RunState, Runner};
+use runner::{Command, Mode, PluginStatus, ReplayFrom, RunState, Runner};
 
 /// What every runner shares.
 pub struct RunnerDeps {
@@ -45,17 +47,47 @@ pub enum PluginError {
     Failed { name: String, message: String },
     #[error("plugin {0:?} is not running")]
     NotRunning(String),
+    /// The component or manifest offered is not acceptable; nothing was replaced.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 struct Running {
     status: Arc<Mutex<PluginStatus>>,
     commands: mpsc::UnboundedSender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// What the plugin runs now (absent when it never loaded).
+    hash: Option<String>,
+    manifest_text: Option<String>,
+    shadow: Option<Box<Shadow>>,
+}
+
+struct Shadow {
+    running: Running,
+    component: LoadedComponent,
+    manifest: Manifest,
+    /// Kept to be written into the plugins directory on promotion.
+    wasm: Vec<u8>,
+    manifest_text: Option<String>,
+}
+
+/// What `install` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installed {
+    Started,
+    Swapped,
+    Unchanged,
 }
 
 pub struct Plugins {
     deps: Arc<RunnerDeps>,
+    /// The watched directory: uploads and promotions are written here to last.
+    dir: PathBuf,
     running: Mutex<BTreeMap<String, Running>>,
+    /// One install or removal at a time (watcher, uploads and start-up all install).
+    changing: Mutex<()>,
 }
 
 /// Plugin names: the file stem; letters, digits, `-` and `_`.
@@ -66,115 +98,422 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn shadow_namespace(name: &str) -> String {
+    format!("{name}@shadow")
+}
+
 impl Plugins {
-    pub fn new(deps: Arc<RunnerDeps>) -> Plugins {
-        Plugins { deps, running: Mutex::new(BTreeMap::new()) }
+    pub fn new(deps: Arc<RunnerDeps>, dir: PathBuf) -> Plugins {
+        Plugins { deps, dir, running: Mutex::new(BTreeMap::new()), changing: Mutex::new(()) }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Load every `*.wasm` of `dir`. A plugin that fails to load is listed as failed with
     /// its error; the others start regardless.
-    pub fn load_dir(&self, dir: &Path) -> std::io::Result<()> {
-        let mut wasm_files: Vec<PathBuf> = std::fs::read_dir(dir)?
+    pub fn load_dir(&self) -> std::io::Result<()> {
+        let dir = self.dir.clone();
+        let mut names: Vec<String> = std::fs::read_dir(dir)?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "wasm") && p.is_file())
+            .filter_map(|p| p.file_stem().and_then(|s| s.to_str()).map(str::to_owned))
+            .filter(|name| !name.starts_with('.'))
             .collect();
-        wasm_files.sort();
-        for path in wasm_files {
-            let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else { continue };
-            if let Err(e) = check_name(&name) {
-                tracing::warn!(path = %path.display(), "ignoring: {e}");
-                continue;
-            }
-            if let Err(message) = self.load_file(&name, &path) {
-                tracing::error!(plugin = %name, error = %message, "plugin not loaded");
-                let mut status = PluginStatus::new(&name, "");
-                status.state = RunState::Failed;
-                status.last_error = Some(message);
-                self.insert(&name, Arc::new(Mutex::new(status)), None);
-            }
+        names.sort();
+        for name in names {
+            self.reconcile(&name);
         }
         Ok(())
     }
 
-    fn load_file(&self, name: &str, wasm_path: &Path) -> Result<(), String> {
-        let manifest_path = wasm_path.with_extension("toml");
-        let manifest = match std::fs::read_to_string(&manifest_path) {
-            Ok(text) => Manifest::parse(&text).map_err(|e| format!("{}: {e}", manifest_path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
-            Err(e) => return Err(format!("{}: {e}", manifest_path.display())),
+    /// Bring plugin `name` in line with the files in `dir`: start it, swap in a changed
+    /// version or manifest, or stop it when its `.wasm` is gone (keeping its offsets).
+    pub fn reconcile(&self, name: &str) {
+        let dir = &self.dir;
+        if let Err(e) = check_name(name) {
+            tracing::warn!(dir = %dir.display(), "ignoring a file: {e}");
+            return;
+        }
+        let wasm_path = dir.join(format!("{name}.wasm"));
+        let manifest_path = dir.join(format!("{name}.toml"));
+        let wasm = match std::fs::read(&wasm_path) {
+            Ok(wasm) => wasm,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.lock().contains_key(name) {
+                    tracing::info!(plugin = name, "plugin file removed; stopping it (its offsets are kept)");
+                    let _ = self.remove(name, false);
+                }
+                return;
+            }
+            Err(e) => {
+                self.record_load_error(name, format!("{}: {e}", wasm_path.display()));
+                return;
+            }
         };
-        let wasm = std::fs::read(wasm_path).map_err(|e| format!("{}: {e}", wasm_path.display()))?;
-        self.start(name, &wasm, manifest)
+        let manifest_text = match std::fs::read_to_string(&manifest_path) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                self.record_load_error(name, format!("{}: {e}", manifest_path.display()));
+                return;
+            }
+        };
+        match self.install(name, &wasm, manifest_text.as_deref()) {
+            Ok(Installed::Unchanged) => {}
+            Ok(done) => tracing::info!(plugin = name, ?done, "plugin loaded from {}", wasm_path.display()),
+            Err(e) => self.record_load_error(name, e.to_string()),
+        }
     }
 
-    /// Compile, validate and start a plugin.
-    pub fn start(&self, name: &str, wasm: &[u8], manifest: Manifest) -> Result<(), String> {
-        let component = self.deps.runtime.load(wasm).map_err(|e| e.to_string())?;
-        let status = Arc::new(Mutex::new(PluginStatus::new(name, &component.hash)));
-        let (tx, rx) = mpsc::unbounded_channel();
-        let runner = Runner::new(name, manifest, component, self.deps.clone(), status.clone(), rx);
-        let thread = std::thread::Builder::new()
-            .name(format!("plugin-{name}"))
-            .spawn(move || runner.run())
-            .map_err(|e| e.to_string())?;
-        self.insert(name, status, Some((tx, thread)));
-        Ok(())
+    /// A version that could not be loaded: the running one (if any) stays; the error shows
+    /// in the status and the log.
+    fn record_load_error(&self, name: &str, message: String) {
+        tracing::error!(plugin = name, error = %message, "plugin not loaded");
+        let mut running = self.lock();
+        match running.get(name) {
+            Some(r) => {
+                let mut status = r.status.lock().expect("status lock");
+                status.errors += 1;
+                status.last_error = Some(format!("load failed: {message}"));
+            }
+            None => {
+                let mut status = PluginStatus::new(name, "");
+                status.state = RunState::Failed;
+                status.last_error = Some(message);
+                let (commands, _) = mpsc::unbounded_channel();
+                running.insert(
+                    name.to_owned(),
+                    Running {
+                        status: Arc::new(Mutex::new(status)),
+                        commands,
+                        thread: None,
+                        hash: None,
+                        manifest_text: None,
+                        shadow: None,
+                    },
+                );
+            }
+        }
     }
 
-    fn insert(
+    fn parse_manifest(text: Option<&str>) -> Result<Manifest, PluginError> {
+        match text {
+            Some(text) => Manifest::parse(text).map_err(|e| PluginError::Invalid(format!("manifest: {e}"))),
+            None => Ok(Manifest::default()),
+        }
+    }
+
+    /// Validate, compile and run `wasm` as plugin `name`: a new plugin starts; a running one
+    /// swaps to it at a batch boundary, keeping offsets and state. Nothing is replaced
+    /// unless the component compiles, implements the world and starts. Blocking.
+    pub fn install(&self, name: &str, wasm: &[u8], manifest_text: Option<&str>) -> Result<Installed, PluginError> {
+        check_name(name).map_err(PluginError::Invalid)?;
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let manifest = Self::parse_manifest(manifest_text)?;
+        let component = self.deps.runtime.load(wasm).map_err(|e| PluginError::Invalid(e.to_string()))?;
+        let commands = {
+            let running = self.lock();
+            match running.get(name) {
+                Some(r) if r.thread.is_some() => {
+                    if r.hash.as_deref() == Some(component.hash.as_str()) && r.manifest_text.as_deref() == manifest_text
+                    {
+                        return Ok(Installed::Unchanged);
+                    }
+                    Some(r.commands.clone())
+                }
+                _ => None,
+            }
+        };
+        let hash = component.hash.clone();
+        let Some(commands) = commands else {
+            self.spawn_live(name, component, manifest, manifest_text)?;
+            return Ok(Installed::Started);
+        };
+        let (reply, answer) = oneshot::channel();
+        commands
+            .send(Command::Swap { component, manifest: Box::new(manifest), reply })
+            .map_err(|_| PluginError::NotRunning(name.to_owned()))?;
+        answer
+            .blocking_recv()
+            .map_err(|_| PluginError::NotRunning(name.to_owned()))?
+            .map_err(PluginError::Invalid)?;
+        if let Some(r) = self.lock().get_mut(name) {
+            r.hash = Some(hash);
+            r.manifest_text = manifest_text.map(str::to_owned);
+        }
+        Ok(Installed::Swapped)
+    }
+
+    fn spawn(
         &self,
         name: &str,
-        status: Arc<Mutex<PluginStatus>>,
-        runner: Option<(mpsc::UnboundedSender<Command>, std::thread::JoinHandle<()>)>,
-    ) {
-        let (commands, thread) = match runner {
-            Some((tx, thread)) => (tx, Some(thread)),
-            None => (mpsc::unbounded_channel().0, None),
-        };
-        let previous =
-            self.running.lock().expect("registry lock").insert(name.to_owned(), Running { status, commands, thread });
+        namespace: &str,
+        mode: Mode,
+        component: LoadedComponent,
+        manifest: Manifest,
+    ) -> Result<Running, PluginError> {
+        let status = Arc::new(Mutex::new(PluginStatus::new(name, &component.hash)));
+        let hash = component.hash.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let runner = Runner::new(name, namespace, mode, manifest, component, self.deps.clone(), status.clone(), rx);
+        let label = if mode == Mode::Shadow { format!("shadow-{name}") } else { format!("plugin-{name}") };
+        let (ready, started) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name(label)
+            .spawn(move || runner.run(ready))
+            .map_err(|e| PluginError::Failed { name: name.to_owned(), message: e.to_string() })?;
+        // Its status is meaningful from here on.
+        let _ = started.blocking_recv();
+        Ok(Running { status, commands: tx, thread: Some(thread), hash: Some(hash), manifest_text: None, shadow: None })
+    }
+
+    fn spawn_live(
+        &self,
+        name: &str,
+        component: LoadedComponent,
+        manifest: Manifest,
+        manifest_text: Option<&str>,
+    ) -> Result<(), PluginError> {
+        let mut running = self.spawn(name, name, Mode::Live, component, manifest)?;
+        running.manifest_text = manifest_text.map(str::to_owned);
+        let previous = self.lock().insert(name.to_owned(), running);
         if let Some(previous) = previous {
             stop(previous);
         }
+        Ok(())
     }
 
-    pub fn list(&self) -> Vec<PluginStatus> {
-        self.running
-            .lock()
-            .expect("registry lock")
-            .values()
-            .map(|r| r.status.lock().expect("status lock").clone())
-            .collect()
+    /// Stop a plugin (and its shadow). Its offsets and state stay unless `purge`.
+    pub fn remove(&self, name: &str, purge: bool) -> Result<(), PluginError> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let removed = self.lock().remove(name);
+        let Some(removed) = removed else {
+            if purge {
+                self.purge(name)?;
+            }
+            return Err(PluginError::NotFound(name.to_owned()));
+        };
+        stop(removed);
+        if purge {
+            self.purge(name)?;
+        }
+        Ok(())
     }
 
-    pub fn status(&self, name: &str) -> Result<PluginStatus, PluginError> {
-        let running = self.running.lock().expect("registry lock");
+    fn purge(&self, name: &str) -> Result<(), PluginError> {
+        for namespace in [name.to_owned(), shadow_namespace(name)] {
+            self.deps
+                .store
+                .reset_plugin(&namespace)
+                .map_err(|e| PluginError::Failed { name: name.to_owned(), message: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, name: &str, command: Command) -> Result<(), PluginError> {
+        let running = self.lock();
         let r = running.get(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
-        Ok(r.status.lock().expect("status lock").clone())
+        if r.thread.is_none() {
+            return Err(PluginError::NotRunning(name.to_owned()));
+        }
+        r.commands.send(command).map_err(|_| PluginError::NotRunning(name.to_owned()))
+    }
+
+    async fn ask(
+        &self,
+        name: &str,
+        make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Command,
+    ) -> Result<(), PluginError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(name, make(reply))?;
+        answer
+            .await
+            .map_err(|_| PluginError::NotRunning(name.to_owned()))?
+            .map_err(|message| PluginError::Failed { name: name.to_owned(), message })
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<(), PluginError> {
+        self.ask(name, Command::Pause).await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<(), PluginError> {
+        self.ask(name, Command::Resume).await
+    }
+
+    /// Reset the plugin's state and offsets and run it again from `from`.
+    pub async fn replay(&self, name: &str, from: ReplayFrom) -> Result<(), PluginError> {
+        self.ask(name, |reply| Command::Replay { from, reply }).await
+    }
+
+    /// Run a candidate version from offset zero beside the live one, in its own key space,
+    /// with its broadcasts and publishes dropped. Replaces an earlier shadow. Blocking.
+    pub fn start_shadow(&self, name: &str, wasm: &[u8], manifest_text: Option<&str>) -> Result<(), PluginError> {
+        let manifest_text = match manifest_text {
+            Some(text) => Some(text.to_owned()),
+            None => self.lock().get(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?.manifest_text.clone(),
+        };
+        let manifest = Self::parse_manifest(manifest_text.as_deref())?;
+        let component = self.deps.runtime.load(wasm).map_err(|e| PluginError::Invalid(e.to_string()))?;
+        if self.lock().get(name).is_none_or(|r| r.thread.is_none()) {
+            return Err(PluginError::NotFound(name.to_owned()));
+        }
+        self.discard_shadow(name).ok();
+        let running = self.spawn(name, &shadow_namespace(name), Mode::Shadow, component.clone(), manifest.clone())?;
+        let mut plugins = self.lock();
+        match plugins.get_mut(name) {
+            Some(live) => {
+                live.shadow =
+                    Some(Box::new(Shadow { running, component, manifest, wasm: wasm.to_vec(), manifest_text }));
+                Ok(())
+            }
+            None => {
+                drop(plugins);
+                stop(running);
+                Err(PluginError::NotFound(name.to_owned()))
+            }
+        }
+    }
+
+    pub fn discard_shadow(&self, name: &str) -> Result<(), PluginError> {
+        let shadow = {
+            let mut plugins = self.lock();
+            let live = plugins.get_mut(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
+            live.shadow.take().ok_or_else(|| PluginError::Conflict(format!("plugin {name:?} has no shadow")))?
+        };
+        stop(shadow.running);
+        self.deps
+            .store
+            .reset_plugin(&shadow_namespace(name))
+            .map_err(|e| PluginError::Failed { name: name.to_owned(), message: e.to_string() })
+    }
+
+    /// Swap the shadow in: the live plugin takes its version, state and offsets in one
+    /// step between two batches. Refused while the shadow still lags, unless `force`.
+    pub async fn promote(&self, name: &str, force: bool, shadow_lag: u64) -> Result<(), PluginError> {
+        if shadow_lag > 0 && !force {
+            return Err(PluginError::Conflict(format!(
+                "the shadow of {name:?} is {shadow_lag} events behind; wait until it has caught up or use force"
+            )));
+        }
+        let shadow = {
+            let mut plugins = self.lock();
+            let live = plugins.get_mut(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
+            live.shadow.take().ok_or_else(|| PluginError::Conflict(format!("plugin {name:?} has no shadow")))?
+        };
+        let Shadow { running, component, manifest, wasm, manifest_text } = *shadow;
+        let hash = component.hash.clone();
+        tokio::task::block_in_place(|| stop(running));
+        self.ask(name, |reply| Command::Promote {
+            shadow_namespace: shadow_namespace(name),
+            component,
+            manifest: Box::new(manifest),
+            reply,
+        })
+        .await?;
+        if let Some(live) = self.lock().get_mut(name) {
+            live.hash = Some(hash);
+            live.manifest_text.clone_from(&manifest_text);
+        }
+        self.write_files(name, &wasm, manifest_text.as_deref()).map_err(|e| PluginError::Failed {
+            name: name.to_owned(),
+            message: format!("promoted, but not saved: {e}"),
+        })
+    }
+
+    /// `install`, then keep the files in the plugins directory so the version outlives a
+    /// restart. Blocking.
+    /// Without a manifest, a plugin that exists keeps its own.
+    pub fn upload(&self, name: &str, wasm: &[u8], manifest_text: Option<&str>) -> Result<Installed, PluginError> {
+        let manifest_text = match manifest_text {
+            Some(text) => Some(text.to_owned()),
+            None => self.lock().get(name).and_then(|r| r.manifest_text.clone()),
+        };
+        let manifest_text = manifest_text.as_deref();
+        let installed = self.install(name, wasm, manifest_text)?;
+        self.write_files(name, wasm, manifest_text).map_err(|e| PluginError::Failed {
+            name: name.to_owned(),
+            message: format!("installed, but not saved: {e}"),
+        })?;
+        Ok(installed)
+    }
+
+    /// `remove`, and delete its files so it does not come back on restart.
+    pub fn delete(&self, name: &str, purge: bool) -> Result<(), PluginError> {
+        let removed = self.remove(name, purge);
+        for ext in ["wasm", "toml"] {
+            match std::fs::remove_file(self.dir.join(format!("{name}.{ext}"))) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(PluginError::Failed { name: name.to_owned(), message: e.to_string() });
+                }
+                _ => {}
+            }
+        }
+        removed
+    }
+
+    /// Status of every plugin (with its shadow's, if any).
+    pub fn list(&self) -> Vec<(PluginStatus, Option<PluginStatus>)> {
+        self.lock().values().map(snapshot).collect()
+    }
+
+    pub fn status(&self, name: &str) -> Result<(PluginStatus, Option<PluginStatus>), PluginError> {
+        let running = self.lock();
+        let r = running.get(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
+        Ok(snapshot(r))
     }
 
     /// Run the plugin's `query` with `request` (JSON) on its runner, between batches.
     pub async fn query(&self, name: &str, request: String) -> Result<String, PluginError> {
         let (reply, answer) = oneshot::channel();
-        {
-            let running = self.running.lock().expect("registry lock");
-            let r = running.get(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
-            r.commands.send(Command::Query { request, reply }).map_err(|_| PluginError::NotRunning(name.to_owned()))?;
-        }
+        self.send(name, Command::Query { request, reply })?;
         let answer = answer.await.map_err(|_| PluginError::NotRunning(name.to_owned()))?;
         answer.map_err(|message| PluginError::Failed { name: name.to_owned(), message })
     }
 
     /// Stop every runner and wait for it to finish its batch.
     pub fn stop_all(&self) {
-        let all = std::mem::take(&mut *self.running.lock().expect("registry lock"));
+        let all = std::mem::take(&mut *self.lock());
         for (_, r) in all {
             stop(r);
         }
     }
+
+    fn write_files(&self, name: &str, wasm: &[u8], manifest_text: Option<&str>) -> std::io::Result<()> {
+        match manifest_text {
+            Some(text) => write_atomically(&self.dir.join(format!("{name}.toml")), text.as_bytes())?,
+            None => match std::fs::remove_file(self.dir.join(format!("{name}.toml"))) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            },
+        }
+        write_atomically(&self.dir.join(format!("{name}.wasm")), wasm)
+    }
+}
+
+fn snapshot(r: &Running) -> (PluginStatus, Option<PluginStatus>) {
+    let status = r.status.lock().expect("status lock").clone();
+    let shadow = r.shadow.as_ref().map(|s| s.running.status.lock().expect("status lock").clone());
+    (status, shadow)
+}
+
+/// Write to a hidden temp file beside `path`, then rename: readers never see half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("plugin");
+    let tmp: PathBuf = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 fn stop(r: Running) {
+    if let Some(shadow) = r.shadow {
+        stop(shadow.running);
+    }
     let _ = r.commands.send(Command::Stop);
     if let Some(thread) = r.thread {
         let _ = thread.join();

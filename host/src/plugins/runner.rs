@@ -31,8 +31,31 @@ const IDLE_WAIT: Duration = Duration::from_millis(500);
 pub enum RunState {
     Starting,
     Running,
+    Paused,
+    Replaying,
     Failed,
     Stopped,
+}
+
+/// How far a replay has come: records read since it started, of those it must read.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayProgress {
+    pub done: u64,
+    pub total: u64,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone)]
+pub enum ReplayFrom {
+    /// Offset zero of every partition.
+    Start,
+    /// topic → partition → offset; partitions not named start at zero.
+    Offsets(BTreeMap<String, BTreeMap<u32, u64>>),
+    /// The first event of each partition whose timestamp is at or after this one.
+    Timestamp(chrono::DateTime<chrono::Utc>),
 }
 
 /// What `GET /api/plugins` shows of a plugin.
@@ -52,6 +75,9 @@ pub struct PluginStatus {
     /// Time spent inside the plugin, all batches.
     pub busy_micros: u64,
     pub batches: u64,
+    pub avg_batch_micros: u64,
+    pub events_per_second: f64,
+    pub replay: Option<ReplayProgress>,
 }
 
 impl PluginStatus {
@@ -68,17 +94,57 @@ impl PluginStatus {
             last_error: None,
             busy_micros: 0,
             batches: 0,
+            avg_batch_micros: 0,
+            events_per_second: 0.0,
+            replay: None,
         }
     }
 }
 
+type Reply = oneshot::Sender<Result<(), String>>;
+
+/// What a runner is asked to do; it acts between batches.
 pub enum Command {
-    Query { request: String, reply: oneshot::Sender<Result<String, String>> },
+    Query {
+        request: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    Pause(Reply),
+    Resume(Reply),
+    /// Replace the component and manifest, keeping offsets and state.
+    Swap {
+        component: LoadedComponent,
+        manifest: Box<Manifest>,
+        reply: Reply,
+    },
+    /// Drop state and offsets and read again from `from`.
+    Replay {
+        from: ReplayFrom,
+        reply: Reply,
+    },
+    /// Take over a shadow's state and offsets, and its component and manifest.
+    Promote {
+        shadow_namespace: String,
+        component: LoadedComponent,
+        manifest: Box<Manifest>,
+        reply: Reply,
+    },
     Stop,
+}
+
+/// A live runner commits what the plugin does; a shadow runner keeps only its own state
+/// and offsets, and drops its broadcasts and publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Live,
+    Shadow,
 }
 
 pub struct Runner {
     name: Arc<str>,
+    /// Whose state and offsets: the name, or the shadow's own key space.
+    namespace: Arc<str>,
+    mode: Mode,
     manifest: Manifest,
     component: LoadedComponent,
     deps: Arc<RunnerDeps>,
@@ -91,6 +157,13 @@ pub struct Runner {
     positions: BTreeMap<(String, u32), u64>,
     consecutive_dead_letters: u32,
     stopping: bool,
+    paused: bool,
+    failed: bool,
+    /// While replaying: (topic, partition) → the high watermark when the replay began.
+    /// Broadcasts of these already-delivered events are not sent again.
+    replay: Option<BTreeMap<(String, u32), u64>>,
+    rate_since: Instant,
+    rate_processed: u64,
 }
 
 /// One record of a polled batch, decoded (or not).
@@ -101,8 +174,11 @@ struct Polled {
 }
 
 impl Runner {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: &str,
+        namespace: &str,
+        mode: Mode,
         manifest: Manifest,
         component: LoadedComponent,
         deps: Arc<RunnerDeps>,
@@ -113,6 +189,8 @@ impl Runner {
         let timeout = Duration::from_millis(manifest.limits.batch_timeout_ms);
         Runner {
             name: name.into(),
+            namespace: namespace.into(),
+            mode,
             manifest,
             component,
             deps,
@@ -124,7 +202,25 @@ impl Runner {
             positions: BTreeMap::new(),
             consecutive_dead_letters: 0,
             stopping: false,
+            paused: false,
+            failed: false,
+            replay: None,
+            rate_since: Instant::now(),
+            rate_processed: 0,
         }
+    }
+
+    fn publish_state(&self) {
+        let state = if self.failed {
+            RunState::Failed
+        } else if self.paused {
+            RunState::Paused
+        } else if self.replay.is_some() {
+            RunState::Replaying
+        } else {
+            RunState::Running
+        };
+        self.set_status(|s| s.state = state);
     }
 
     fn set_status(&self, f: impl FnOnce(&mut PluginStatus)) {
@@ -138,27 +234,35 @@ impl Runner {
         });
     }
 
-    /// The runner's thread body: returns when told to stop.
-    pub fn run(mut self) {
-        let span = tracing::info_span!("plugin", plugin = &*self.name);
+    /// The runner's thread body: returns when told to stop. `ready` is told once the
+    /// plugin has started (or failed to), with its offsets known.
+    pub fn run(mut self, ready: oneshot::Sender<()>) {
+        let span = tracing::info_span!("plugin", plugin = &*self.name, shadow = self.mode == Mode::Shadow);
         let _guard = span.enter();
-        if let Err(message) = self.start() {
-            tracing::error!(error = %message, "plugin failed to start");
-            self.set_status(|s| {
-                s.state = RunState::Failed;
-                s.last_error = Some(message);
-            });
-            self.serve_commands_until_stopped();
-            return;
+        match self.start() {
+            Ok(()) => tracing::info!(version = %&self.component.hash[..12], "plugin running"),
+            Err(message) => {
+                tracing::error!(error = %message, "plugin failed to start");
+                self.failed = true;
+                self.set_status(|s| s.last_error = Some(message));
+            }
         }
-        self.set_status(|s| s.state = RunState::Running);
-        tracing::info!(version = %&self.component.hash[..12], "plugin running");
+        self.publish_state();
+        let _ = ready.send(());
         let mut changes = self.deps.log.changes();
         while !self.stopping {
             self.drain_commands();
             if self.stopping {
                 break;
             }
+            if self.paused || self.failed {
+                match self.commands.blocking_recv() {
+                    Some(command) => self.command(command),
+                    None => self.stopping = true,
+                }
+                continue;
+            }
+            self.tick_rate();
             changes.borrow_and_update();
             let polled = match self.poll_batch() {
                 Ok(polled) => polled,
@@ -169,6 +273,10 @@ impl Runner {
                 }
             };
             if polled.is_empty() {
+                if self.replay.is_some() {
+                    self.finish_replay_if_done();
+                    continue;
+                }
                 self.refresh_partitions();
                 self.wait(&mut changes, IDLE_WAIT);
                 continue;
@@ -181,21 +289,35 @@ impl Runner {
                 std::thread::sleep(Duration::from_millis(500));
                 self.reload_positions();
             }
+            self.finish_replay_if_done();
             if self.consecutive_dead_letters >= FAIL_AFTER_DEAD_LETTERS {
                 let message = format!("{FAIL_AFTER_DEAD_LETTERS} events in a row failed; plugin stopped");
                 tracing::error!("{message}");
-                self.set_status(|s| {
-                    s.state = RunState::Failed;
-                    s.last_error = Some(message);
-                });
-                self.serve_commands_until_stopped();
+                self.failed = true;
+                self.set_status(|s| s.last_error = Some(message));
+                self.publish_state();
             }
         }
         self.set_status(|s| s.state = RunState::Stopped);
         tracing::info!("plugin stopped");
     }
 
+    fn tick_rate(&mut self) {
+        let elapsed = self.rate_since.elapsed();
+        if elapsed < Duration::from_secs(1) {
+            return;
+        }
+        let processed = self.status.lock().expect("status lock").processed;
+        let rate = (processed - self.rate_processed.min(processed)) as f64 / elapsed.as_secs_f64();
+        self.rate_since = Instant::now();
+        self.rate_processed = processed;
+        self.set_status(|s| s.events_per_second = (rate * 10.0).round() / 10.0);
+    }
+
     fn start(&mut self) -> Result<(), String> {
+        if self.mode == Mode::Shadow {
+            self.deps.store.reset_plugin(&self.namespace).map_err(|e| e.to_string())?;
+        }
         self.instance = Some(self.new_instance().map_err(|e| format!("init: {e}"))?);
         let topics = self.subscribed_topics().map_err(|e| e.to_string())?;
         self.deps.block_on(self.deps.log.ensure_topics(&topics)).map_err(|e| e.to_string())?;
@@ -206,6 +328,7 @@ impl Runner {
     fn new_instance(&self) -> Result<Instance, CallError> {
         let cx = InstanceContext {
             plugin: self.name.clone(),
+            namespace: self.namespace.clone(),
             caps: Arc::new(self.manifest.capabilities()),
             store: self.deps.store.clone(),
             routing: self.deps.routing.clone(),
@@ -226,16 +349,19 @@ impl Runner {
 
     /// Positions from the store; partitions never read start per the manifest.
     fn reload_positions(&mut self) {
-        let stored = match self.deps.store.offsets(&self.name) {
+        let stored = match self.deps.store.offsets(&self.namespace) {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::error!(error = %e, "reading offsets failed");
                 return;
             }
         };
+        let topics = self.subscribed_topics().unwrap_or_default();
         self.positions.clear();
         for ((topic, partition), next) in stored {
-            self.positions.insert((topic, partition), next);
+            if topics.contains(&topic) {
+                self.positions.insert((topic, partition), next);
+            }
         }
         self.refresh_partitions();
     }
@@ -249,7 +375,8 @@ impl Runner {
                 if self.positions.contains_key(&(topic.clone(), partition)) {
                     continue;
                 }
-                let start = match self.manifest.subscribe.start {
+                let start = if self.mode == Mode::Shadow { Start::Earliest } else { self.manifest.subscribe.start };
+                let start = match start {
                     Start::Earliest => 0,
                     Start::Latest => self.deps.block_on(self.deps.log.high_watermark(&topic, partition)).unwrap_or(0),
                 };
@@ -272,13 +399,22 @@ impl Runner {
     fn poll_batch(&mut self) -> Result<Vec<Polled>, LogError> {
         let max = self.manifest.limits.max_batch;
         let mut polled = Vec::new();
-        let partitions: Vec<((String, u32), u64)> = self.positions.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        // While replaying, read only up to where the replay began (so a batch is wholly
+        // replayed events or wholly new ones).
+        let partitions: Vec<((String, u32), u64, u64)> = self
+            .positions
+            .iter()
+            .filter_map(|(k, from)| {
+                let until = self.replay.as_ref().map_or(Some(u64::MAX), |t| t.get(k).copied().filter(|t| t > from))?;
+                Some((k.clone(), *from, until))
+            })
+            .collect();
         let share = (max / partitions.len().max(1)).max(1);
-        for ((topic, partition), from) in partitions {
+        for ((topic, partition), from, until) in partitions {
             if polled.len() >= max {
                 break;
             }
-            let want = share.min(max - polled.len());
+            let want = share.min(max - polled.len()).min(usize::try_from(until - from).unwrap_or(usize::MAX));
             for record in self.deps.block_on(self.deps.log.poll(&topic, partition, from, want))? {
                 let envelope = Envelope::from_bytes(&record.payload).map_err(|e| e.to_string());
                 polled.push(Polled { topic: topic.clone(), record, envelope });
@@ -309,15 +445,6 @@ impl Runner {
         }
     }
 
-    fn serve_commands_until_stopped(&mut self) {
-        while !self.stopping {
-            match self.commands.blocking_recv() {
-                Some(command) => self.command(command),
-                None => self.stopping = true,
-            }
-        }
-    }
-
     fn command(&mut self, command: Command) {
         match command {
             Command::Stop => self.stopping = true,
@@ -325,7 +452,194 @@ impl Runner {
                 let answer = self.query(&request);
                 let _ = reply.send(answer);
             }
+            Command::Pause(reply) => {
+                self.paused = true;
+                tracing::info!("paused");
+                self.publish_state();
+                let _ = reply.send(Ok(()));
+            }
+            Command::Resume(reply) => {
+                self.paused = false;
+                tracing::info!("resumed");
+                self.publish_state();
+                let _ = reply.send(Ok(()));
+            }
+            Command::Swap { component, manifest, reply } => {
+                let _ = reply.send(self.swap(component, *manifest));
+                self.publish_state();
+            }
+            Command::Replay { from, reply } => {
+                let _ = reply.send(self.start_replay(from));
+                self.publish_state();
+            }
+            Command::Promote { shadow_namespace, component, manifest, reply } => {
+                let _ = reply.send(self.promote(&shadow_namespace, component, *manifest));
+                self.publish_state();
+            }
         }
+    }
+
+    /// Install a new version at this batch boundary; offsets and state stay. If the new
+    /// version cannot start, the old one keeps running and the error is returned.
+    fn swap(&mut self, component: LoadedComponent, manifest: Manifest) -> Result<(), String> {
+        let old_component = std::mem::replace(&mut self.component, component);
+        let old_manifest = std::mem::replace(&mut self.manifest, manifest);
+        self.apply_manifest();
+        match self.new_instance() {
+            Ok(instance) => self.instance = Some(instance),
+            Err(e) => {
+                self.component = old_component;
+                self.manifest = old_manifest;
+                self.apply_manifest();
+                self.instance = self.new_instance().ok();
+                let message = format!("new version not started: {e}");
+                self.set_status(|s| s.last_error = Some(message.clone()));
+                return Err(message);
+            }
+        }
+        self.failed = false;
+        self.consecutive_dead_letters = 0;
+        self.reload_positions();
+        let hash = self.component.hash.clone();
+        tracing::info!(version = %&hash[..12], "new version swapped in");
+        self.set_status(|s| {
+            s.version = hash;
+            s.loaded_at = crate::envelope::now_rfc3339();
+        });
+        Ok(())
+    }
+
+    fn apply_manifest(&mut self) {
+        self.patterns = self.manifest.event_patterns();
+        self.timeout = Duration::from_millis(self.manifest.limits.batch_timeout_ms);
+    }
+
+    fn start_replay(&mut self, from: ReplayFrom) -> Result<(), String> {
+        let topics = self.subscribed_topics().map_err(|e| e.to_string())?;
+        let mut start = BTreeMap::new();
+        let mut target = BTreeMap::new();
+        for topic in topics {
+            let partitions = self.deps.block_on(self.deps.log.partitions(&topic)).map_err(|e| e.to_string())?;
+            for partition in 0..partitions {
+                let high =
+                    self.deps.block_on(self.deps.log.high_watermark(&topic, partition)).map_err(|e| e.to_string())?;
+                let first = match &from {
+                    ReplayFrom::Start => 0,
+                    ReplayFrom::Offsets(offsets) => {
+                        offsets.get(&topic).and_then(|p| p.get(&partition)).copied().unwrap_or(0).min(high)
+                    }
+                    ReplayFrom::Timestamp(at) => self.first_offset_at(&topic, partition, *at, high)?,
+                };
+                start.insert((topic.clone(), partition), first);
+                target.insert((topic.clone(), partition), high);
+            }
+        }
+        self.deps.store.reset_plugin(&self.namespace).map_err(|e| e.to_string())?;
+        let commit = BatchCommit {
+            offsets: start.iter().map(|((t, p), n)| (t.clone(), *p, *n)).collect(),
+            ..BatchCommit::default()
+        };
+        self.commit(commit)?;
+        let total: u64 = target.iter().map(|(k, high)| high - start[k]).sum();
+        self.positions = start;
+        self.replay = Some(target);
+        // Fresh memory too: a guest may cache what it read from state.
+        self.instance = self.new_instance().ok();
+        self.failed = false;
+        self.paused = false;
+        self.consecutive_dead_letters = 0;
+        tracing::info!(events = total, "replay started");
+        self.set_status(|s| {
+            s.replay =
+                Some(ReplayProgress { done: 0, total, started_at: crate::envelope::now_rfc3339(), finished_at: None });
+            s.processed = 0;
+        });
+        self.update_replay_progress();
+        Ok(())
+    }
+
+    fn first_offset_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        at: chrono::DateTime<chrono::Utc>,
+        high: u64,
+    ) -> Result<u64, String> {
+        let mut from = 0;
+        while from < high {
+            let records =
+                self.deps.block_on(self.deps.log.poll(topic, partition, from, 1000)).map_err(|e| e.to_string())?;
+            let Some(last) = records.last().map(|r| r.offset) else { break };
+            for record in &records {
+                let when = Envelope::from_bytes(&record.payload)
+                    .ok()
+                    .and_then(|e| chrono::DateTime::parse_from_rfc3339(&e.timestamp).ok());
+                if when.is_some_and(|w| w >= at) {
+                    return Ok(record.offset);
+                }
+            }
+            from = last + 1;
+        }
+        Ok(high)
+    }
+
+    fn update_replay_progress(&self) {
+        let Some(target) = &self.replay else { return };
+        let remaining: u64 =
+            target.iter().map(|(k, high)| high.saturating_sub(self.positions.get(k).copied().unwrap_or(0))).sum();
+        self.set_status(|s| {
+            if let Some(progress) = s.replay.as_mut() {
+                progress.done = progress.total.saturating_sub(remaining);
+            }
+        });
+    }
+
+    fn finish_replay_if_done(&mut self) {
+        let Some(target) = &self.replay else { return };
+        self.update_replay_progress();
+        if target.iter().all(|(k, high)| self.positions.get(k).is_some_and(|p| p >= high)) {
+            self.replay = None;
+            self.set_status(|s| {
+                if let Some(progress) = s.replay.as_mut() {
+                    progress.finished_at = Some(crate::envelope::now_rfc3339());
+                }
+            });
+            tracing::info!("replay caught up");
+            self.publish_state();
+        }
+    }
+
+    /// Become the shadow's version with the shadow's state and offsets. Events the old
+    /// version already handled are not broadcast again.
+    fn promote(
+        &mut self,
+        shadow_namespace: &str,
+        component: LoadedComponent,
+        manifest: Manifest,
+    ) -> Result<(), String> {
+        let handled = self.positions.clone();
+        self.deps.store.promote_namespace(shadow_namespace, &self.namespace).map_err(|e| e.to_string())?;
+        self.component = component;
+        self.manifest = manifest;
+        self.apply_manifest();
+        self.instance = None;
+        self.reload_positions();
+        let behind: BTreeMap<(String, u32), u64> =
+            handled.into_iter().filter(|(k, old)| self.positions.get(k).is_some_and(|new| new < old)).collect();
+        if !behind.is_empty() {
+            self.replay = Some(behind);
+        }
+        self.failed = false;
+        self.consecutive_dead_letters = 0;
+        let hash = self.component.hash.clone();
+        let result = self.new_instance().map(|i| self.instance = Some(i)).map_err(|e| format!("promoted version: {e}"));
+        tracing::info!(version = %&hash[..12], "shadow promoted");
+        self.set_status(|s| {
+            s.version = hash;
+            s.loaded_at = crate::envelope::now_rfc3339();
+            s.replay = None;
+        });
+        result
     }
 
     fn query(&mut self, request: &str) -> Result<String, String> {
@@ -369,6 +683,7 @@ impl Runner {
             let batch: Vec<GuestEnvelope> = deliver.iter().map(|(_, e)| e.clone()).collect();
             match self.call_with_retries(&batch) {
                 Ok(effects) => {
+                    let effects = self.suppress(effects);
                     commit.state_writes = effects.state_writes;
                     commit.broadcasts = effects.broadcasts;
                     commit.outbox.extend(effects.publishes);
@@ -401,6 +716,7 @@ impl Runner {
             let mut commit = BatchCommit::default();
             match self.call_with_retries(std::slice::from_ref(event)) {
                 Ok(effects) => {
+                    let effects = self.suppress(effects);
                     commit.state_writes = effects.state_writes;
                     commit.broadcasts = effects.broadcasts;
                     commit.outbox = effects.publishes;
@@ -414,13 +730,32 @@ impl Runner {
         Ok(())
     }
 
-    fn commit(&mut self, commit: BatchCommit) -> Result<(), String> {
+    /// A shadow keeps only its state; a replay does not broadcast again what was delivered.
+    fn suppress(&self, mut effects: crate::runtime::Effects) -> crate::runtime::Effects {
+        if self.mode == Mode::Shadow {
+            effects.broadcasts.clear();
+            effects.publishes.clear();
+        } else if self.replay.is_some() {
+            effects.broadcasts.clear();
+        }
+        effects
+    }
+
+    fn commit(&mut self, mut commit: BatchCommit) -> Result<(), String> {
+        if self.mode == Mode::Shadow {
+            // Not even dead letters: the live version answers for the stream.
+            commit.outbox.clear();
+            commit.broadcasts.clear();
+        }
         if commit.is_empty() {
             return Ok(());
         }
         let has_outbox = !commit.outbox.is_empty();
         let hub = &self.deps.hub;
-        self.deps.store.commit_batch(&self.name, &commit, |fanout| hub.publish(fanout)).map_err(|e| e.to_string())?;
+        self.deps
+            .store
+            .commit_batch(&self.namespace, &commit, |fanout| hub.publish(fanout))
+            .map_err(|e| e.to_string())?;
         if has_outbox {
             self.deps.outbox.notify_one();
         }
@@ -450,6 +785,7 @@ impl Runner {
             self.set_status(|s| {
                 s.busy_micros += micros;
                 s.batches += 1;
+                s.avg_batch_micros = s.busy_micros / s.batches;
             });
             match result {
                 Ok(effects) => return Ok(effects),

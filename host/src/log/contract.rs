@@ -1,0 +1,112 @@
+//! The `EventLog` contract as tests, written once and run against every backend.
+//! A backend's test module calls each function with a way to open the log on a directory
+//! (opening twice on the same directory must see the same data).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{AppendItem, EventLog, LogError};
+use crate::envelope::Envelope;
+
+pub type Open = dyn Fn(&Path) -> Arc<dyn EventLog>;
+
+fn item(topic: &str, key: &str, n: u64) -> AppendItem {
+    let envelope = Envelope::from_producer(json!({"eventType": "test.n", "data": {"n": n}, "userId": key})).unwrap();
+    AppendItem { topic: topic.to_owned(), key: key.to_owned(), envelope }
+}
+
+fn n_of(payload: &[u8]) -> u64 {
+    Envelope::from_bytes(payload).unwrap().data["n"].as_u64().unwrap()
+}
+
+/// Records of one key land in one partition, in append order, at consecutive offsets.
+pub async fn appends_keep_order_per_partition(open: &Open, dir: &Path) {
+    let log = open(dir);
+    log.ensure_topics(&["t".to_owned()]).await.unwrap();
+    let items: Vec<_> = (0..50).map(|n| item("t", if n % 2 == 0 { "alice" } else { "bob" }, n)).collect();
+    let appended = log.append(items).await.unwrap();
+    assert_eq!(appended.len(), 50);
+    let alice = appended[0].partition;
+    assert!(appended.iter().step_by(2).all(|a| a.partition == alice && !a.duplicate));
+    let records = log.poll("t", alice, 0, 1000).await.unwrap();
+    let ns: Vec<u64> = records.iter().map(|r| n_of(&r.payload)).filter(|n| n % 2 == 0).collect();
+    assert_eq!(ns, (0..50).step_by(2).collect::<Vec<_>>());
+    let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, (0..records.len() as u64).collect::<Vec<_>>());
+    assert_eq!(log.high_watermark("t", alice).await.unwrap(), records.len() as u64);
+    let tail = log.poll("t", alice, 3, 2).await.unwrap();
+    assert_eq!(tail.iter().map(|r| r.offset).collect::<Vec<_>>(), [3, 4]);
+    assert!(log.poll("t", alice, 10_000, 10).await.unwrap().is_empty());
+}
+
+/// A repeated eventId is stored once and answered with the first copy's position.
+pub async fn a_repeated_event_id_is_stored_once(open: &Open, dir: &Path) {
+    let log = open(dir);
+    let first = item("t", "k", 1);
+    let a = log.append(vec![first.clone()]).await.unwrap();
+    let b = log.append(vec![first.clone(), first]).await.unwrap();
+    assert!(!a[0].duplicate);
+    assert!(b.iter().all(|x| x.duplicate && x.offset == a[0].offset && x.partition == a[0].partition));
+    assert_eq!(log.high_watermark("t", a[0].partition).await.unwrap(), 1);
+}
+
+/// What was acknowledged is there after the log is closed and opened again.
+pub async fn appends_survive_a_reopen(open: &Open, dir: &Path) {
+    let appended = {
+        let log = open(dir);
+        log.append((0..10).map(|n| item("durable", "k", n)).collect()).await.unwrap()
+    };
+    let log = open(dir);
+    let p = appended[0].partition;
+    let records = log.poll("durable", p, 0, 100).await.unwrap();
+    assert_eq!(records.iter().map(|r| n_of(&r.payload)).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+    let again = log.append(vec![item("durable", "k", 10)]).await.unwrap();
+    assert_eq!(again[0].offset, 10, "offsets continue after a reopen");
+}
+
+/// A reader waiting on `changes` is woken by an append.
+pub async fn an_append_wakes_a_waiting_reader(open: &Open, dir: &Path) {
+    let log = open(dir);
+    log.ensure_topics(&["w".to_owned()]).await.unwrap();
+    let mut changes = log.changes();
+    changes.borrow_and_update();
+    let writer = log.clone();
+    let append = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        writer.append(vec![item("w", "k", 7)]).await.unwrap()
+    });
+    tokio::time::timeout(Duration::from_secs(5), changes.changed()).await.expect("woken within 5 s").unwrap();
+    let appended = append.await.unwrap();
+    let records = log.poll("w", appended[0].partition, 0, 10).await.unwrap();
+    assert_eq!(n_of(&records[0].payload), 7);
+}
+
+/// Concurrent appends all land, each at a distinct offset.
+pub async fn concurrent_appends_all_land(open: &Open, dir: &Path) {
+    let log = open(dir);
+    let tasks: Vec<_> = (0..32)
+        .map(|n| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(vec![item("c", "same-key", n)]).await.unwrap() })
+        })
+        .collect();
+    let mut offsets = Vec::new();
+    for t in tasks {
+        offsets.push(t.await.unwrap()[0].offset);
+    }
+    offsets.sort();
+    assert_eq!(offsets, (0..32).collect::<Vec<_>>());
+}
+
+/// Unknown topics and partitions are errors, not empty answers.
+pub async fn unknown_topics_are_errors(open: &Open, dir: &Path) {
+    let log = open(dir);
+    assert!(matches!(log.poll("missing", 0, 0, 1).await, Err(LogError::NoSuchTopic(_))));
+    log.ensure_topics(&["known".to_owned()]).await.unwrap();
+    let partitions = log.partitions("known").await.unwrap();
+    assert!(matches!(log.poll("known", partitions, 0, 1).await, Err(LogError::NoSuchPartition { .. })));
+    assert!(log.topics().await.unwrap().contains(&"known".to_owned()));
+}

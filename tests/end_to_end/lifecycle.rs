@@ -1,0 +1,388 @@
+//! The plugin lifecycle: hot swap under load, refusing bad components, replay from zero,
+//! shadow and promote, remove and re-add, pause and resume, and the `owlery plugins` CLI.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::support::{Host, event, guests, shipped};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The same component with a custom section appended: a new version (new hash) with the
+/// same behaviour.
+fn version_of(wasm: &[u8], n: u32) -> Vec<u8> {
+    let name = b"owlery-test-version";
+    let payload = n.to_le_bytes();
+    let mut body = vec![name.len() as u8];
+    body.extend_from_slice(name);
+    body.extend_from_slice(&payload);
+    let mut out = wasm.to_vec();
+    out.push(0); // custom section
+    let mut size = body.len() as u32;
+    loop {
+        let byte = (size & 0x7f) as u8;
+        size >>= 7;
+        if size == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(&body);
+    out
+}
+
+fn hash(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+fn analytics_manifest() -> String {
+    shipped("analytics").2
+}
+
+async fn put(host: &Host, name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> (u16, Value) {
+    let mut request = host.http.put(host.url(&format!("/api/plugins/{name}"))).body(wasm);
+    if let Some(manifest) = manifest {
+        request = request.query(&[("manifest", manifest)]);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(host: &Host, path: &str, body: Value) -> (u16, Value) {
+    let response = host.http.post(host.url(path)).json(&body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn wait_for_version(host: &Host, name: &str, version: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = host.plugin(name).await;
+        if status["version"] == version {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never ran version {version}: {status}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Replace by writing the file into the watched directory, the documented way.
+fn drop_into(dir: &Path, name: &str, wasm: &[u8]) {
+    let tmp = dir.join(format!(".{name}.wasm.tmp"));
+    std::fs::write(&tmp, wasm).unwrap();
+    std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replacing_analytics_under_load_counts_every_event_exactly_once() {
+    let host = Host::with_plugins(&[shipped("analytics")]);
+    let original = std::fs::read(guests::ANALYTICS).unwrap();
+    let publisher = {
+        let (http, url) = (host.http.clone(), host.url("/api/events"));
+        tokio::spawn(async move {
+            for round in 0..40 {
+                let batch: Vec<_> = (0..25).map(|i| event("incident.updated", json!({"id": round * 25 + i}))).collect();
+                let response = http.post(&url).json(&batch).send().await.unwrap();
+                assert_eq!(response.status().as_u16(), 201);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let plugins_dir = host.dir.path().join("plugins");
+    let mut last = String::new();
+    for n in 1..=6 {
+        let wasm = version_of(&original, n);
+        last = hash(&wasm);
+        if n % 2 == 0 {
+            drop_into(&plugins_dir, "analytics", &wasm);
+        } else {
+            let (status, body) = put(&host, "analytics", wasm, None).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["installed"], "swapped");
+        }
+        wait_for_version(&host, "analytics", &last).await;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    publisher.await.unwrap();
+    wait_for_version(&host, "analytics", &last).await;
+    host.caught_up("analytics").await;
+    let counts = host.query("analytics", "").await;
+    assert_eq!(counts["total"], 1000, "every event counted exactly once across six swaps: {counts}");
+    assert_eq!(counts["byEventType"]["incident.updated"], 1000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_component_is_refused_and_the_old_version_keeps_running() {
+    let host = Host::with_plugins(&[shipped("analytics")]);
+    let before = host.plugin("analytics").await["version"].clone();
+
+    let (status, body) = put(&host, "analytics", b"definitely not wasm".to_vec(), None).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["field"], "wasm");
+    assert!(body["error"].as_str().unwrap().contains("not a valid component"), "{body}");
+
+    let wrong = std::fs::read(guests::WRONG_WORLD).unwrap();
+    let (status, body) = put(&host, "analytics", wrong.clone(), None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("owlery:plugin world"), "{body}");
+
+    let good = std::fs::read(guests::ANALYTICS).unwrap();
+    let (status, body) = put(&host, "analytics", good, Some("[limits]\nmemory_mb = 0")).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["field"], "manifest");
+
+    let (status, body) = put(&host, "not a name", vec![0], None).await;
+    assert!(status == 400 || status == 404, "{status} {body}");
+
+    // A broken file dropped into the directory: the error shows, the old version runs on.
+    drop_into(&host.dir.path().join("plugins"), "analytics", &wrong);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = host.plugin("analytics").await;
+        if status["lastError"].as_str().is_some_and(|e| e.contains("load failed")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the load error never showed: {status}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(host.plugin("analytics").await["version"], before);
+    assert_eq!(host.post_events(&event("incident.created", json!({"id": 1}))).await.0, 201);
+    host.caught_up("analytics").await;
+    assert_eq!(host.query("analytics", "").await["total"], 1);
+    assert_eq!(host.plugin("analytics").await["state"], "running");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_from_zero_rebuilds_the_same_state_without_broadcasting_again() {
+    let host = Host::with_shipped_plugins();
+    // Forty incidents, each with its lifecycle; one reporter per incident keeps its events
+    // in one partition, in order (partitions are independent of each other).
+    let mut batch = Vec::new();
+    for k in 0..40 {
+        let with_user = |mut e: Value| {
+            e["userId"] = json!(format!("reporter-{k}"));
+            e
+        };
+        let severity = ["LOW", "HIGH"][k % 2];
+        batch.push(with_user(event(
+            "incident.created",
+            json!({"id": k, "severity": severity, "location": format!("l{}", k % 3)}),
+        )));
+        batch.push(with_user(event("incident.updated", json!({"id": k, "status": "investigating"}))));
+        batch.push(with_user(event("comment.added", json!({"incidentId": k, "text": "seen"}))));
+        if k % 3 == 0 {
+            batch.push(with_user(event("incident.resolved", json!({"id": k}))));
+        }
+        batch.push(with_user(event("user.connected", json!({}))));
+    }
+    assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    host.caught_up("ws-broadcast").await;
+    host.caught_up("alerts").await;
+    host.caught_up("analytics").await;
+    let before = host.query("analytics", "").await;
+    let mut client = host.ws("?rooms=incident:3").await;
+
+    for plugin in ["analytics", "ws-broadcast"] {
+        let (status, body) = post(&host, &format!("/api/plugins/{plugin}/replay"), json!({"from": 0})).await;
+        assert_eq!(status, 202, "{body}");
+        assert!(body["replay"]["total"].as_u64().unwrap() > 0, "{body}");
+    }
+    host.caught_up("analytics").await;
+    host.caught_up("ws-broadcast").await;
+    let after = host.query("analytics", "").await;
+    assert_eq!(after, before, "replaying from zero rebuilds exactly the same state");
+    let status = host.plugin("analytics").await;
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["replay"]["done"], status["replay"]["total"], "{status}");
+    assert!(status["replay"]["finishedAt"].is_string(), "{status}");
+
+    // Nothing was broadcast again: the next frame is a new event.
+    host.post_events(&event("incident.updated", json!({"id": 3, "marker": "after-replay"}))).await;
+    let frame = client.next_in_room("incident:3", WAIT).await.unwrap();
+    assert_eq!(frame["event"]["data"]["marker"], "after-replay", "{frame}");
+
+    let (status, body) = post(&host, "/api/plugins/analytics/replay", json!({"from": 7})).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post(&host, "/api/plugins/analytics/replay", json!({"timestamp": "yesterday"})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["field"], "timestamp");
+    let (status, _) = post(&host, "/api/plugins/nope/replay", json!({"from": 0})).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shadow_catches_up_and_is_promoted_without_a_gap() {
+    let mut host = Host::with_plugins(&[shipped("analytics")]);
+    let batch: Vec<_> = (0..100).map(|i| event("incident.created", json!({"id": i, "severity": "LOW"}))).collect();
+    assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    host.caught_up("analytics").await;
+    let (status, _) = post(&host, "/api/plugins/analytics/promote", json!({})).await;
+    assert_eq!(status, 409, "no shadow to promote");
+
+    // The candidate: a plugin that answers {"count": n}, easy to tell from analytics.
+    let candidate = std::fs::read(guests::MISBEHAVE).unwrap();
+    let manifest = "[subscribe]\ntopics = [\"incident-events\"]\n[config]\nmode = \"error\"\n";
+    let response = host
+        .http
+        .post(host.url("/api/plugins/analytics/shadow"))
+        .query(&[("manifest", manifest)])
+        .body(candidate.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = host.plugin("analytics").await;
+        if status["shadow"]["caughtUp"] == true {
+            assert_eq!(status["shadow"]["version"], hash(&candidate));
+            assert_eq!(status["version"], hash(&std::fs::read(guests::ANALYTICS).unwrap()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shadow never caught up: {status}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // The live version answers while the shadow runs.
+    assert_eq!(host.query("analytics", "").await["total"], 100);
+
+    let queries = {
+        let (http, url) = (host.http.clone(), host.url("/api/plugins/analytics/query"));
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for _ in 0..60 {
+                let response = http.get(&url).send().await.unwrap();
+                answers.push((response.status().as_u16(), response.json::<Value>().await.unwrap()));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            answers
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (status, body) = post(&host, "/api/plugins/analytics/promote", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], hash(&candidate));
+    assert!(body["shadow"].is_null());
+    for (status, answer) in queries.await.unwrap() {
+        assert_eq!(status, 200, "a query failed during the promotion: {answer}");
+        assert!(answer["total"] == 100 || answer["count"] == 100, "an answer from neither version: {answer}");
+    }
+    assert_eq!(host.query("analytics", "").await, json!({"count": 100}));
+    host.post_events(&event("incident.created", json!({"id": 1000}))).await;
+    host.caught_up("analytics").await;
+    assert_eq!(host.query("analytics", "").await, json!({"count": 101}));
+
+    // The promoted version is what the host runs after a restart.
+    host.stop();
+    host.start();
+    assert_eq!(host.plugin("analytics").await["version"], hash(&candidate));
+    assert_eq!(host.query("analytics", "").await, json!({"count": 101}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn removing_and_re_adding_a_plugin_resumes_from_its_offsets() {
+    let host = Host::with_plugins(&[shipped("analytics")]);
+    let wasm = std::fs::read(guests::ANALYTICS).unwrap();
+    let manifest = analytics_manifest();
+    let publish = |n: usize, from: usize| {
+        let batch: Vec<_> = (from..from + n).map(|i| event("incident.updated", json!({"id": i}))).collect();
+        json!(batch)
+    };
+    assert_eq!(host.post_events(&publish(30, 0)).await.0, 201);
+    host.caught_up("analytics").await;
+
+    let response = host.http.delete(host.url("/api/plugins/analytics")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(host.get("/api/plugins/analytics").await.0, 404);
+    assert!(!host.dir.path().join("plugins/analytics.wasm").exists());
+    assert_eq!(host.post_events(&publish(20, 30)).await.0, 201);
+
+    let (status, body) = put(&host, "analytics", wasm.clone(), Some(&manifest)).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["installed"], "started");
+    host.caught_up("analytics").await;
+    assert_eq!(host.plugin("analytics").await["processed"], 20, "only the events it missed");
+    assert_eq!(host.query("analytics", "").await["total"], 50);
+
+    // Removing the file stops it too; putting it back resumes.
+    std::fs::remove_file(host.dir.path().join("plugins/analytics.wasm")).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while host.get("/api/plugins/analytics").await.0 != 404 {
+        assert!(Instant::now() < deadline, "removing the file did not stop the plugin");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(host.post_events(&publish(5, 50)).await.0, 201);
+    drop_into(&host.dir.path().join("plugins"), "analytics", &wasm);
+    let deadline = Instant::now() + WAIT;
+    while host.get("/api/plugins/analytics").await.0 != 200 {
+        assert!(Instant::now() < deadline, "re-adding the file did not start the plugin");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    host.caught_up("analytics").await;
+    assert_eq!(host.query("analytics", "").await["total"], 55);
+
+    // Purging forgets offsets and state: it starts over.
+    let response = host.http.delete(host.url("/api/plugins/analytics?purge=true")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (status, _) = put(&host, "analytics", wasm, Some(&manifest)).await;
+    assert_eq!(status, 201);
+    host.caught_up("analytics").await;
+    assert_eq!(host.plugin("analytics").await["processed"], 55);
+    assert_eq!(host.query("analytics", "").await["total"], 55);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_and_resume_from_the_cli() {
+    let host = Host::with_plugins(&[shipped("analytics")]);
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_owlery"))
+            .arg("plugins")
+            .args(args)
+            .args(["--url", &host.base])
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(&["pause", "analytics"]);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["state"], "paused");
+    assert_eq!(host.post_events(&json!([event("a.b", json!({})), event("a.c", json!({}))])).await.0, 201);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = host.plugin("analytics").await;
+    assert_eq!(status["state"], "paused");
+    assert_eq!(status["lag"], 2, "a paused plugin reads nothing");
+
+    let (ok, _, err) = cli(&["resume", "analytics"]);
+    assert!(ok, "{err}");
+    host.caught_up("analytics").await;
+    assert_eq!(host.query("analytics", "").await["total"], 2);
+
+    let (ok, out, err) = cli(&["list"]);
+    assert!(ok, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list["plugins"][0]["name"], "analytics");
+    let (ok, _, err) = cli(&["pause", "nope"]);
+    assert!(!ok);
+    assert!(err.contains("no plugin named"), "{err}");
+
+    // Upload from a file beside its manifest, then remove.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(guests::MISBEHAVE, dir.path().join("counter.wasm")).unwrap();
+    std::fs::write(dir.path().join("counter.toml"), "[config]\nmode = \"error\"\n").unwrap();
+    let (ok, out, err) = cli(&["upload", dir.path().join("counter.wasm").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["installed"], "started");
+    host.caught_up("counter").await;
+    assert_eq!(host.query("counter", "").await["count"], 2);
+    let (ok, _, err) = cli(&["remove", "counter", "--purge"]);
+    assert!(ok, "{err}");
+    assert_eq!(host.get("/api/plugins/counter").await.0, 404);
+}
