@@ -239,10 +239,7 @@ impl Plugins {
         commands
             .send(Command::Swap { component, manifest: Box::new(manifest), reply })
             .map_err(|_| PluginError::NotRunning(name.to_owned()))?;
-        answer
-            .blocking_recv()
-            .map_err(|_| PluginError::NotRunning(name.to_owned()))?
-            .map_err(PluginError::Invalid)?;
+        answer.blocking_recv().map_err(|_| PluginError::NotRunning(name.to_owned()))?.map_err(PluginError::Invalid)?;
         if let Some(r) = self.lock().get_mut(name) {
             r.hash = Some(hash);
             r.manifest_text = manifest_text.map(str::to_owned);
