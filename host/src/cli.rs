@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ConfigFile};
+use crate::config::{Config, ConfigFile, LogBackend};
 
 #[derive(Debug, Parser)]
 #[command(name = "owlery", version, about = "Runs WebAssembly consumer plugins over an event log")]
@@ -103,6 +103,25 @@ pub struct ServeArgs {
     /// Partitions per topic for new topics of the embedded log [default: 4].
     #[arg(long, env = "OWLERY_PARTITIONS")]
     pub partitions: Option<u32>,
+    /// Which log to use [default: embedded].
+    #[arg(long, env = "OWLERY_LOG", value_enum)]
+    pub log: Option<LogBackend>,
+    /// Iggy server host [default: 127.0.0.1].
+    #[arg(long, env = "IGGY_HOST")]
+    pub iggy_host: Option<String>,
+    /// Iggy server TCP port [default: 8090].
+    #[arg(long, env = "IGGY_PORT")]
+    pub iggy_port: Option<u16>,
+    #[arg(long, env = "IGGY_USERNAME")]
+    pub iggy_username: Option<String>,
+    #[arg(long, env = "IGGY_PASSWORD", hide_env_values = true)]
+    pub iggy_password: Option<String>,
+    /// Iggy stream holding Owlery's topics [default: owlery].
+    #[arg(long, env = "OWLERY_IGGY_STREAM")]
+    pub iggy_stream: Option<String>,
+    /// Partitions of each topic Owlery creates in Iggy [default: 8].
+    #[arg(long, env = "OWLERY_IGGY_PARTITIONS")]
+    pub iggy_partitions: Option<u32>,
 }
 
 impl ServeArgs {
@@ -124,6 +143,30 @@ impl ServeArgs {
         }
         if let Some(partitions) = self.partitions {
             config.partitions = partitions;
+        }
+        if let Some(log) = self.log {
+            config.log = log;
+        }
+        if self.iggy_host.is_some() || self.iggy_port.is_some() {
+            let (host, port) =
+                config.iggy.address.rsplit_once(':').map(|(h, p)| (h.to_owned(), p.to_owned())).unwrap_or_default();
+            config.iggy.address = format!(
+                "{}:{}",
+                self.iggy_host.clone().unwrap_or(host),
+                self.iggy_port.map_or(port, |p| p.to_string())
+            );
+        }
+        if let Some(user) = &self.iggy_username {
+            config.iggy.username = user.clone();
+        }
+        if let Some(password) = &self.iggy_password {
+            config.iggy.password = password.clone();
+        }
+        if let Some(stream) = &self.iggy_stream {
+            config.iggy.stream = stream.clone();
+        }
+        if let Some(partitions) = self.iggy_partitions {
+            config.iggy.partitions = partitions;
         }
         config.validate()?;
         Ok(config)

@@ -7,8 +7,22 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::log::iggy::IggySettings;
+
+/// Which log the host reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    /// Durable on local disk; no server needed.
+    Embedded,
+    /// An Apache Iggy server over TCP.
+    Iggy,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub log: LogBackend,
+    pub iggy: IggySettings,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub plugins_dir: PathBuf,
@@ -21,6 +35,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            log: LogBackend::Embedded,
+            iggy: IggySettings::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("data"),
             plugins_dir: PathBuf::from("plugins"),
@@ -34,11 +50,26 @@ impl Default for Config {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
+    pub log: Option<LogBackend>,
+    pub iggy: Option<IggyFile>,
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub plugins_dir: Option<PathBuf>,
     pub partitions: Option<u32>,
     pub fanout_retention: Option<u64>,
+}
+
+/// The `[iggy]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IggyFile {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub stream: Option<String>,
+    pub partitions: Option<u32>,
+    pub dedup_window: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +98,23 @@ impl Config {
     /// are layered over that by the caller.
     pub fn from_file(file: ConfigFile) -> Config {
         let d = Config::default();
+        let i = file.iggy.unwrap_or_default();
+        let (default_host, default_port) = d.iggy.address.rsplit_once(':').expect("host:port");
+        let iggy = IggySettings {
+            address: format!(
+                "{}:{}",
+                i.host.as_deref().unwrap_or(default_host),
+                i.port.map_or_else(|| default_port.to_owned(), |p| p.to_string())
+            ),
+            username: i.username.unwrap_or(d.iggy.username),
+            password: i.password.unwrap_or(d.iggy.password),
+            stream: i.stream.unwrap_or(d.iggy.stream),
+            partitions: i.partitions.unwrap_or(d.iggy.partitions),
+            dedup_window: i.dedup_window.unwrap_or(d.iggy.dedup_window),
+        };
         Config {
+            log: file.log.unwrap_or(d.log),
+            iggy,
             listen: file.listen.unwrap_or(d.listen),
             data_dir: file.data_dir.unwrap_or(d.data_dir),
             plugins_dir: file.plugins_dir.unwrap_or(d.plugins_dir),
@@ -80,6 +127,11 @@ impl Config {
         if !(1..=1024).contains(&self.partitions) {
             return Err(ConfigError::Invalid("partitions must be 1 to 1024".into()));
         }
+        if !(1..=1024).contains(&self.iggy.partitions) {
+            return Err(ConfigError::Invalid("iggy.partitions must be 1 to 1024".into()));
+        }
+        crate::envelope::check_topic(&self.iggy.stream)
+            .map_err(|e| ConfigError::Invalid(format!("iggy.stream: {e}")))?;
         if self.fanout_retention == 0 {
             return Err(ConfigError::Invalid("fanout_retention must be at least 1".into()));
         }

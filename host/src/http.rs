@@ -56,6 +56,7 @@ pub fn router(state: AppState) -> Router {
             post(start_shadow).delete(discard_shadow).layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
         )
         .route("/api/plugins/{name}/promote", post(promote_shadow))
+        .route("/api/monitoring/iggy-status", get(log_status))
         .route("/ws", get(websocket))
         .with_state(state)
 }
@@ -410,6 +411,19 @@ async fn query_plugin(
     let answer = state.plugins.query(&name, request).await?;
     let body: Value = serde_json::from_str(&answer).unwrap_or(Value::String(answer));
     Ok(axum::Json(body).into_response())
+}
+
+/// `GET /api/monitoring/iggy-status`: the log's connection, spool depth, partition
+/// offsets, and each plugin's lag.
+async fn log_status(State(state): State<AppState>) -> axum::Json<Value> {
+    let mut status = state.log.status().await;
+    let mut plugins = serde_json::Map::new();
+    for (plugin, _) in state.plugins.list() {
+        let lag = lag(&state, &plugin).await;
+        plugins.insert(plugin.name.clone(), json!({"lag": lag, "offsets": plugin.offsets, "state": plugin.state}));
+    }
+    status["plugins"] = plugins.into();
+    axum::Json(status)
 }
 
 #[derive(Deserialize)]

@@ -9,12 +9,13 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use crate::config::Config;
+use crate::config::{Config, LogBackend};
 use crate::envelope::Routing;
 use crate::fanout::Hub;
 use crate::http::{AppState, router};
 use crate::log::EventLog;
 use crate::log::embedded::EmbeddedLog;
+use crate::log::iggy::IggyLog;
 use crate::plugins::runner::DEAD_LETTER_TOPIC;
 use crate::plugins::{Plugins, RunnerDeps};
 use crate::runtime::Runtime;
@@ -24,10 +25,27 @@ use crate::store::Store;
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     config.validate()?;
     let routing = Arc::new(Routing::default());
-    let log: Arc<dyn EventLog> = Arc::new(
-        EmbeddedLog::open(&config.data_dir.join("log"), config.partitions)
-            .with_context(|| format!("opening the log in {}", config.data_dir.display()))?,
-    );
+    let (log, backend): (Arc<dyn EventLog>, &'static str) = match config.log {
+        LogBackend::Embedded => (
+            Arc::new(
+                EmbeddedLog::open(&config.data_dir.join("log"), config.partitions)
+                    .with_context(|| format!("opening the log in {}", config.data_dir.display()))?,
+            ),
+            "embedded",
+        ),
+        LogBackend::Iggy => {
+            tracing::info!(
+                address = %config.iggy.address,
+                stream = %config.iggy.stream,
+                "using Iggy. Zero loss across an Iggy crash needs the server to save every batch: \
+                 IGGY_SYSTEM_PARTITION_MESSAGES_REQUIRED_TO_SAVE=1 and IGGY_SYSTEM_PARTITION_ENFORCE_FSYNC=true \
+                 (Owlery cannot read the server's settings to check)"
+            );
+            let log = IggyLog::open(&config.data_dir.join("iggy"), config.iggy.clone())
+                .with_context(|| format!("opening the Iggy spool in {}", config.data_dir.display()))?;
+            (Arc::new(log), "iggy")
+        }
+    };
     let mut topics = routing.topics();
     topics.push(DEAD_LETTER_TOPIC.to_owned());
     log.ensure_topics(&topics).await.context("creating topics")?;
@@ -64,7 +82,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     // Tests and scripts read this line to find the port.
     println!("owlery listening on http://{address}");
 
-    let state = AppState { log, plugins: plugins.clone(), hub, routing, backend: "embedded" };
+    let state = AppState { log, plugins: plugins.clone(), hub, routing, backend };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
     drop(watcher);
     tracing::info!("stopping plugins");

@@ -6,5 +6,6 @@ mod support;
 mod durability;
 mod lifecycle;
 mod misbehaving;
+mod on_iggy;
 mod publish;
 mod routing;

@@ -14,6 +14,8 @@ pub use owlery_test_guests as guests;
 
 pub struct Host {
     pub dir: tempfile::TempDir,
+    /// Extra environment for the binary (e.g. the Iggy backend's settings).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     pub base: String,
     pub http: reqwest::Client,
@@ -24,7 +26,7 @@ impl Host {
     pub fn empty() -> Host {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
-        let mut host = Host { dir, child: None, base: String::new(), http: reqwest::Client::new() };
+        let mut host = Host { dir, env: Vec::new(), child: None, base: String::new(), http: reqwest::Client::new() };
         host.start();
         host
     }
@@ -36,6 +38,22 @@ impl Host {
 
     /// A host with the given (name, wasm path, manifest text) plugins.
     pub fn with_plugins(plugins: &[(String, PathBuf, String)]) -> Host {
+        Host::with_env(plugins, Vec::new())
+    }
+
+    /// A host on an Iggy server instead of the embedded log.
+    pub fn on_iggy(iggy: &guests::iggy_server::IggyServer, plugins: &[(String, PathBuf, String)]) -> Host {
+        let env = vec![
+            ("OWLERY_LOG".to_owned(), "iggy".to_owned()),
+            ("IGGY_HOST".to_owned(), "127.0.0.1".to_owned()),
+            ("IGGY_PORT".to_owned(), iggy.tcp_port.to_string()),
+            ("IGGY_USERNAME".to_owned(), "iggy".to_owned()),
+            ("IGGY_PASSWORD".to_owned(), "iggy".to_owned()),
+        ];
+        Host::with_env(plugins, env)
+    }
+
+    fn with_env(plugins: &[(String, PathBuf, String)], env: Vec<(String, String)>) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let plugin_dir = dir.path().join("plugins");
         std::fs::create_dir_all(&plugin_dir).unwrap();
@@ -43,7 +61,7 @@ impl Host {
             std::fs::copy(wasm, plugin_dir.join(format!("{name}.wasm"))).unwrap();
             std::fs::write(plugin_dir.join(format!("{name}.toml")), manifest).unwrap();
         }
-        let mut host = Host { dir, child: None, base: String::new(), http: reqwest::Client::new() };
+        let mut host = Host { dir, env, child: None, base: String::new(), http: reqwest::Client::new() };
         host.start();
         host
     }
@@ -66,6 +84,8 @@ impl Host {
             .arg(self.dir.path().join("plugins"))
             .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
             .env_remove("OWLERY_CONFIG")
+            .env_remove("OWLERY_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(self.dir.path())
             .stdout(Stdio::piped())
             .stderr(log)

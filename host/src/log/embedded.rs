@@ -134,7 +134,7 @@ fn commit_group(
                         event_id: item.envelope.event_id,
                         topic: topic.to_owned(),
                         partition,
-                        offset,
+                        offset: Some(offset),
                         duplicate: true,
                     });
                     continue;
@@ -158,7 +158,7 @@ fn commit_group(
                     event_id: item.envelope.event_id,
                     topic: item.topic.clone(),
                     partition,
-                    offset,
+                    offset: Some(offset),
                     duplicate: false,
                 });
             }

@@ -6,6 +6,7 @@
 #[cfg(test)]
 pub(crate) mod contract;
 pub mod embedded;
+pub mod iggy;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -21,15 +22,17 @@ pub struct AppendItem {
     pub envelope: Envelope,
 }
 
-/// Where an appended envelope landed. `duplicate` is true when its `eventId` was already in
-/// the log; then the position is the one of the first copy and nothing new was written.
+/// Where an appended envelope landed. `duplicate` is true when its `eventId` was already
+/// accepted; then the position is the one of the first copy and nothing new was written.
+/// `offset` is known only when the backend assigns it at append time (embedded); with Iggy
+/// the event is durable in the local spool and gets its offset when forwarded.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Appended {
     pub event_id: Uuid,
     pub topic: String,
     pub partition: u32,
-    pub offset: u64,
+    pub offset: Option<u64>,
     pub duplicate: bool,
 }
 
@@ -75,6 +78,24 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// A counter that changes whenever anything is appended: wait on it to tail the log.
     fn changes(&self) -> watch::Receiver<u64>;
+
+    /// A plugin committed `next` as its next offset; backends that can show consumer lag
+    /// in their own tools record it (best effort, in the background).
+    fn note_consumer_offset(&self, _consumer: &str, _topic: &str, _partition: u32, _next: u64) {}
+
+    /// What `GET /api/monitoring/iggy-status` shows of the log.
+    async fn status(&self) -> serde_json::Value {
+        let mut topics = serde_json::Map::new();
+        for topic in self.topics().await.unwrap_or_default() {
+            let mut partitions = serde_json::Map::new();
+            for partition in 0..self.partitions(&topic).await.unwrap_or(0) {
+                let high = self.high_watermark(&topic, partition).await.unwrap_or(0);
+                partitions.insert(partition.to_string(), high.into());
+            }
+            topics.insert(topic, partitions.into());
+        }
+        serde_json::json!({ "backend": "embedded", "connected": true, "topics": topics })
+    }
 }
 
 /// FNV-1a: a stable hash, so a key maps to the same partition in every version of Owlery.

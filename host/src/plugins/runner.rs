@@ -3,7 +3,7 @@
 //! offsets, broadcasts and publishes in one transaction. Failures are retried on a fresh
 //! instance; an event that still fails goes to the dead-letter topic and the plugin moves on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,11 @@ pub const DEAD_LETTER_TOPIC: &str = "dead-letters";
 pub const DEAD_LETTER_TYPE: &str = "owlery.dead_letter";
 /// Consecutive dead letters after which a plugin is marked failed and stops.
 const FAIL_AFTER_DEAD_LETTERS: u32 = 100;
+/// Event ids remembered to skip redelivered copies (Iggy can hold an event twice when a
+/// send is retried after a lost acknowledgement).
+const SEEN_WINDOW: usize = 10_000;
+/// Records read back per partition at start to rebuild that memory.
+const SEEN_PRIME: u64 = 256;
 /// How long an idle runner waits before looking again (new partitions, commands).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 
@@ -164,6 +169,9 @@ pub struct Runner {
     replay: Option<BTreeMap<(String, u32), u64>>,
     rate_since: Instant,
     rate_processed: u64,
+    /// Recently applied event ids, oldest first.
+    seen: HashSet<u128>,
+    seen_order: VecDeque<u128>,
 }
 
 /// One record of a polled batch, decoded (or not).
@@ -207,6 +215,8 @@ impl Runner {
             replay: None,
             rate_since: Instant::now(),
             rate_processed: 0,
+            seen: HashSet::new(),
+            seen_order: VecDeque::new(),
         }
     }
 
@@ -364,6 +374,42 @@ impl Runner {
             }
         }
         self.refresh_partitions();
+        self.prime_seen();
+    }
+
+    /// Remember the ids of the records just before each position, so that a copy of one
+    /// of them further on is recognised.
+    fn prime_seen(&mut self) {
+        self.seen.clear();
+        self.seen_order.clear();
+        let positions: Vec<((String, u32), u64)> = self.positions.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        for ((topic, partition), next) in positions {
+            let from = next.saturating_sub(SEEN_PRIME);
+            if from == next {
+                continue;
+            }
+            let want = usize::try_from(next - from).unwrap_or(usize::MAX);
+            let Ok(records) = self.deps.block_on(self.deps.log.poll(&topic, partition, from, want)) else { continue };
+            let ids: Vec<u128> = records
+                .iter()
+                .filter(|r| r.offset < next)
+                .filter_map(|r| Envelope::from_bytes(&r.payload).ok().map(|e| e.event_id.as_u128()))
+                .collect();
+            self.remember(ids);
+        }
+    }
+
+    fn remember(&mut self, ids: impl IntoIterator<Item = u128>) {
+        for id in ids {
+            if self.seen.insert(id) {
+                self.seen_order.push_back(id);
+                if self.seen_order.len() > SEEN_WINDOW
+                    && let Some(old) = self.seen_order.pop_front()
+                {
+                    self.seen.remove(&old);
+                }
+            }
+        }
     }
 
     /// Pick up topics and partitions that appeared since the last look.
@@ -542,6 +588,7 @@ impl Runner {
         self.commit(commit)?;
         let total: u64 = target.iter().map(|(k, high)| high - start[k]).sum();
         self.positions = start;
+        self.prime_seen();
         self.replay = Some(target);
         // Fresh memory too: a guest may cache what it read from state.
         self.instance = self.new_instance().ok();
@@ -662,7 +709,15 @@ impl Runner {
     fn process(&mut self, polled: Vec<Polled>) -> Result<(), String> {
         let mut commit = BatchCommit::default();
         let mut deliver: Vec<(usize, GuestEnvelope)> = Vec::new();
+        let mut batch_ids = HashSet::new();
         for (i, p) in polled.iter().enumerate() {
+            if let Ok(envelope) = &p.envelope {
+                let id = envelope.event_id.as_u128();
+                if self.seen.contains(&id) || !batch_ids.insert(id) {
+                    tracing::debug!(topic = %p.topic, partition = p.record.partition, offset = p.record.offset, event = %envelope.event_id, "skipping an event already applied");
+                    continue;
+                }
+            }
             match &p.envelope {
                 Err(error) => {
                     tracing::warn!(topic = %p.topic, partition = p.record.partition, offset = p.record.offset, %error, "skipping a record that is not a valid envelope");
@@ -705,6 +760,7 @@ impl Runner {
         }
         commit.offsets = self.positions.iter().map(|((t, p), n)| (t.clone(), *p, *n)).collect();
         self.commit(commit)?;
+        self.remember(batch_ids);
         self.set_status(|s| s.processed += handled);
         Ok(())
     }

@@ -1,0 +1,742 @@
+//! The Apache Iggy backend: the same `EventLog` contract on an Iggy server over TCP.
+//!
+//! Every accepted publish is first written to a durable local spool (group commit, with
+//! deduplication by `eventId` over a window), and a forwarder sends the spool to Iggy in
+//! order, removing what Iggy acknowledged. So `POST /api/events` keeps answering while Iggy
+//! is down, and nothing accepted is lost: it is forwarded when Iggy is back. A resend after
+//! a lost acknowledgement can put an event in Iggy twice; runners skip an `eventId` they
+//! have already applied.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use iggy::prelude::{
+    Client, CompressionAlgorithm, Consumer, ConsumerOffsetClient, Identifier, IggyClient, IggyError, IggyExpiry,
+    IggyMessage, MaxTopicSize, MessageClient, Partitioning, PollingStrategy, StreamClient, TopicClient,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot, watch};
+
+use super::{AppendItem, Appended, EventLog, LogError, Record, partition_for};
+
+/// spool sequence → SpoolEntry JSON, in acceptance order
+const SPOOL: TableDefinition<u64, &[u8]> = TableDefinition::new("spool");
+/// eventId → (topic, partition, sequence) for the deduplication window
+const IDS: TableDefinition<u128, (&str, u32, u64)> = TableDefinition::new("ids");
+/// sequence → eventId, to drop the oldest ids past the window
+const IDS_BY_SEQ: TableDefinition<u64, u128> = TableDefinition::new("ids_by_seq");
+/// "next" → next sequence
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// How the host reaches Iggy.
+#[derive(Debug, Clone)]
+pub struct IggySettings {
+    /// `host:port` of the server's TCP transport.
+    pub address: String,
+    pub username: String,
+    pub password: String,
+    pub stream: String,
+    /// Partitions of each topic Owlery creates.
+    pub partitions: u32,
+    /// Recent `eventId`s remembered for deduplicating publishes.
+    pub dedup_window: u64,
+}
+
+impl Default for IggySettings {
+    fn default() -> Self {
+        IggySettings {
+            address: "127.0.0.1:8090".into(),
+            username: "iggy".into(),
+            password: "iggy".into(),
+            stream: "owlery".into(),
+            partitions: 8,
+            dedup_window: 100_000,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SpoolEntry {
+    topic: String,
+    partition: u32,
+    event_id: u128,
+    payload: String,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Health {
+    connected: bool,
+    last_error: Option<String>,
+    last_error_at: Option<String>,
+    forwarded: u64,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Appended>, LogError>>;
+/// (consumer, topic, partition) → next offset
+type ConsumerOffsets = HashMap<(String, String, u32), u64>;
+/// Spool entries of one (topic, partition), in order.
+type PartitionGroup = ((String, u32), Vec<(u64, SpoolEntry)>);
+
+pub struct IggyLog {
+    client: Arc<IggyClient>,
+    settings: IggySettings,
+    stream: Identifier,
+    spool: Arc<Database>,
+    writer: Option<mpsc::Sender<(Vec<AppendItem>, Reply)>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+    changes_tx: watch::Sender<u64>,
+    changes: watch::Receiver<u64>,
+    health: Arc<Mutex<Health>>,
+    /// topic → partitions, as created or as found on the server
+    topics: Arc<Mutex<BTreeMap<String, u32>>>,
+    forward: Arc<Notify>,
+    /// (consumer, topic, partition) → next offset, stored in Iggy in the background
+    consumer_offsets: Arc<Mutex<ConsumerOffsets>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn storage(e: impl Into<redb::Error>) -> LogError {
+    LogError::Storage(e.into().to_string())
+}
+
+fn unavailable(e: IggyError) -> LogError {
+    LogError::Unavailable(e.to_string())
+}
+
+fn ident(name: &str) -> Result<Identifier, LogError> {
+    Identifier::named(name).map_err(|e| LogError::Storage(format!("{name:?}: {e}")))
+}
+
+impl IggyLog {
+    /// Open the spool in `dir` and start connecting to Iggy in the background; the host
+    /// starts (and accepts publishes) whether or not Iggy is up.
+    pub fn open(dir: &Path, settings: IggySettings) -> Result<IggyLog, LogError> {
+        std::fs::create_dir_all(dir).map_err(|e| LogError::Storage(format!("{}: {e}", dir.display())))?;
+        let spool = Arc::new(open_spool(&dir.join("spool.redb"))?);
+        {
+            let txn = spool.begin_write().map_err(storage)?;
+            txn.open_table(SPOOL).map_err(storage)?;
+            txn.open_table(IDS).map_err(storage)?;
+            txn.open_table(IDS_BY_SEQ).map_err(storage)?;
+            txn.open_table(META).map_err(storage)?;
+            txn.commit().map_err(storage)?;
+        }
+        let url = format!(
+            "iggy://{}:{}@{}?nodelay=true&reconnection_retries=unlimited&reconnection_interval=1s",
+            settings.username, settings.password, settings.address
+        );
+        let client = Arc::new(
+            IggyClient::from_connection_string(&url)
+                .map_err(|e| LogError::Storage(format!("Iggy connection settings: {e}")))?,
+        );
+        let stream = ident(&settings.stream)?;
+        let (changes_tx, changes) = watch::channel(0);
+        let topics: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
+        let forward = Arc::new(Notify::new());
+        let (tx, rx) = mpsc::channel();
+        let writer_thread = {
+            let (spool, topics, forward, settings) = (spool.clone(), topics.clone(), forward.clone(), settings.clone());
+            std::thread::Builder::new()
+                .name("owlery-spool-writer".into())
+                .spawn(move || spool_writer(&spool, &rx, &topics, &forward, &settings))
+                .map_err(|e| LogError::Storage(e.to_string()))?
+        };
+        let mut log = IggyLog {
+            client,
+            settings,
+            stream,
+            spool,
+            writer: Some(tx),
+            writer_thread: Some(writer_thread),
+            changes_tx,
+            changes,
+            health: Arc::default(),
+            topics,
+            forward,
+            consumer_offsets: Arc::default(),
+            tasks: Vec::new(),
+        };
+        log.tasks.push(tokio::spawn(log.forwarder()));
+        log.tasks.push(tokio::spawn(log.tailer()));
+        log.tasks.push(tokio::spawn(log.offset_recorder()));
+        Ok(log)
+    }
+
+    fn note_error(health: &Mutex<Health>, error: &str) {
+        let mut h = health.lock().expect("health lock");
+        if h.connected || h.last_error.as_deref() != Some(error) {
+            tracing::warn!(%error, "Iggy");
+        }
+        h.connected = false;
+        h.last_error = Some(error.to_owned());
+        h.last_error_at = Some(crate::envelope::now_rfc3339());
+    }
+
+    fn spool_depth(&self) -> u64 {
+        let Ok(txn) = self.spool.begin_read() else { return 0 };
+        txn.open_table(SPOOL).ok().and_then(|t| t.len().ok()).unwrap_or(0)
+    }
+
+    fn remote(&self) -> Remote {
+        Remote {
+            client: self.client.clone(),
+            stream: self.stream.clone(),
+            stream_name: self.settings.stream.clone(),
+            partitions: self.settings.partitions,
+            topics: self.topics.clone(),
+            health: self.health.clone(),
+        }
+    }
+
+    /// Sends the spool to Iggy, in order, forever.
+    fn forwarder(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let remote = self.remote();
+        let (spool, wake, changes) = (self.spool.clone(), self.forward.clone(), self.changes_tx.clone());
+        async move {
+            let mut backoff = Duration::from_millis(100);
+            let mut ready = false;
+            loop {
+                if !ready {
+                    match remote.prepare().await {
+                        Ok(()) => {
+                            ready = true;
+                            backoff = Duration::from_millis(100);
+                            changes.send_modify(|n| *n += 1);
+                        }
+                        Err(e) => {
+                            IggyLog::note_error(&remote.health, &e);
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                            continue;
+                        }
+                    }
+                }
+                let entries = match peek_spool(&spool, 2048) {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the spool failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                if entries.is_empty() {
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
+                match remote.send(&spool, entries).await {
+                    Ok(()) => changes.send_modify(|n| *n += 1),
+                    Err(e) => {
+                        IggyLog::note_error(&remote.health, &e);
+                        ready = false;
+                        tokio::time::sleep(backoff).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Notices messages written by other Iggy clients and wakes the readers; also keeps
+    /// the connection state honest (a request stuck in the client's reconnect loop counts
+    /// as down).
+    fn tailer(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (client, stream, changes, health) =
+            (self.client.clone(), self.stream.clone(), self.changes_tx.clone(), self.health.clone());
+        async move {
+            let mut last = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match tokio::time::timeout(Duration::from_secs(1), client.get_stream(&stream)).await {
+                    Ok(Ok(Some(details))) => {
+                        health.lock().expect("health lock").connected = true;
+                        let count = details.messages_count;
+                        if last != Some(count) {
+                            last = Some(count);
+                            changes.send_modify(|n| *n += 1);
+                        }
+                    }
+                    // The stream is not created yet: the forwarder is on it.
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => IggyLog::note_error(&health, &e.to_string()),
+                    Err(_) => IggyLog::note_error(&health, "Iggy did not answer within 1 s"),
+                }
+            }
+        }
+    }
+
+    /// Stores each plugin's offsets in Iggy (consumer `owlery-{plugin}`) so Iggy's own
+    /// tools show its lag. Owlery's store stays the source of truth.
+    fn offset_recorder(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (client, stream, pending) = (self.client.clone(), self.stream.clone(), self.consumer_offsets.clone());
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let batch: Vec<_> = std::mem::take(&mut *pending.lock().expect("offsets lock")).into_iter().collect();
+                for ((consumer, topic, partition), next) in batch {
+                    let (Ok(consumer_id), Ok(topic_id)) = (Identifier::named(&consumer), Identifier::named(&topic))
+                    else {
+                        continue;
+                    };
+                    // Iggy stores the last consumed offset.
+                    let Some(last) = next.checked_sub(1) else { continue };
+                    let _ = client
+                        .store_consumer_offset(&Consumer::new(consumer_id), &stream, &topic_id, Some(partition), last)
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn topic_details(&self, topic: &str) -> Result<iggy::prelude::TopicDetails, LogError> {
+        self.client
+            .get_topic(&self.stream, &ident(topic)?)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| LogError::NoSuchTopic(topic.to_owned()))
+    }
+}
+
+impl Drop for IggyLog {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        drop(self.writer.take());
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The parts of the log the forwarder needs.
+struct Remote {
+    client: Arc<IggyClient>,
+    stream: Identifier,
+    stream_name: String,
+    partitions: u32,
+    topics: Arc<Mutex<BTreeMap<String, u32>>>,
+    health: Arc<Mutex<Health>>,
+}
+
+impl Remote {
+    /// Connect, then create the stream and the known topics if missing. Idempotent, and
+    /// safe when another host does the same at the same moment.
+    async fn prepare(&self) -> Result<(), String> {
+        self.client.connect().await.map_err(|e| format!("connecting: {e}"))?;
+        if self.client.get_stream(&self.stream).await.map_err(|e| e.to_string())?.is_none() {
+            match self.client.create_stream(&self.stream_name).await {
+                Ok(_) | Err(IggyError::StreamNameAlreadyExists(_)) => {}
+                Err(e) => return Err(format!("creating stream {}: {e}", self.stream_name)),
+            }
+        }
+        let wanted: Vec<String> = self.topics.lock().expect("topics lock").keys().cloned().collect();
+        for topic in wanted {
+            self.ensure_topic(&topic).await?;
+        }
+        let mut health = self.health.lock().expect("health lock");
+        if !health.connected {
+            tracing::info!("connected to Iggy");
+        }
+        health.connected = true;
+        Ok(())
+    }
+
+    async fn ensure_topic(&self, topic: &str) -> Result<(), String> {
+        let id = Identifier::named(topic).map_err(|e| e.to_string())?;
+        let details = match self.client.get_topic(&self.stream, &id).await.map_err(|e| e.to_string())? {
+            Some(details) => details,
+            None => {
+                let created = self
+                    .client
+                    .create_topic(
+                        &self.stream,
+                        topic,
+                        self.partitions,
+                        CompressionAlgorithm::None,
+                        None,
+                        IggyExpiry::NeverExpire,
+                        MaxTopicSize::ServerDefault,
+                    )
+                    .await;
+                match created {
+                    Ok(details) => details,
+                    Err(IggyError::TopicNameAlreadyExists(..)) => self
+                        .client
+                        .get_topic(&self.stream, &id)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| format!("topic {topic} vanished"))?,
+                    Err(e) => return Err(format!("creating topic {topic}: {e}")),
+                }
+            }
+        };
+        self.topics.lock().expect("topics lock").insert(topic.to_owned(), details.partitions_count);
+        Ok(())
+    }
+
+    /// Send spool entries partition by partition, in order; each acknowledged group leaves
+    /// the spool at once.
+    async fn send(&self, spool: &Database, entries: Vec<(u64, SpoolEntry)>) -> Result<(), String> {
+        let mut groups: Vec<PartitionGroup> = Vec::new();
+        for (seq, entry) in entries {
+            let key = (entry.topic.clone(), entry.partition);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, group)) => group.push((seq, entry)),
+                None => groups.push((key, vec![(seq, entry)])),
+            }
+        }
+        for ((topic, partition), group) in groups {
+            if !self.topics.lock().expect("topics lock").contains_key(&topic) {
+                self.ensure_topic(&topic).await?;
+            }
+            let mut messages = Vec::with_capacity(group.len());
+            for (_, entry) in &group {
+                let message = IggyMessage::builder()
+                    .id(entry.event_id)
+                    .payload(Bytes::from(entry.payload.clone()))
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                messages.push(message);
+            }
+            let topic_id = Identifier::named(&topic).map_err(|e| e.to_string())?;
+            self.client
+                .send_messages(&self.stream, &topic_id, &Partitioning::partition_id(partition), &mut messages)
+                .await
+                .map_err(|e| format!("sending to {topic}/{partition}: {e}"))?;
+            let seqs: Vec<u64> = group.iter().map(|(seq, _)| *seq).collect();
+            remove_from_spool(spool, &seqs).map_err(|e| e.to_string())?;
+            let mut health = self.health.lock().expect("health lock");
+            health.forwarded += seqs.len() as u64;
+            health.connected = true;
+        }
+        Ok(())
+    }
+}
+
+/// Open the spool; a previous `IggyLog` of this directory may still be letting go of it
+/// (its background tasks end a moment after it is dropped).
+fn open_spool(path: &Path) -> Result<Database, LogError> {
+    let mut tries = 0;
+    loop {
+        match Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < 250 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.map_err(storage),
+        }
+    }
+}
+
+fn peek_spool(spool: &Database, max: usize) -> Result<Vec<(u64, SpoolEntry)>, LogError> {
+    let txn = spool.begin_read().map_err(storage)?;
+    let table = txn.open_table(SPOOL).map_err(storage)?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(storage)?.take(max) {
+        let (seq, value) = entry.map_err(storage)?;
+        let parsed: SpoolEntry = serde_json::from_slice(value.value()).map_err(|e| LogError::Storage(e.to_string()))?;
+        out.push((seq.value(), parsed));
+    }
+    Ok(out)
+}
+
+fn remove_from_spool(spool: &Database, seqs: &[u64]) -> Result<(), LogError> {
+    let txn = spool.begin_write().map_err(storage)?;
+    {
+        let mut table = txn.open_table(SPOOL).map_err(storage)?;
+        for seq in seqs {
+            table.remove(*seq).map_err(storage)?;
+        }
+    }
+    txn.commit().map_err(storage)
+}
+
+fn spool_writer(
+    spool: &Database,
+    requests: &mpsc::Receiver<(Vec<AppendItem>, Reply)>,
+    topics: &Mutex<BTreeMap<String, u32>>,
+    forward: &Notify,
+    settings: &IggySettings,
+) {
+    while let Ok(first) = requests.recv() {
+        let mut group = vec![first];
+        while group.len() < 1024 {
+            match requests.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        match accept(spool, &group, topics, settings) {
+            Ok(results) => {
+                forward.notify_one();
+                for ((_, reply), result) in group.into_iter().zip(results) {
+                    let _ = reply.send(Ok(result));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "spooling failed; nothing of these requests was accepted");
+                for (_, reply) in group {
+                    let _ = reply.send(Err(LogError::Storage(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// One durable transaction for a group of publish requests: dedup, spool, window upkeep.
+fn accept(
+    spool: &Database,
+    group: &[(Vec<AppendItem>, Reply)],
+    topics: &Mutex<BTreeMap<String, u32>>,
+    settings: &IggySettings,
+) -> Result<Vec<Vec<Appended>>, LogError> {
+    let txn = spool.begin_write().map_err(storage)?;
+    let mut results = Vec::with_capacity(group.len());
+    {
+        let mut table = txn.open_table(SPOOL).map_err(storage)?;
+        let mut ids = txn.open_table(IDS).map_err(storage)?;
+        let mut by_seq = txn.open_table(IDS_BY_SEQ).map_err(storage)?;
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let mut next = meta.get("next").map_err(storage)?.map_or(0, |v| v.value());
+        for (items, _) in group {
+            let mut appended = Vec::with_capacity(items.len());
+            for item in items {
+                let id = item.envelope.event_id.as_u128();
+                if let Some(first) = ids.get(id).map_err(storage)? {
+                    let (topic, partition, _) = first.value();
+                    appended.push(Appended {
+                        event_id: item.envelope.event_id,
+                        topic: topic.to_owned(),
+                        partition,
+                        offset: None,
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                let partitions =
+                    *topics.lock().expect("topics lock").entry(item.topic.clone()).or_insert(settings.partitions);
+                let partition = partition_for(&item.key, partitions);
+                let entry = SpoolEntry {
+                    topic: item.topic.clone(),
+                    partition,
+                    event_id: id,
+                    payload: String::from_utf8(item.envelope.to_bytes()).expect("JSON is UTF-8"),
+                };
+                table.insert(next, serde_json::to_vec(&entry).expect("serialises").as_slice()).map_err(storage)?;
+                ids.insert(id, (item.topic.as_str(), partition, next)).map_err(storage)?;
+                by_seq.insert(next, id).map_err(storage)?;
+                next += 1;
+                appended.push(Appended {
+                    event_id: item.envelope.event_id,
+                    topic: item.topic.clone(),
+                    partition,
+                    offset: None,
+                    duplicate: false,
+                });
+            }
+            results.push(appended);
+        }
+        meta.insert("next", next).map_err(storage)?;
+        if let Some(cut) = next.checked_sub(settings.dedup_window) {
+            let old: Vec<(u64, u128)> = by_seq
+                .range(..cut)
+                .map_err(storage)?
+                .take(4096)
+                .filter_map(|e| e.ok().map(|(k, v)| (k.value(), v.value())))
+                .collect();
+            for (seq, id) in old {
+                by_seq.remove(seq).map_err(storage)?;
+                ids.remove(id).map_err(storage)?;
+            }
+        }
+    }
+    txn.commit().map_err(storage)?;
+    Ok(results)
+}
+
+#[async_trait]
+impl EventLog for IggyLog {
+    /// Creates the topics now when Iggy is reachable; otherwise they are created as soon as
+    /// it is (the host does not wait for Iggy to start).
+    async fn ensure_topics(&self, wanted: &[String]) -> Result<(), LogError> {
+        let mut new = Vec::new();
+        {
+            let mut topics = self.topics.lock().expect("topics lock");
+            for topic in wanted {
+                crate::envelope::check_topic(topic).map_err(|e| LogError::Storage(format!("topic {topic:?}: {e}")))?;
+                if !topics.contains_key(topic) {
+                    topics.insert(topic.clone(), self.settings.partitions);
+                    new.push(topic.clone());
+                }
+            }
+        }
+        if !new.is_empty() && self.health.lock().expect("health lock").connected {
+            let remote = self.remote();
+            for topic in &new {
+                if let Err(e) = remote.ensure_topic(topic).await {
+                    tracing::warn!(%topic, error = %e, "creating the topic in Iggy failed; will retry");
+                    self.forward.notify_one();
+                }
+            }
+        } else if !new.is_empty() {
+            self.forward.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn append(&self, items: Vec<AppendItem>) -> Result<Vec<Appended>, LogError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        let writer = self.writer.as_ref().ok_or_else(|| LogError::Unavailable("the log is closing".into()))?;
+        writer.send((items, reply)).map_err(|_| LogError::Unavailable("the spool writer has stopped".into()))?;
+        answer.await.map_err(|_| LogError::Unavailable("the spool writer has stopped".into()))?
+    }
+
+    async fn poll(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError> {
+        let consumer = Consumer::new(ident("owlery")?);
+        let polled = self
+            .client
+            .poll_messages(
+                &self.stream,
+                &ident(topic)?,
+                Some(partition),
+                &consumer,
+                &PollingStrategy::offset(from),
+                u32::try_from(max).unwrap_or(u32::MAX),
+                false,
+            )
+            .await;
+        let polled = match polled {
+            Ok(polled) => polled,
+            Err(IggyError::TopicIdNotFound(..) | IggyError::TopicNameNotFound(..)) => {
+                return Err(LogError::NoSuchTopic(topic.to_owned()));
+            }
+            Err(IggyError::PartitionNotFound(..)) => {
+                return Err(LogError::NoSuchPartition { topic: topic.to_owned(), partition });
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        Ok(polled
+            .messages
+            .into_iter()
+            .filter(|m| m.header.offset >= from)
+            .map(|m| Record { partition, offset: m.header.offset, payload: m.payload.to_vec() })
+            .collect())
+    }
+
+    async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
+        if let Some(n) = self.topics.lock().expect("topics lock").get(topic) {
+            return Ok(*n);
+        }
+        let details = self.topic_details(topic).await?;
+        self.topics.lock().expect("topics lock").insert(topic.to_owned(), details.partitions_count);
+        Ok(details.partitions_count)
+    }
+
+    async fn high_watermark(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        let details = self.topic_details(topic).await?;
+        let p = details
+            .partitions
+            .iter()
+            .find(|p| p.id == partition)
+            .ok_or_else(|| LogError::NoSuchPartition { topic: topic.to_owned(), partition })?;
+        Ok(if p.messages_count == 0 { 0 } else { p.current_offset + 1 })
+    }
+
+    async fn topics(&self) -> Result<Vec<String>, LogError> {
+        let mut names: BTreeSet<String> = self.topics.lock().expect("topics lock").keys().cloned().collect();
+        if let Ok(Some(stream)) = self.client.get_stream(&self.stream).await {
+            names.extend(stream.topics.into_iter().map(|t| t.name));
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    fn note_consumer_offset(&self, consumer: &str, topic: &str, partition: u32, next: u64) {
+        self.consumer_offsets
+            .lock()
+            .expect("offsets lock")
+            .insert((format!("owlery-{consumer}"), topic.to_owned(), partition), next);
+    }
+
+    async fn status(&self) -> serde_json::Value {
+        let health = self.health.lock().expect("health lock").clone();
+        let mut topics = serde_json::Map::new();
+        if health.connected {
+            let names: Vec<String> = self.topics.lock().expect("topics lock").keys().cloned().collect();
+            for name in names {
+                if let Ok(details) = self.topic_details(&name).await {
+                    let partitions: serde_json::Map<String, serde_json::Value> = details
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            let next = if p.messages_count == 0 { 0 } else { p.current_offset + 1 };
+                            (p.id.to_string(), next.into())
+                        })
+                        .collect();
+                    topics.insert(name, partitions.into());
+                }
+            }
+        }
+        serde_json::json!({
+            "backend": "iggy",
+            "address": self.settings.address,
+            "stream": self.settings.stream,
+            "connected": health.connected,
+            "lastError": health.last_error,
+            "lastErrorAt": health.last_error_at,
+            "spoolDepth": self.spool_depth(),
+            "forwarded": health.forwarded,
+            "topics": topics,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use owlery_test_guests::iggy_server::IggyServer;
+
+    use super::{IggyLog, IggySettings};
+    use crate::log::{EventLog, contract};
+
+    macro_rules! contract_tests {
+        ($($name:ident),* $(,)?) => {$(
+            #[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                let Some(server) = IggyServer::start(false) else { return };
+                let address = server.address();
+                let open = move |dir: &Path| -> Arc<dyn EventLog> {
+                    let settings = IggySettings { address: address.clone(), partitions: 3, ..IggySettings::default() };
+                    Arc::new(IggyLog::open(dir, settings).unwrap())
+                };
+                let dir = tempfile::tempdir().unwrap();
+                contract::$name(&open, dir.path()).await;
+            }
+        )*};
+    }
+
+    contract_tests!(
+        appends_keep_order_per_partition,
+        a_repeated_event_id_is_stored_once,
+        appends_survive_a_reopen,
+        an_append_wakes_a_waiting_reader,
+        concurrent_appends_all_land,
+        unknown_topics_are_errors,
+    );
+}

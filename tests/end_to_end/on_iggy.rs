@@ -1,0 +1,228 @@
+//! The same host on a real Iggy server: publish → plugins → WebSocket, events from the
+//! Python SDK, Iggy killed mid-stream, Owlery killed mid-stream.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::support::guests::iggy_server::IggyServer;
+use crate::support::{Host, event, shipped};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Every distinct event id in the given topics, read back from Iggy through the host.
+async fn ids_in(host: &Host, topics: &[&str]) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    for topic in topics {
+        for record in host.topic_records(topic).await {
+            ids.insert(record["event"]["eventId"].as_str().unwrap().to_owned());
+        }
+    }
+    ids
+}
+
+async fn spool_drained(host: &Host) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, status) = host.get("/api/monitoring/iggy-status").await;
+        if status["connected"] == true && status["spoolDepth"] == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the spool never drained: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_reaches_plugins_and_websockets_through_iggy() {
+    let Some(iggy) = IggyServer::start(false) else { return };
+    let host = Host::on_iggy(&iggy, &[shipped("ws-broadcast"), shipped("analytics"), shipped("alerts")]);
+    let (_, health) = host.get("/health").await;
+    assert_eq!(health["log"], "iggy");
+    let mut everyone = host.ws("").await;
+    let mut room_42 = host.ws("?rooms=incident:42").await;
+
+    let (status, body) = host.post_events(&event("incident.created", json!({"id": 42, "severity": "HIGH"}))).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(body["events"][0]["partition"].is_u64());
+    let frame = everyone.next_event(WAIT).await.expect("incident.created reaches a client through Iggy");
+    assert_eq!(frame["event"]["eventType"], "incident.created");
+    host.post_events(&event("incident.updated", json!({"id": 42}))).await;
+    let frame = room_42.next_in_room("incident:42", WAIT).await.expect("the update reaches its room");
+    assert_eq!(frame["event"]["eventType"], "incident.updated");
+
+    let batch: Vec<_> = (0..30).map(|i| event("user.connected", json!({"n": i}))).collect();
+    assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    let once = json!({"eventId": "0c6e2b8e-33a1-4f3e-a9a8-2d9a0b1f2e3d", "eventType": "incident.resolved", "data": {"id": 42}});
+    assert_eq!(host.post_events(&once).await.1["events"][0]["duplicate"], false);
+    assert_eq!(host.post_events(&once).await.1["events"][0]["duplicate"], true, "a repeated eventId is accepted once");
+
+    spool_drained(&host).await;
+    host.caught_up("analytics").await;
+    let counts = host.query("analytics", "").await;
+    assert_eq!(
+        counts["byEventType"],
+        json!({"incident.created": 1, "incident.updated": 1, "user.connected": 30, "incident.resolved": 1})
+    );
+    assert_eq!(counts["openBySeverity"], json!({}));
+
+    let (status, monitoring) = host.get("/api/monitoring/iggy-status").await;
+    assert_eq!(status, 200);
+    assert_eq!(monitoring["backend"], "iggy");
+    assert_eq!(monitoring["address"], iggy.address());
+    assert_eq!(monitoring["connected"], true);
+    assert_eq!(monitoring["spoolDepth"], 0);
+    let presence: u64 =
+        monitoring["topics"]["presence-events"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(presence, 30);
+    assert_eq!(monitoring["plugins"]["analytics"]["lag"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_from_the_python_sdk_reach_the_plugins() {
+    let python_ready = std::process::Command::new("python3")
+        .args(["-c", "import apache_iggy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !python_ready {
+        eprintln!(
+            "\n!!! SKIPPED: python3 with apache-iggy==0.8.0 is not installed (pip install apache-iggy==0.8.0) !!!\n"
+        );
+        return;
+    }
+    let Some(iggy) = IggyServer::start(false) else { return };
+    let host = Host::on_iggy(&iggy, &[shipped("ws-broadcast"), shipped("analytics")]);
+    let mut client = host.ws("").await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/iggy_producer.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(script)
+        .args(["--address", &iggy.address(), "--count", "12", "--garbage"])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "producer failed: {}", String::from_utf8_lossy(&output.stderr));
+    let sent: Vec<String> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(sent.len(), 12);
+
+    let mut received = HashSet::new();
+    while received.len() < sent.len() {
+        let frame = client.next_event(WAIT).await.expect("every event from Python is broadcast");
+        received.insert(frame["event"]["eventId"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(received, sent.iter().cloned().collect());
+    host.caught_up("analytics").await;
+    let counts = host.query("analytics", "").await;
+    assert_eq!(counts["bySource"], json!({"python-producer": 12}));
+
+    // The message that is not an envelope is dead-lettered (once per plugin) and logged.
+    let deadline = Instant::now() + WAIT;
+    let letters = loop {
+        let letters = host.topic_records("dead-letters").await;
+        if letters.len() >= 2 || Instant::now() > deadline {
+            break letters;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for letter in &letters {
+        assert!(letter["event"]["data"]["error"].as_str().unwrap().contains("not a valid envelope"));
+        assert_eq!(letter["event"]["data"]["event"], "this is not an envelope");
+        assert_eq!(letter["event"]["data"]["topic"], "incident-events");
+    }
+    assert!(host.log().contains("skipping a record that is not a valid envelope"));
+}
+
+/// Publishers post steadily; returns the ids acknowledged with 201 once `stop` is set.
+fn publishers(host: &Host, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+    (0..3)
+        .map(|publisher| {
+            let (http, url, stop) = (host.http.clone(), host.url("/api/events"), stop.clone());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let body = event("incident.updated", json!({"id": n, "by": publisher}));
+                    let Ok(response) = http.post(&url).json(&body).send().await else { break };
+                    if response.status().as_u16() != 201 {
+                        continue;
+                    }
+                    let answer: Value = response.json().await.unwrap();
+                    acked.push(answer["events"][0]["eventId"].as_str().unwrap().to_owned());
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn iggy_killed_mid_stream_loses_no_acknowledged_event() {
+    let Some(mut iggy) = IggyServer::start(true) else { return };
+    let host = Host::on_iggy(&iggy, &[shipped("analytics")]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = publishers(&host, stop.clone());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    iggy.kill9();
+    // Owlery keeps accepting while Iggy is down.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, monitoring) = host.get("/api/monitoring/iggy-status").await;
+        if monitoring["connected"] == false {
+            assert!(monitoring["lastError"].is_string(), "{monitoring}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the status never showed Iggy down: {monitoring}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _) = host.post_events(&event("incident.updated", json!({"while": "down"}))).await;
+    assert_eq!(status, 201, "publishing works while Iggy is down");
+    iggy.restart();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked: HashSet<String> = HashSet::new();
+    for task in tasks {
+        acked.extend(task.await.unwrap());
+    }
+    assert!(acked.len() > 50, "only {} events were published", acked.len());
+
+    spool_drained(&host).await;
+    let in_iggy = ids_in(&host, &["incident-events"]).await;
+    let missing: Vec<_> = acked.iter().filter(|id| !in_iggy.contains(*id)).collect();
+    assert!(missing.is_empty(), "{} of {} acknowledged events are not in Iggy", missing.len(), acked.len());
+    host.caught_up("analytics").await;
+    let total = host.query("analytics", "").await["total"].as_u64().unwrap();
+    assert_eq!(total, in_iggy.len() as u64, "analytics counts every accepted event exactly once");
+    assert_eq!(total, acked.len() as u64 + 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn owlery_killed_mid_stream_resumes_without_double_counting() {
+    let Some(iggy) = IggyServer::start(true) else { return };
+    let mut host = Host::on_iggy(&iggy, &[shipped("analytics")]);
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = publishers(&host, stop.clone());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    host.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        acked.lock().await.extend(task.await.unwrap());
+    }
+    let acked = acked.lock().await.clone();
+    host.start();
+    spool_drained(&host).await;
+    let in_iggy = ids_in(&host, &["incident-events"]).await;
+    assert!(acked.iter().all(|id| in_iggy.contains(id)), "an acknowledged event is missing after the restart");
+    host.caught_up("analytics").await;
+    assert_eq!(host.query("analytics", "").await["total"], in_iggy.len() as u64);
+    let status = host.plugin("analytics").await;
+    let committed: u64 =
+        status["offsets"]["incident-events"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert!(committed as usize >= in_iggy.len());
+}
