@@ -20,6 +20,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Manage the plugins of a running host.
     Plugins(PluginsArgs),
+    /// Measure dispatch, publish, end-to-end, replay, hot swap, fan-out and footprint.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]

@@ -24,6 +24,10 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(owlery::server::serve(config, owlery::server::shutdown_signal()))
         }
+        Command::Bench(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(owlery::bench::run(args))
+        }
         Command::Plugins(args) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(owlery::cli::run_plugins(args))

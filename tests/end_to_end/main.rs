@@ -3,6 +3,7 @@
 
 mod support;
 
+mod bench;
 mod durability;
 mod lifecycle;
 mod misbehaving;

@@ -29,6 +29,7 @@ fn main() {
         "plugins/ws-broadcast",
         "plugins/analytics",
         "plugins/alerts",
+        "plugins/noop",
         "tests/plugins/Cargo.toml",
         "tests/plugins/Cargo.lock",
         "tests/plugins/misbehave",
@@ -45,6 +46,7 @@ fn main() {
         ("ALERTS", "alerts"),
         ("MISBEHAVE", "misbehave"),
         ("WRONG_WORLD", "wrong_world"),
+        ("NOOP", "noop"),
     ] {
         let path = wasm(file);
         assert!(path.exists(), "{} was not built", path.display());

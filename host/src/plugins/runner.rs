@@ -83,6 +83,8 @@ pub struct PluginStatus {
     pub avg_batch_micros: u64,
     pub events_per_second: f64,
     pub replay: Option<ReplayProgress>,
+    /// How long processing stood still for the last version swap.
+    pub last_swap_micros: Option<u64>,
 }
 
 impl PluginStatus {
@@ -102,6 +104,7 @@ impl PluginStatus {
             avg_batch_micros: 0,
             events_per_second: 0.0,
             replay: None,
+            last_swap_micros: None,
         }
     }
 }
@@ -511,7 +514,11 @@ impl Runner {
                 let _ = reply.send(Ok(()));
             }
             Command::Swap { component, manifest, reply } => {
-                let _ = reply.send(self.swap(component, *manifest));
+                let started = Instant::now();
+                let result = self.swap(component, *manifest);
+                let micros = started.elapsed().as_micros() as u64;
+                self.set_status(|s| s.last_swap_micros = Some(micros));
+                let _ = reply.send(result);
                 self.publish_state();
             }
             Command::Replay { from, reply } => {
@@ -903,7 +910,7 @@ impl Runner {
     }
 }
 
-fn to_guest(topic: &str, record: &Record, e: &Envelope) -> GuestEnvelope {
+pub fn to_guest(topic: &str, record: &Record, e: &Envelope) -> GuestEnvelope {
     GuestEnvelope {
         event_id: e.event_id.to_string(),
         event_type: e.event_type.clone(),

@@ -30,6 +30,22 @@ fn find_binary() -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join("iggy-server")).find(|p| p.exists())
 }
 
+/// The server binary; `None` (after a loud warning) only when there is none and
+/// `OWLERY_SKIP_IGGY=1`. Panics when there is none otherwise.
+pub fn locate() -> Option<PathBuf> {
+    if let Some(binary) = find_binary() {
+        return Some(binary);
+    }
+    if std::env::var("OWLERY_SKIP_IGGY").is_ok_and(|v| v == "1") {
+        eprintln!("\n!!! SKIPPED: no iggy-server found (IGGY_SERVER_BIN, ../shared/iggy/iggy-server, PATH) !!!\n");
+        return None;
+    }
+    panic!(
+        "no iggy-server found: set IGGY_SERVER_BIN, put it at ../shared/iggy/iggy-server or on PATH \
+         (or set OWLERY_SKIP_IGGY=1 to skip the Iggy tests, loudly)"
+    );
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

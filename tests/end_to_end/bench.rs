@@ -1,0 +1,61 @@
+//! `owlery bench --quick` runs every case and writes every figure (no timing assertions:
+//! figures are for people, not for pass/fail).
+
+use std::path::Path;
+
+use crate::support::guests;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_benchmark_runs_every_case_and_writes_its_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("figures.json");
+    let wasm_dir = Path::new(guests::ANALYTICS).parent().unwrap();
+    let iggy = guests::iggy_server::locate();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_owlery"));
+    command.args(["bench", "--quick", "--clients", "20"]);
+    if let Some(binary) = &iggy {
+        command.arg("--iggy-server").arg(binary);
+    }
+    let output = command
+        .arg("--json")
+        .arg(&json)
+        .arg("--wasm-dir")
+        .arg(wasm_dir)
+        .arg("--manifest-dir")
+        .arg(guests::PLUGINS_DIR)
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let figures: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for key in [
+        "dispatch.noop.wasm_events_per_sec",
+        "dispatch.noop.native_events_per_sec",
+        "dispatch.analytics.wasm_events_per_sec",
+        "dispatch.analytics.native_events_per_sec",
+        "publish.embedded.p50_ms",
+        "publish.embedded.p99_ms",
+        "publish.embedded.p999_ms",
+        "publish.embedded.events_per_sec",
+        "e2e.embedded.p99_ms",
+        "replay.analytics_seconds",
+        "replay.resume_100_ms",
+        "hot_swap.pause_ms",
+        "fanout.p99_ms",
+        "fanout.messages_per_sec",
+        "footprint.idle_rss_mb",
+        "footprint.load_rss_mb",
+    ] {
+        let value = &figures[key];
+        assert!(value.as_f64().is_some_and(|v| v > 0.0), "{key} = {value} in\n{stdout}");
+    }
+    // With an Iggy server (CI has one) the Iggy cases and the baseline run too.
+    if iggy.is_some() {
+        for key in ["publish.iggy.events_per_sec", "publish.iggy_http.events_per_sec", "e2e.iggy.p99_ms"] {
+            assert!(figures[key].as_f64().is_some_and(|v| v > 0.0), "{key} in\n{stdout}");
+        }
+    }
+    assert!(stdout.contains("of native") && stdout.contains("of Iggy's HTTP API"), "{stdout}");
+}
