@@ -393,10 +393,13 @@ impl Remote {
                 None => groups.push((key, vec![(seq, entry)])),
             }
         }
-        for ((topic, partition), group) in groups {
-            if !self.topics.lock().expect("topics lock").contains_key(&topic) {
-                self.ensure_topic(&topic).await?;
+        for ((topic, _), _) in &groups {
+            if !self.topics.lock().expect("topics lock").contains_key(topic) {
+                self.ensure_topic(topic).await?;
             }
+        }
+        // Partitions are independent: send to all of them at once, each in order.
+        let sends = groups.into_iter().map(|((topic, partition), group)| async move {
             let mut messages = Vec::with_capacity(group.len());
             for (_, entry) in &group {
                 let message = IggyMessage::builder()
@@ -411,13 +414,21 @@ impl Remote {
                 .send_messages(&self.stream, &topic_id, &Partitioning::partition_id(partition), &mut messages)
                 .await
                 .map_err(|e| format!("sending to {topic}/{partition}: {e}"))?;
-            let seqs: Vec<u64> = group.iter().map(|(seq, _)| *seq).collect();
-            remove_from_spool(spool, &seqs).map_err(|e| e.to_string())?;
-            let mut health = self.health.lock().expect("health lock");
-            health.forwarded += seqs.len() as u64;
-            health.connected = true;
+            Ok::<Vec<u64>, String>(group.iter().map(|(seq, _)| *seq).collect())
+        });
+        let mut first_error = None;
+        for result in futures_util::future::join_all(sends).await {
+            match result {
+                Ok(seqs) => {
+                    remove_from_spool(spool, &seqs).map_err(|e| e.to_string())?;
+                    let mut health = self.health.lock().expect("health lock");
+                    health.forwarded += seqs.len() as u64;
+                    health.connected = true;
+                }
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 

@@ -447,10 +447,9 @@ impl Runner {
     /// Read up to `max_batch` records across the subscribed partitions.
     fn poll_batch(&mut self) -> Result<Vec<Polled>, LogError> {
         let max = self.manifest.limits.max_batch;
-        let mut polled = Vec::new();
         // While replaying, read only up to where the replay began (so a batch is wholly
         // replayed events or wholly new ones).
-        let partitions: Vec<((String, u32), u64, u64)> = self
+        let mut open: Vec<((String, u32), u64, u64)> = self
             .positions
             .iter()
             .filter_map(|(k, from)| {
@@ -458,16 +457,35 @@ impl Runner {
                 Some((k.clone(), *from, until))
             })
             .collect();
-        let share = (max / partitions.len().max(1)).max(1);
-        for ((topic, partition), from, until) in partitions {
-            if polled.len() >= max {
+        // All partitions at once (one round trip, not one per partition, on a remote log),
+        // a fair share each; then the partitions that filled their share split what is left.
+        let mut polled: Vec<Polled> = Vec::new();
+        for _round in 0..2 {
+            let budget = max.saturating_sub(polled.len());
+            if open.is_empty() || budget == 0 {
                 break;
             }
-            let want = share.min(max - polled.len()).min(usize::try_from(until - from).unwrap_or(usize::MAX));
-            for record in self.deps.block_on(self.deps.log.poll(&topic, partition, from, want))? {
-                let envelope = Envelope::from_bytes(&record.payload).map_err(|e| e.to_string());
-                polled.push(Polled { topic: topic.clone(), record, envelope });
+            let share = (budget / open.len()).max(1);
+            let log = &self.deps.log;
+            let reads = open.iter().map(|((topic, partition), from, until)| {
+                let want = share.min(usize::try_from(until - from).unwrap_or(usize::MAX));
+                async move { (want, log.poll(topic, *partition, *from, want).await) }
+            });
+            let results = self.deps.block_on(futures_util::future::join_all(reads));
+            let mut still_open = Vec::new();
+            for (((topic, partition), from, until), (want, records)) in open.into_iter().zip(results) {
+                let records = records?;
+                let full = records.len() == want;
+                let next = records.last().map_or(from, |r| r.offset + 1);
+                for record in records {
+                    let envelope = Envelope::from_bytes(&record.payload).map_err(|e| e.to_string());
+                    polled.push(Polled { topic: topic.clone(), record, envelope });
+                }
+                if full && next < until {
+                    still_open.push(((topic, partition), next, until));
+                }
             }
+            open = still_open;
         }
         Ok(polled)
     }
