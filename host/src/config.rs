@@ -21,6 +21,7 @@ pub enum LogBackend {
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub auth: crate::auth::AuthConfig,
     pub log: LogBackend,
     pub iggy: IggySettings,
     pub listen: SocketAddr,
@@ -35,6 +36,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            auth: crate::auth::AuthConfig::default(),
             log: LogBackend::Embedded,
             iggy: IggySettings::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
@@ -50,6 +52,7 @@ impl Default for Config {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
+    pub auth: Option<crate::auth::AuthConfig>,
     pub log: Option<LogBackend>,
     pub iggy: Option<IggyFile>,
     pub listen: Option<SocketAddr>,
@@ -113,6 +116,7 @@ impl Config {
             dedup_window: i.dedup_window.unwrap_or(d.iggy.dedup_window),
         };
         Config {
+            auth: file.auth.unwrap_or(d.auth),
             log: file.log.unwrap_or(d.log),
             iggy,
             listen: file.listen.unwrap_or(d.listen),
@@ -135,12 +139,15 @@ impl Config {
         if self.fanout_retention == 0 {
             return Err(ConfigError::Invalid("fanout_retention must be at least 1".into()));
         }
-        if !self.listen.ip().is_loopback() {
-            // Auth is not built yet: never expose the API beyond this machine.
+        if !self.listen.ip().is_loopback() && !self.auth.enabled {
             return Err(ConfigError::Invalid(format!(
-                "refusing to listen on {}: without authentication Owlery only binds a loopback address (127.0.0.1 or ::1)",
+                "refusing to listen on {} without authentication: turn on [auth] in owlery.toml \
+                 (tokens or a JWT secret), or listen on a loopback address (127.0.0.1 or ::1)",
                 self.listen
             )));
+        }
+        if self.auth.enabled && self.auth.tokens.is_empty() && self.auth.jwt_secret.is_none() {
+            return Err(ConfigError::Invalid("[auth] is enabled but has no tokens and no jwt_secret".into()));
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use tokio::sync::broadcast;
 
+use crate::auth::Grant;
 use crate::store::{FanoutRecord, Store};
 
 /// Live records buffered per client before it counts as too slow.
@@ -50,7 +51,7 @@ impl Hub {
     }
 
     /// Serve one WebSocket client in `rooms` (plus `all`), resuming after `since` if given.
-    pub async fn serve(self, mut socket: WebSocket, rooms: Vec<String>, since: Option<u64>) {
+    pub async fn serve(self, mut socket: WebSocket, grant: Grant, rooms: Vec<String>, since: Option<u64>) {
         let mut rooms: HashSet<String> = rooms.into_iter().filter(|r| !r.is_empty()).collect();
         rooms.insert(ROOM_ALL.to_owned());
         let mut live = self.live.subscribe();
@@ -88,7 +89,7 @@ impl Hub {
                 },
                 incoming = socket.recv() => match incoming {
                     Some(Ok(Message::Text(text))) => {
-                        let reply = handle_client_message(&mut rooms, text.as_str());
+                        let reply = handle_client_message(&mut rooms, &grant, text.as_str());
                         if socket.send(Message::Text(reply.into())).await.is_err() {
                             return;
                         }
@@ -128,7 +129,7 @@ fn sorted(rooms: &HashSet<String>) -> Vec<&String> {
 }
 
 /// `{"subscribe": [..]}` / `{"unsubscribe": [..]}` from a client; returns the reply frame.
-fn handle_client_message(rooms: &mut HashSet<String>, text: &str) -> String {
+fn handle_client_message(rooms: &mut HashSet<String>, grant: &Grant, text: &str) -> String {
     let Ok(serde_json::Value::Object(message)) = serde_json::from_str::<serde_json::Value>(text) else {
         return serde_json::json!({"type": "error", "error": "expected a JSON object like {\"subscribe\": [\"incident:1\"]}"}).to_string();
     };
@@ -139,7 +140,12 @@ fn handle_client_message(rooms: &mut HashSet<String>, text: &str) -> String {
             .map_or_else(Vec::new, |a| a.iter().filter_map(|r| r.as_str().map(str::to_owned)).collect())
     };
     if message.contains_key("subscribe") {
-        rooms.extend(names("subscribe").into_iter().filter(|r| !r.is_empty()));
+        let wanted = names("subscribe");
+        if let Some(denied) = wanted.iter().find(|r| !grant.may_join(r)) {
+            return serde_json::json!({"type": "error", "error": format!("the token may not join room {denied:?}")})
+                .to_string();
+        }
+        rooms.extend(wanted.into_iter().filter(|r| !r.is_empty()));
     } else if message.contains_key("unsubscribe") {
         for room in names("unsubscribe") {
             if room != ROOM_ALL {

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::auth::{Auth, AuthError, Grant, Scope};
 use crate::envelope::{Envelope, Routing, check_topic};
 use crate::fanout::Hub;
 use crate::log::{AppendItem, EventLog, LogError};
@@ -30,6 +31,7 @@ const MAX_REPLAY: usize = 10_000;
 
 #[derive(Clone)]
 pub struct AppState {
+    pub auth: Arc<Auth>,
     pub log: Arc<dyn EventLog>,
     pub plugins: Arc<Plugins>,
     pub hub: Hub,
@@ -38,16 +40,20 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health))
+    let publish = Router::new()
         .route("/api/events", post(publish))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), |s, r, n| require(s, r, n, Scope::Publish)));
+    let subscribe = Router::new()
+        .route("/ws", get(websocket))
+        .route("/api/plugins/{name}/query", get(query_plugin))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), |s, r, n| require(s, r, n, Scope::Subscribe)));
+    let admin = Router::new()
         .route("/api/events/replay", get(replay))
         .route("/api/plugins", get(list_plugins))
         .route(
             "/api/plugins/{name}",
             get(plugin_status).put(upload_plugin).delete(delete_plugin).layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
         )
-        .route("/api/plugins/{name}/query", get(query_plugin))
         .route("/api/plugins/{name}/pause", post(pause_plugin))
         .route("/api/plugins/{name}/resume", post(resume_plugin))
         .route("/api/plugins/{name}/replay", post(replay_plugin))
@@ -57,8 +63,59 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/plugins/{name}/promote", post(promote_shadow))
         .route("/api/monitoring/iggy-status", get(log_status))
-        .route("/ws", get(websocket))
-        .with_state(state)
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), |s, r, n| require(s, r, n, Scope::Admin)));
+    Router::new().route("/health", get(health)).merge(publish).merge(subscribe).merge(admin).with_state(state)
+}
+
+/// The bearer token of a request: `Authorization: Bearer T`, else `?token=T` (browsers
+/// cannot set headers on a WebSocket).
+fn presented_token(request: &axum::extract::Request) -> Option<String> {
+    if let Some(value) = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return value.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+    }
+    let query = request.uri().query()?;
+    url_query_value(query, "token")
+}
+
+fn url_query_value(query: &str, key: &str) -> Option<String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded_pairs(query);
+    pairs.into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+fn serde_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
+    axum::extract::Query::<Vec<(String, String)>>::try_from_uri(
+        &format!("/?{query}").parse().expect("a path and query"),
+    )
+    .map(|q| q.0)
+    .unwrap_or_default()
+}
+
+/// Refuse the request unless its token grants `scope` (401 without a valid token, 403
+/// without the scope); the grant goes on to the handler.
+async fn require(
+    State(state): State<AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+    scope: Scope,
+) -> Response {
+    let token = presented_token(&request);
+    match state.auth.require(token.as_deref(), scope) {
+        Ok(grant) => {
+            request.extensions_mut().insert(grant);
+            next.run(request).await
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let status = match e {
+            AuthError::Missing | AuthError::Invalid(_) => StatusCode::UNAUTHORIZED,
+            AuthError::Forbidden(_) | AuthError::Room(_) => StatusCode::FORBIDDEN,
+        };
+        ApiError::new(status, e.to_string())
+    }
 }
 
 /// An error answer: status plus a JSON body naming the problem.
@@ -432,9 +489,19 @@ struct WsParams {
     since: Option<u64>,
 }
 
-/// `GET /ws?rooms=a,b&since=N`: JSON text frames `{"room", "offset", "event"}`.
-async fn websocket(State(state): State<AppState>, Query(params): Query<WsParams>, ws: WebSocketUpgrade) -> Response {
-    let rooms: Vec<String> = params.rooms.unwrap_or_default().split(',').map(|r| r.trim().to_owned()).collect();
+/// `GET /ws?rooms=a,b&since=N[&token=T]`: JSON text frames `{"room", "offset", "event"}`.
+/// Every room asked for must be one the token may join (403 otherwise).
+async fn websocket(
+    State(state): State<AppState>,
+    axum::Extension(grant): axum::Extension<Grant>,
+    Query(params): Query<WsParams>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let rooms: Vec<String> =
+        params.rooms.unwrap_or_default().split(',').map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()).collect();
+    if let Some(room) = rooms.iter().find(|r| !grant.may_join(r)) {
+        return Err(AuthError::Room(room.clone()).into());
+    }
     let hub = state.hub.clone();
-    ws.on_upgrade(move |socket| hub.serve(socket, rooms, params.since))
+    Ok(ws.on_upgrade(move |socket| hub.serve(socket, grant, rooms, params.since)))
 }

@@ -6,6 +6,7 @@
 //! registry, runners), `store` (plugin state, offsets, fan-out log, outbox), `fanout`
 //! (WebSocket hub), `http` (axum routes), `config`, `cli`, `server` (assembly).
 
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -82,7 +82,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     // Tests and scripts read this line to find the port.
     println!("owlery listening on http://{address}");
 
-    let state = AppState { log, plugins: plugins.clone(), hub, routing, backend };
+    if config.auth.enabled {
+        tracing::info!("authentication is on");
+    }
+    let auth = Arc::new(crate::auth::Auth::new(config.auth.clone()));
+    let state = AppState { auth, log, plugins: plugins.clone(), hub, routing, backend };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
     drop(watcher);
     tracing::info!("stopping plugins");

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod auth;
 mod bench;
 mod durability;
 mod lifecycle;

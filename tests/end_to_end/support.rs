@@ -53,8 +53,24 @@ impl Host {
         Host::with_env(plugins, env)
     }
 
+    /// A host whose working directory holds `owlery.toml` with this text.
+    pub fn with_config(plugins: &[(String, PathBuf, String)], owlery_toml: &str) -> Host {
+        Host::with_files(plugins, Vec::new(), Some(owlery_toml))
+    }
+
     fn with_env(plugins: &[(String, PathBuf, String)], env: Vec<(String, String)>) -> Host {
+        Host::with_files(plugins, env, None)
+    }
+
+    fn with_files(
+        plugins: &[(String, PathBuf, String)],
+        env: Vec<(String, String)>,
+        owlery_toml: Option<&str>,
+    ) -> Host {
         let dir = tempfile::tempdir().unwrap();
+        if let Some(text) = owlery_toml {
+            std::fs::write(dir.path().join("owlery.toml"), text).unwrap();
+        }
         let plugin_dir = dir.path().join("plugins");
         std::fs::create_dir_all(&plugin_dir).unwrap();
         for (name, wasm, manifest) in plugins {

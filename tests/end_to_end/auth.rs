@@ -1,0 +1,96 @@
+//! Tokens with scopes guard every route but /health; subscribers see only their rooms.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{Host, event, shipped};
+
+const CONFIG: &str = r#"
+[auth]
+enabled = true
+jwt_secret = "test-secret"
+
+[[auth.tokens]]
+token = "publisher-token"
+scopes = ["publish"]
+
+[[auth.tokens]]
+token = "viewer-1"
+scopes = ["subscribe"]
+rooms = ["incident:1"]
+
+[[auth.tokens]]
+token = "admin-token"
+scopes = ["admin"]
+"#;
+
+async fn status(_host: &Host, request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn jwt(claims: Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_and_scopes_guard_publish_admin_and_rooms() {
+    let host = Host::with_config(&[shipped("ws-broadcast")], CONFIG);
+    let url = host.url("/api/events");
+    let body = event("incident.updated", json!({"id": 1}));
+
+    let (code, answer) = status(&host, host.http.post(&url).json(&body)).await;
+    assert_eq!(code, 401, "no token: {answer}");
+    assert!(answer["error"].as_str().unwrap().contains("token is required"));
+    assert_eq!(status(&host, host.http.post(&url).bearer_auth("wrong").json(&body)).await.0, 401);
+    assert_eq!(status(&host, host.http.post(&url).bearer_auth("viewer-1").json(&body)).await.0, 403);
+    assert_eq!(status(&host, host.http.get(host.url("/api/plugins")).bearer_auth("publisher-token")).await.0, 403);
+    assert_eq!(status(&host, host.http.get(host.url("/api/plugins")).bearer_auth("admin-token")).await.0, 200);
+    assert_eq!(status(&host, host.http.get(host.url("/health"))).await.0, 200, "health needs no token");
+
+    // HMAC-signed JWTs carry the same claims; a forged one is refused.
+    let good = jwt(json!({"sub": "ci", "scopes": ["publish"], "exp": 4_102_444_800u64}), "test-secret");
+    let forged = jwt(json!({"sub": "ci", "scopes": ["publish", "admin"], "exp": 4_102_444_800u64}), "guess");
+    assert_eq!(status(&host, host.http.post(&url).bearer_auth(&forged).json(&body)).await.0, 401);
+
+    // A viewer of incident:1 cannot ask for incident:2, at connect or later.
+    let ws_url = |query: &str| format!("{}/ws{query}", host.base.replace("http://", "ws://"));
+    let refused = tokio_tungstenite::connect_async(ws_url("?token=viewer-1&rooms=incident:2")).await;
+    assert!(refused.is_err(), "joining a room the token does not allow is refused");
+    assert!(tokio_tungstenite::connect_async(ws_url("?rooms=incident:1")).await.is_err(), "no token, no socket");
+
+    let mut viewer = host.ws("?token=viewer-1&rooms=incident:1").await;
+    viewer.send_json(&json!({"subscribe": ["incident:2"]})).await;
+    let reply = viewer.next_json(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(reply["type"], "error", "{reply}");
+
+    for id in [2, 1] {
+        let (code, _) =
+            status(&host, host.http.post(&url).bearer_auth(&good).json(&event("incident.updated", json!({"id": id}))))
+                .await;
+        assert_eq!(code, 201);
+    }
+    let frame = viewer.next_event(Duration::from_secs(20)).await.expect("the viewer gets its room");
+    assert_eq!(frame["room"], "incident:1", "incident:2 must never reach a viewer of incident:1: {frame}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_public_address_without_auth_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_owlery"))
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .current_dir(dir.path())
+        .env_remove("OWLERY_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("without authentication"), "{stderr}");
+}
