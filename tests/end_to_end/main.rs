@@ -10,4 +10,5 @@ mod lifecycle;
 mod misbehaving;
 mod on_iggy;
 mod publish;
+mod resume;
 mod routing;
