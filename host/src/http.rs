@@ -259,6 +259,16 @@ async fn replay(
     Ok(axum::Json(json!({"topic": topic, "records": records, "next": next})))
 }
 
+/// Run a blocking plugin operation (compiling, joining a runner) off the async workers.
+async fn blocking<T: Send + 'static>(
+    operation: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let outcome = tokio::task::spawn_blocking(operation)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(outcome?)
+}
+
 async fn lag(state: &AppState, status: &PluginStatus) -> u64 {
     let mut lag = 0u64;
     for (topic, partitions) in &status.offsets {
@@ -315,9 +325,7 @@ async fn upload_plugin(
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
     let plugins = state.plugins.clone();
     let plugin = name.clone();
-    let installed = tokio::task::spawn_blocking(move || plugins.upload(&plugin, &body, params.manifest.as_deref()))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let installed = blocking(move || plugins.upload(&plugin, &body, params.manifest.as_deref())).await?;
     let (code, word) = match installed {
         Installed::Started => (StatusCode::CREATED, "started"),
         Installed::Swapped => (StatusCode::OK, "swapped"),
@@ -342,9 +350,7 @@ async fn delete_plugin(
 ) -> Result<axum::Json<Value>, ApiError> {
     let plugins = state.plugins.clone();
     let plugin = name.clone();
-    tokio::task::spawn_blocking(move || plugins.delete(&plugin, params.purge))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    blocking(move || plugins.delete(&plugin, params.purge)).await?;
     Ok(axum::Json(json!({"removed": name, "purged": params.purge})))
 }
 
@@ -419,9 +425,7 @@ async fn start_shadow(
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
     let plugins = state.plugins.clone();
     let plugin = name.clone();
-    tokio::task::spawn_blocking(move || plugins.start_shadow(&plugin, &body, params.manifest.as_deref()))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    blocking(move || plugins.start_shadow(&plugin, &body, params.manifest.as_deref())).await?;
     Ok((StatusCode::CREATED, axum::Json(plugin_json(&state, state.plugins.status(&name)?).await)))
 }
 
@@ -431,9 +435,7 @@ async fn discard_shadow(
 ) -> Result<axum::Json<Value>, ApiError> {
     let plugins = state.plugins.clone();
     let plugin = name.clone();
-    tokio::task::spawn_blocking(move || plugins.discard_shadow(&plugin))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    blocking(move || plugins.discard_shadow(&plugin)).await?;
     Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
 }
 
