@@ -31,6 +31,12 @@ pub struct Config {
     pub partitions: u32,
     /// Fan-out records kept for resuming clients.
     pub fanout_retention: u64,
+    /// Frames queued for one WebSocket client; one that falls this far behind is
+    /// disconnected (and told to resume from its last offset).
+    pub client_queue: usize,
+    /// Kernel send buffer of each connection, in bytes (0: the system's default). Smaller
+    /// means a client that stops reading is noticed sooner.
+    pub socket_send_buffer: usize,
 }
 
 impl Default for Config {
@@ -44,6 +50,8 @@ impl Default for Config {
             plugins_dir: PathBuf::from("plugins"),
             partitions: 4,
             fanout_retention: 100_000,
+            client_queue: 1024,
+            socket_send_buffer: 0,
         }
     }
 }
@@ -60,6 +68,8 @@ pub struct ConfigFile {
     pub plugins_dir: Option<PathBuf>,
     pub partitions: Option<u32>,
     pub fanout_retention: Option<u64>,
+    pub client_queue: Option<usize>,
+    pub socket_send_buffer: Option<usize>,
 }
 
 /// The `[iggy]` table.
@@ -124,6 +134,8 @@ impl Config {
             plugins_dir: file.plugins_dir.unwrap_or(d.plugins_dir),
             partitions: file.partitions.unwrap_or(d.partitions),
             fanout_retention: file.fanout_retention.unwrap_or(d.fanout_retention),
+            client_queue: file.client_queue.unwrap_or(d.client_queue),
+            socket_send_buffer: file.socket_send_buffer.unwrap_or(d.socket_send_buffer),
         }
     }
 
@@ -136,6 +148,9 @@ impl Config {
         }
         crate::envelope::check_topic(&self.iggy.stream)
             .map_err(|e| ConfigError::Invalid(format!("iggy.stream: {e}")))?;
+        if !(1..=1_000_000).contains(&self.client_queue) {
+            return Err(ConfigError::Invalid("client_queue must be 1 to 1000000".into()));
+        }
         if self.fanout_retention == 0 {
             return Err(ConfigError::Invalid("fanout_retention must be at least 1".into()));
         }

@@ -7,28 +7,50 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use tokio::sync::broadcast;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::auth::Grant;
 use crate::store::{FanoutRecord, Store};
 
-/// Live records buffered per client before it counts as too slow.
-const CLIENT_BUFFER: usize = 4096;
 /// Records read from the store per page while catching a client up.
 const CATCH_UP_PAGE: usize = 1000;
 /// Room every client is in.
 pub const ROOM_ALL: &str = "all";
+/// A ping this often; a client silent for three of these is gone.
+const KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// How long one frame may wait for a client that is catching up before it counts as dead.
+const CATCH_UP_STALL: Duration = Duration::from_secs(30);
+
+/// How much a client may fall behind.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    /// Frames queued for one client; a client this far behind is disconnected.
+    pub queue: usize,
+}
 
 #[derive(Clone)]
 pub struct Hub {
     live: broadcast::Sender<Arc<FanoutRecord>>,
     store: Arc<Store>,
+    limits: ClientLimits,
+}
+
+/// Why a client's connection ends.
+enum Ending {
+    Gone,
+    TooSlow(Option<u64>),
+    Silent,
 }
 
 impl Hub {
-    pub fn new(store: Arc<Store>) -> Hub {
-        Hub { live: broadcast::channel(CLIENT_BUFFER).0, store }
+    pub fn new(store: Arc<Store>, limits: ClientLimits) -> Hub {
+        // The shared channel is only a hand-off to each client's own loop, which keeps up
+        // unless the host is starved; each client's own queue bounds how far it may lag.
+        Hub { live: broadcast::channel(limits.queue.max(1024) * 4).0, store, limits }
     }
 
     /// Hand committed records to the connected clients.
@@ -51,22 +73,55 @@ impl Hub {
     }
 
     /// Serve one WebSocket client in `rooms` (plus `all`), resuming after `since` if given.
-    pub async fn serve(self, mut socket: WebSocket, grant: Grant, rooms: Vec<String>, since: Option<u64>) {
+    /// Frames go through a bounded queue to a writer of their own, so a client that does
+    /// not read is cut off with a reason instead of holding anything up.
+    pub async fn serve(self, socket: WebSocket, grant: Grant, rooms: Vec<String>, since: Option<u64>) {
+        let (sink, mut incoming) = socket.split();
+        let (queue, outgoing) = mpsc::channel::<Message>(self.limits.queue.max(1));
+        let (close_tx, close_rx) = oneshot::channel::<CloseFrame>();
+        let writer = tokio::spawn(write_frames(sink, outgoing, close_rx));
+        let ending = self.client_loop(&queue, &mut incoming, grant, rooms, since).await;
+        let close = match ending {
+            Ending::Gone => None,
+            Ending::TooSlow(sent) => {
+                let resume = sent.map_or(String::new(), |s| format!(" since={s}"));
+                tracing::info!(last_offset = ?sent, "disconnecting a WebSocket client that fell too far behind");
+                Some(CloseFrame { code: 4008, reason: Utf8Bytes::from(format!("too slow: reconnect with{resume}")) })
+            }
+            Ending::Silent => Some(CloseFrame { code: 4000, reason: Utf8Bytes::from("no answer to pings") }),
+        };
+        if let Some(frame) = close {
+            let _ = close_tx.send(frame);
+        }
+        drop(queue);
+        let _ = writer.await;
+    }
+
+    async fn client_loop(
+        &self,
+        queue: &mpsc::Sender<Message>,
+        incoming: &mut futures_util::stream::SplitStream<WebSocket>,
+        grant: Grant,
+        rooms: Vec<String>,
+        since: Option<u64>,
+    ) -> Ending {
         let mut rooms: HashSet<String> = rooms.into_iter().filter(|r| !r.is_empty()).collect();
         rooms.insert(ROOM_ALL.to_owned());
         let mut live = self.live.subscribe();
         let hello = serde_json::json!({"type": "welcome", "rooms": sorted(&rooms), "next": self.store.fanout_next().unwrap_or(0)});
-        if socket.send(Message::Text(hello.to_string().into())).await.is_err() {
-            return;
+        if queue.send(Message::Text(hello.to_string().into())).await.is_err() {
+            return Ending::Gone;
         }
         // Everything up to `sent` has been delivered (or was not for this client).
         let mut sent: Option<u64> = since;
         if let Some(since) = since {
-            match self.catch_up(&mut socket, &rooms, since).await {
+            match self.catch_up(queue, &rooms, since).await {
                 Ok(last) => sent = Some(last),
-                Err(()) => return,
+                Err(ending) => return ending,
             }
         }
+        let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
+        let mut heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 record = live.recv() => match record {
@@ -74,51 +129,103 @@ impl Hub {
                         if sent.is_some_and(|s| record.offset <= s) {
                             continue;
                         }
+                        if rooms.contains(&record.room) {
+                            match queue.try_send(Message::Text(Hub::frame(&record).into())) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Full(_)) => return Ending::TooSlow(sent),
+                                Err(mpsc::error::TrySendError::Closed(_)) => return Ending::Gone,
+                            }
+                        }
                         sent = Some(record.offset);
-                        if rooms.contains(&record.room) && socket.send(Message::Text(Hub::frame(&record).into())).await.is_err() {
-                            return;
-                        }
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let resume = sent.map_or(String::new(), |s| format!(" since={s}"));
-                        let reason = format!("too slow: reconnect with{resume}");
-                        let _ = socket.send(Message::Close(Some(CloseFrame { code: 4008, reason: Utf8Bytes::from(reason) }))).await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Ending::TooSlow(sent),
+                    Err(broadcast::error::RecvError::Closed) => return Ending::Gone,
                 },
-                incoming = socket.recv() => match incoming {
-                    Some(Ok(Message::Text(text))) => {
-                        let reply = handle_client_message(&mut rooms, &grant, text.as_str());
-                        if socket.send(Message::Text(reply.into())).await.is_err() {
-                            return;
+                message = incoming.next() => {
+                    heard = tokio::time::Instant::now();
+                    match message {
+                        Some(Ok(Message::Text(text))) => {
+                            let reply = handle_client_message(&mut rooms, &grant, text.as_str());
+                            if queue.try_send(Message::Text(reply.into())).is_err() {
+                                return Ending::TooSlow(sent);
+                            }
                         }
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ending::Gone,
+                        Some(Ok(_)) => {}
                     }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                    Some(Ok(_)) => {}
-                },
+                }
+                _ = keep_alive.tick() => {
+                    if heard.elapsed() > KEEP_ALIVE * 3 {
+                        return Ending::Silent;
+                    }
+                    if queue.try_send(Message::Ping(Default::default())).is_err() {
+                        return Ending::TooSlow(sent);
+                    }
+                }
             }
         }
     }
 
-    /// Send the stored records after `since` for the client's rooms; returns the last
+    /// Queue the stored records after `since` for the client's rooms; returns the last
     /// offset covered.
-    async fn catch_up(&self, socket: &mut WebSocket, rooms: &HashSet<String>, since: u64) -> Result<u64, ()> {
+    async fn catch_up(
+        &self,
+        queue: &mpsc::Sender<Message>,
+        rooms: &HashSet<String>,
+        since: u64,
+    ) -> Result<u64, Ending> {
         let mut from = since + 1;
+        let send = |text: String| async move {
+            match tokio::time::timeout(CATCH_UP_STALL, queue.send(Message::Text(text.into()))).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(Ending::Gone),
+                Err(_) => Err(Ending::TooSlow(Some(since))),
+            }
+        };
         loop {
-            let (records, oldest) = self.store.fanout_from(from, CATCH_UP_PAGE).map_err(|_| ())?;
+            let (records, oldest) = self.store.fanout_from(from, CATCH_UP_PAGE).map_err(|_| Ending::Gone)?;
             if from < oldest {
                 let notice = serde_json::json!({"type": "gap", "reason": "offset no longer retained", "requested": since, "oldest": oldest});
-                socket.send(Message::Text(notice.to_string().into())).await.map_err(|_| ())?;
+                send(notice.to_string()).await?;
                 from = oldest;
                 continue;
             }
             let Some(last) = records.last().map(|r| r.offset) else { return Ok(from - 1) };
             for record in records.iter().filter(|r| rooms.contains(&r.room)) {
-                socket.send(Message::Text(Hub::frame(record).into())).await.map_err(|_| ())?;
+                send(Hub::frame(record)).await?;
             }
             from = last + 1;
         }
+    }
+}
+
+/// Drain a client's queue into its socket; on a close request, send the close frame (if
+/// the socket takes it within a second) and stop.
+async fn write_frames(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut outgoing: mpsc::Receiver<Message>,
+    mut close: oneshot::Receiver<CloseFrame>,
+) {
+    loop {
+        let message = tokio::select! {
+            biased;
+            frame = &mut close => return send_close(&mut sink, frame.ok()).await,
+            message = outgoing.recv() => match message {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        tokio::select! {
+            biased;
+            frame = &mut close => return send_close(&mut sink, frame.ok()).await,
+            sent = sink.send(message) => if sent.is_err() { return },
+        }
+    }
+}
+
+async fn send_close(sink: &mut futures_util::stream::SplitSink<WebSocket, Message>, frame: Option<CloseFrame>) {
+    if let Some(frame) = frame {
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
     }
 }
 

@@ -51,7 +51,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     log.ensure_topics(&topics).await.context("creating topics")?;
     let store = Arc::new(Store::open(&config.data_dir, config.fanout_retention).context("opening the store")?);
     let runtime = Arc::new(Runtime::new(&config.data_dir.join("cache")).context("starting the wasm runtime")?);
-    let hub = Hub::new(store.clone());
+    let hub = Hub::new(store.clone(), crate::fanout::ClientLimits { queue: config.client_queue });
     let outbox = Arc::new(Notify::new());
     let deps = Arc::new(RunnerDeps {
         runtime,
@@ -78,6 +78,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
 
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
+    let send_buffer = config.socket_send_buffer;
+    let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+        if send_buffer > 0 {
+            let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(send_buffer);
+        }
+    });
     tracing::info!(%address, plugins = %config.plugins_dir.display(), data = %config.data_dir.display(), "owlery serving");
     // Tests and scripts read this line to find the port.
     println!("owlery listening on http://{address}");

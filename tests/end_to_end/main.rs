@@ -12,3 +12,4 @@ mod on_iggy;
 mod publish;
 mod resume;
 mod routing;
+mod slow_clients;

@@ -635,6 +635,9 @@ impl EventLog for IggyLog {
             Err(IggyError::PartitionNotFound(..)) => {
                 return Err(LogError::NoSuchPartition { topic: topic.to_owned(), partition });
             }
+            // Iggy answers this for an offset past the end of a partition (seen on a freshly
+            // restarted server with an empty partition): nothing to read there yet.
+            Err(IggyError::InvalidOffset(_)) => return Ok(Vec::new()),
             Err(e) => return Err(unavailable(e)),
         };
         Ok(polled
