@@ -39,6 +39,17 @@ pub struct Hub {
     limits: ClientLimits,
 }
 
+/// Where a client starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Resume {
+    /// Live broadcasts only.
+    Live,
+    /// Everything after this offset, then live ones; `epoch` is the log the offset is from.
+    After { offset: u64, epoch: Option<u64> },
+    /// Everything retained, then live ones.
+    All,
+}
+
 /// Why a client's connection ends.
 enum Ending {
     Gone,
@@ -75,7 +86,7 @@ impl Hub {
     /// Serve one WebSocket client in `rooms` (plus `all`), resuming after `since` if given.
     /// Frames go through a bounded queue to a writer of their own, so a client that does
     /// not read is cut off with a reason instead of holding anything up.
-    pub async fn serve(self, socket: WebSocket, grant: Grant, rooms: Vec<String>, since: Option<u64>) {
+    pub async fn serve(self, socket: WebSocket, grant: Grant, rooms: Vec<String>, since: Resume) {
         let (sink, mut incoming) = socket.split();
         let (queue, outgoing) = mpsc::channel::<Message>(self.limits.queue.max(1));
         let (close_tx, close_rx) = oneshot::channel::<CloseFrame>();
@@ -103,20 +114,39 @@ impl Hub {
         incoming: &mut futures_util::stream::SplitStream<WebSocket>,
         grant: Grant,
         rooms: Vec<String>,
-        since: Option<u64>,
+        resume: Resume,
     ) -> Ending {
         let mut rooms: HashSet<String> = rooms.into_iter().filter(|r| !r.is_empty()).collect();
         rooms.insert(ROOM_ALL.to_owned());
         let mut live = self.live.subscribe();
-        let hello = serde_json::json!({"type": "welcome", "rooms": sorted(&rooms), "next": self.store.fanout_next().unwrap_or(0)});
+        let next = self.store.fanout_next().unwrap_or(0);
+        let epoch = self.store.epoch().unwrap_or(0);
+        let hello = serde_json::json!({"type": "welcome", "rooms": sorted(&rooms), "next": next, "epoch": epoch});
         if queue.send(Message::Text(hello.to_string().into())).await.is_err() {
             return Ending::Gone;
         }
+        // An offset from another epoch, or past the end, is from a log that was reset: say
+        // so, and send everything retained.
+        let resume = match resume {
+            Resume::After { offset, epoch: known } if known.is_some_and(|e| e != epoch) || offset >= next => {
+                let notice = serde_json::json!({"type": "reset", "reason": "the fan-out log was reset; sending everything retained", "requested": offset, "epoch": epoch});
+                if queue.send(Message::Text(notice.to_string().into())).await.is_err() {
+                    return Ending::Gone;
+                }
+                Resume::All
+            }
+            other => other,
+        };
         // Everything up to `sent` has been delivered (or was not for this client).
-        let mut sent: Option<u64> = since;
-        if let Some(since) = since {
-            match self.catch_up(queue, &rooms, since).await {
-                Ok(last) => sent = Some(last),
+        let mut sent: Option<u64> = None;
+        let catch_up_after = match resume {
+            Resume::Live => None,
+            Resume::After { offset, .. } => Some(Some(offset)),
+            Resume::All => Some(None),
+        };
+        if let Some(after) = catch_up_after {
+            match self.catch_up(queue, &rooms, after).await {
+                Ok(last) => sent = last,
                 Err(ending) => return ending,
             }
         }
@@ -166,35 +196,36 @@ impl Hub {
         }
     }
 
-    /// Queue the stored records after `since` for the client's rooms; returns the last
-    /// offset covered.
+    /// Queue the stored records after `since` (`None`: from offset zero) for the client's
+    /// rooms; returns the last offset covered, if any.
     async fn catch_up(
         &self,
         queue: &mpsc::Sender<Message>,
         rooms: &HashSet<String>,
-        since: u64,
-    ) -> Result<u64, Ending> {
-        let mut from = since + 1;
+        since: Option<u64>,
+    ) -> Result<Option<u64>, Ending> {
+        let mut covered = since;
         let send = |text: String| async move {
             match tokio::time::timeout(CATCH_UP_STALL, queue.send(Message::Text(text.into()))).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Ending::Gone),
-                Err(_) => Err(Ending::TooSlow(Some(since))),
+                Err(_) => Err(Ending::TooSlow(since)),
             }
         };
         loop {
+            let from = covered.map_or(0, |c| c + 1);
             let (records, oldest) = self.store.fanout_from(from, CATCH_UP_PAGE).map_err(|_| Ending::Gone)?;
             if from < oldest {
                 let notice = serde_json::json!({"type": "gap", "reason": "offset no longer retained", "requested": since, "oldest": oldest});
                 send(notice.to_string()).await?;
-                from = oldest;
+                covered = oldest.checked_sub(1);
                 continue;
             }
-            let Some(last) = records.last().map(|r| r.offset) else { return Ok(from - 1) };
+            let Some(last) = records.last().map(|r| r.offset) else { return Ok(covered) };
             for record in records.iter().filter(|r| rooms.contains(&r.room)) {
                 send(Hub::frame(record)).await?;
             }
-            from = last + 1;
+            covered = Some(last);
         }
     }
 }

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{Auth, AuthError, Grant, Scope};
 use crate::envelope::{Envelope, Routing, check_topic};
-use crate::fanout::Hub;
+use crate::fanout::{Hub, Resume};
 use crate::log::{AppendItem, EventLog, LogError};
 use crate::plugins::runner::{PluginStatus, ReplayFrom};
 use crate::plugins::{Installed, PluginError, Plugins};
@@ -64,7 +64,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/plugins/{name}/promote", post(promote_shadow))
         .route("/api/monitoring/iggy-status", get(log_status))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), |s, r, n| require(s, r, n, Scope::Admin)));
-    Router::new().route("/health", get(health)).merge(publish).merge(subscribe).merge(admin).with_state(state)
+    Router::new()
+        .route("/", get(live_feed))
+        .route("/demo", get(live_feed))
+        .route("/health", get(health))
+        .merge(publish)
+        .merge(subscribe)
+        .merge(admin)
+        .with_state(state)
 }
 
 /// The bearer token of a request: `Authorization: Bearer T`, else `?token=T` (browsers
@@ -171,6 +178,11 @@ impl From<PluginError> for ApiError {
         };
         ApiError::new(status, e.to_string())
     }
+}
+
+/// The live incident feed (`examples/live-feed.html`), built into the binary.
+async fn live_feed() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../../examples/live-feed.html"))
 }
 
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
@@ -488,7 +500,10 @@ async fn log_status(State(state): State<AppState>) -> axum::Json<Value> {
 #[derive(Deserialize)]
 struct WsParams {
     rooms: Option<String>,
-    since: Option<u64>,
+    /// The last offset the client has (`-1`: send everything retained).
+    since: Option<i64>,
+    /// The epoch that offset is from (from the welcome frame).
+    epoch: Option<u64>,
 }
 
 /// `GET /ws?rooms=a,b&since=N[&token=T]`: JSON text frames `{"room", "offset", "event"}`.
@@ -504,6 +519,11 @@ async fn websocket(
     if let Some(room) = rooms.iter().find(|r| !grant.may_join(r)) {
         return Err(AuthError::Room(room.clone()).into());
     }
+    let resume = match params.since {
+        None => Resume::Live,
+        Some(offset) if offset < 0 => Resume::All,
+        Some(offset) => Resume::After { offset: offset as u64, epoch: params.epoch },
+    };
     let hub = state.hub.clone();
-    Ok(ws.on_upgrade(move |socket| hub.serve(socket, grant, rooms, params.since)))
+    Ok(ws.on_upgrade(move |socket| hub.serve(socket, grant, rooms, resume)))
 }

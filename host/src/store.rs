@@ -18,7 +18,7 @@ const OFFSETS: TableDefinition<(&str, &str, u32), u64> = TableDefinition::new("p
 const FANOUT: TableDefinition<u64, &[u8]> = TableDefinition::new("fanout");
 /// outbox sequence → OutboxEntry JSON
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-/// counters: "fanout_next", "outbox_next"
+/// counters: "fanout_next", "outbox_next", and "epoch" (random, fixed when the store is made)
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +83,14 @@ impl Store {
         txn.open_table(OFFSETS).map_err(db_err)?;
         txn.open_table(FANOUT).map_err(db_err)?;
         txn.open_table(OUTBOX).map_err(db_err)?;
-        txn.open_table(META).map_err(db_err)?;
+        {
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            if meta.get("epoch").map_err(db_err)?.is_none() {
+                // Tells a resuming client that the fan-out log it knew is not this one.
+                let epoch = (uuid::Uuid::new_v4().as_u128() as u64) >> 11;
+                meta.insert("epoch", epoch).map_err(db_err)?;
+            }
+        }
         txn.commit().map_err(db_err)?;
         Ok(Store { db, commit_order: std::sync::Mutex::new(()), fanout_retention: fanout_retention.max(1) })
     }
@@ -260,6 +267,13 @@ impl Store {
             out.push(serde_json::from_slice(value.value()).map_err(|e| StoreError(e.to_string()))?);
         }
         Ok((out, oldest))
+    }
+
+    /// The fan-out log's epoch: a new store (a reset log) has a new one.
+    pub fn epoch(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let meta = txn.open_table(META).map_err(db_err)?;
+        Ok(meta.get("epoch").map_err(db_err)?.map_or(0, |v| v.value()))
     }
 
     /// The offset the next broadcast will get.

@@ -5,6 +5,7 @@ mod support;
 
 mod auth;
 mod bench;
+mod browser;
 mod durability;
 mod lifecycle;
 mod misbehaving;
