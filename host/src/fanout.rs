@@ -64,6 +64,11 @@ impl Hub {
         Hub { live: broadcast::channel(limits.queue.max(1024) * 4).0, store, limits }
     }
 
+    /// Every committed record from now on, in offset order.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FanoutRecord>> {
+        self.live.subscribe()
+    }
+
     /// Hand committed records to the connected clients.
     pub fn publish(&self, records: Vec<FanoutRecord>) {
         for record in records {

@@ -17,4 +17,5 @@ pub mod log;
 pub mod plugins;
 pub mod runtime;
 pub mod server;
+pub mod socketio;
 pub mod store;

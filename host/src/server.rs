@@ -93,8 +93,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         tracing::info!("authentication is on");
     }
     let auth = Arc::new(crate::auth::Auth::new(config.auth.clone()));
+    let (socketio, io) = crate::socketio::layer(auth.clone(), store.clone());
+    let bridge = tokio::spawn(crate::socketio::bridge(io, hub.subscribe()));
     let state = AppState { auth, log, plugins: plugins.clone(), hub, routing, backend };
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, router(state).layer(socketio)).with_graceful_shutdown(shutdown).await?;
+    bridge.abort();
     drop(watcher);
     tracing::info!("stopping plugins");
     tokio::task::spawn_blocking(move || plugins.stop_all()).await?;

@@ -14,3 +14,4 @@ mod publish;
 mod resume;
 mod routing;
 mod slow_clients;
+mod socketio;

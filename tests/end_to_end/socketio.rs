@@ -1,0 +1,74 @@
+//! The real `socket.io-client` from npm receives broadcasts, by room, from a given offset.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+
+use crate::support::{Host, event, shipped};
+
+const CLIENT: &str = r#"
+const { io } = require("socket.io-client");
+const [url, rooms, since, want] = process.argv.slice(2);
+const socket = io(url, { auth: { rooms: rooms ? rooms.split(",") : [], since: Number(since) }, transports: ["websocket"] });
+const got = [];
+socket.on("connect", () => console.log(JSON.stringify({ connected: true })));
+socket.onAny((name, frame) => {
+  got.push({ name, room: frame.room, offset: frame.offset, id: frame.event && frame.event.data && frame.event.data.id });
+  if (got.length >= Number(want)) { console.log(JSON.stringify(got)); process.exit(0); }
+});
+setTimeout(() => { console.error("timed out with " + JSON.stringify(got)); process.exit(1); }, 30000);
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_real_socket_io_client_receives_broadcasts() {
+    let npm_ok = Command::new("npm").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !npm_ok {
+        if std::env::var("OWLERY_SKIP_NODE").is_ok_and(|v| v == "1") {
+            eprintln!("\n!!! SKIPPED: no node/npm for the socket.io-client test !!!\n");
+            return;
+        }
+        panic!("node and npm are needed for the socket.io-client test (or set OWLERY_SKIP_NODE=1 to skip, loudly)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let install = Command::new("npm")
+        .args(["install", "--silent", "--no-audit", "--no-fund", "socket.io-client@4"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(install.status.success(), "npm install socket.io-client: {}", String::from_utf8_lossy(&install.stderr));
+    std::fs::write(dir.path().join("client.js"), CLIENT).unwrap();
+
+    let host = Host::with_plugins(&[shipped("ws-broadcast")]);
+    // One broadcast from before the client connects: it asks to resume from before it.
+    host.post_events(&event("incident.created", json!({"id": 1}))).await;
+    host.caught_up("ws-broadcast").await;
+
+    let mut client = Command::new("node")
+        .arg("client.js")
+        .args([host.base.as_str(), "incident:42", "-1", "3"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("connected"), "{first}");
+    for e in [
+        event("incident.updated", json!({"id": 7})),
+        event("incident.updated", json!({"id": 42})),
+        event("incident.created", json!({"id": 2})),
+    ] {
+        assert_eq!(host.post_events(&e).await.0, 201);
+    }
+    let status = tokio::task::spawn_blocking(move || client.wait()).await.unwrap().unwrap();
+    let out = lines.next().expect("the client prints what it got").unwrap();
+    assert!(status.success(), "{out}");
+    let got: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = got.iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["incident:created", "incident:updated", "incident:created"], "{got:?}");
+    assert_eq!(got[0]["id"], 1, "the missed broadcast comes first");
+    assert_eq!(got[1]["room"], "incident:42");
+    assert_eq!(got[1]["id"], 42, "not incident:7's update");
+    assert_eq!(got[2]["id"], 2);
+}
