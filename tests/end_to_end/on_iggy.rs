@@ -226,3 +226,59 @@ async fn owlery_killed_mid_stream_resumes_without_double_counting() {
         status["offsets"]["incident-events"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert!(committed as usize >= in_iggy.len());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hosts_start_at_once_and_iggy_shows_each_plugins_offsets() {
+    use iggy::prelude::{Client, Consumer, ConsumerOffsetClient, Identifier, IggyClient};
+
+    let Some(iggy) = IggyServer::start(false) else { return };
+    // Both create the stream and topics if missing, at the same moment: neither may fail.
+    let plugins = [shipped("analytics")];
+    let (first, second) = std::thread::scope(|s| {
+        let one = s.spawn(|| Host::on_iggy(&iggy, &plugins));
+        let two = s.spawn(|| Host::on_iggy(&iggy, &[]));
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    for host in [&first, &second] {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (_, status) = host.get("/api/monitoring/iggy-status").await;
+            if status["connected"] == true && status["topics"]["incident-events"].is_object() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "a host never got its topics: {status}\n{}", host.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Published through one host, counted by the other's plugin.
+    let batch: Vec<_> = (0..20).map(|i| event("incident.updated", json!({"id": i}))).collect();
+    assert_eq!(second.post_events(&json!(batch)).await.0, 201);
+    spool_drained(&second).await;
+    first.caught_up("analytics").await;
+    assert_eq!(first.query("analytics", "").await["total"], 20);
+
+    let (_, monitoring) = second.get("/api/monitoring/iggy-status").await;
+    let used =
+        monitoring["topics"]["incident-events"].as_object().unwrap().values().filter(|v| v.as_u64() > Some(0)).count();
+    assert!(used > 1, "events without a user spread over the partitions by event id: {monitoring}");
+
+    // Iggy's own view of the plugin's progress: consumer owlery-analytics.
+    let client = IggyClient::from_connection_string(&format!("iggy://iggy:iggy@{}", iggy.address())).unwrap();
+    client.connect().await.unwrap();
+    let consumer = Consumer::new(Identifier::named("owlery-analytics").unwrap());
+    let (stream, topic) = (Identifier::named("owlery").unwrap(), Identifier::named("incident-events").unwrap());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut consumed = 0;
+        for partition in 0..8 {
+            if let Ok(Some(info)) = client.get_consumer_offset(&consumer, &stream, &topic, Some(partition)).await {
+                consumed += info.stored_offset + 1;
+            }
+        }
+        if consumed == 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Iggy shows {consumed} of 20 consumed by owlery-analytics");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -287,9 +287,12 @@ impl IggyLog {
                     };
                     // Iggy stores the last consumed offset.
                     let Some(last) = next.checked_sub(1) else { continue };
-                    let _ = client
+                    if let Err(error) = client
                         .store_consumer_offset(&Consumer::new(consumer_id), &stream, &topic_id, Some(partition), last)
-                        .await;
+                        .await
+                    {
+                        tracing::debug!(%consumer, %topic, partition, %error, "storing a consumer offset in Iggy failed");
+                    }
                 }
             }
         }
@@ -351,33 +354,35 @@ impl Remote {
 
     async fn ensure_topic(&self, topic: &str) -> Result<(), String> {
         let id = Identifier::named(topic).map_err(|e| e.to_string())?;
-        let details = match self.client.get_topic(&self.stream, &id).await.map_err(|e| e.to_string())? {
-            Some(details) => details,
-            None => {
-                let created = self
-                    .client
-                    .create_topic(
-                        &self.stream,
-                        topic,
-                        self.partitions,
-                        CompressionAlgorithm::None,
-                        None,
-                        IggyExpiry::NeverExpire,
-                        MaxTopicSize::ServerDefault,
-                    )
-                    .await;
-                match created {
-                    Ok(details) => details,
-                    Err(IggyError::TopicNameAlreadyExists(..)) => self
-                        .client
-                        .get_topic(&self.stream, &id)
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .ok_or_else(|| format!("topic {topic} vanished"))?,
-                    Err(e) => return Err(format!("creating topic {topic}: {e}")),
-                }
+        if self.client.get_topic(&self.stream, &id).await.map_err(|e| e.to_string())?.is_none() {
+            let created = self
+                .client
+                .create_topic(
+                    &self.stream,
+                    topic,
+                    self.partitions,
+                    CompressionAlgorithm::None,
+                    None,
+                    IggyExpiry::NeverExpire,
+                    MaxTopicSize::ServerDefault,
+                )
+                .await;
+            match created {
+                Ok(_) | Err(IggyError::TopicNameAlreadyExists(..)) => {}
+                Err(e) => return Err(format!("creating topic {topic}: {e}")),
             }
-        };
+        }
+        // Ask again rather than trust the creation's answer: that is what the server holds
+        // (another host may have created it first, with another partition count).
+        let details = self
+            .client
+            .get_topic(&self.stream, &id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("topic {topic} vanished"))?;
+        if details.partitions_count == 0 {
+            return Err(format!("topic {topic} has no partitions"));
+        }
         self.topics.lock().expect("topics lock").insert(topic.to_owned(), details.partitions_count);
         Ok(())
     }

@@ -837,6 +837,11 @@ impl Runner {
             .store
             .commit_batch(&self.namespace, &commit, |fanout| hub.publish(fanout))
             .map_err(|e| e.to_string())?;
+        if self.mode == Mode::Live {
+            for (topic, partition, next) in &commit.offsets {
+                self.deps.log.note_consumer_offset(&self.name, topic, *partition, *next);
+            }
+        }
         if has_outbox {
             self.deps.outbox.notify_one();
         }
