@@ -193,7 +193,7 @@ impl NativeCounts {
 fn dispatch(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let runtime = Runtime::new(&dir.path().join("cache"))?;
-    let store = Arc::new(Store::open(dir.path(), 1000)?);
+    let store = Arc::new(Store::open(dir.path(), 1000, Duration::ZERO)?);
     let cx = InstanceContext {
         plugin: "bench".into(),
         namespace: "bench".into(),

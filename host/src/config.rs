@@ -31,6 +31,8 @@ pub struct Config {
     pub partitions: u32,
     /// Fan-out records kept for resuming clients.
     pub fanout_retention: u64,
+    /// Nor any older than this many seconds (0: no age limit).
+    pub fanout_max_age_secs: u64,
     /// Frames queued for one WebSocket client; one that falls this far behind is
     /// disconnected (and told to resume from its last offset).
     pub client_queue: usize,
@@ -50,6 +52,7 @@ impl Default for Config {
             plugins_dir: PathBuf::from("plugins"),
             partitions: 4,
             fanout_retention: 100_000,
+            fanout_max_age_secs: 86_400,
             client_queue: 1024,
             socket_send_buffer: 0,
         }
@@ -68,6 +71,7 @@ pub struct ConfigFile {
     pub plugins_dir: Option<PathBuf>,
     pub partitions: Option<u32>,
     pub fanout_retention: Option<u64>,
+    pub fanout_max_age_secs: Option<u64>,
     pub client_queue: Option<usize>,
     pub socket_send_buffer: Option<usize>,
 }
@@ -134,6 +138,7 @@ impl Config {
             plugins_dir: file.plugins_dir.unwrap_or(d.plugins_dir),
             partitions: file.partitions.unwrap_or(d.partitions),
             fanout_retention: file.fanout_retention.unwrap_or(d.fanout_retention),
+            fanout_max_age_secs: file.fanout_max_age_secs.unwrap_or(d.fanout_max_age_secs),
             client_queue: file.client_queue.unwrap_or(d.client_queue),
             socket_send_buffer: file.socket_send_buffer.unwrap_or(d.socket_send_buffer),
         }

@@ -328,7 +328,7 @@ impl host::Host for HostState {
     }
 
     fn now(&mut self) -> wasmtime::Result<u64> {
-        Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+        Ok(crate::envelope::now_millis())
     }
 
     fn state_get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {

@@ -49,7 +49,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let mut topics = routing.topics();
     topics.push(DEAD_LETTER_TOPIC.to_owned());
     log.ensure_topics(&topics).await.context("creating topics")?;
-    let store = Arc::new(Store::open(&config.data_dir, config.fanout_retention).context("opening the store")?);
+    let store = Arc::new(
+        Store::open(&config.data_dir, config.fanout_retention, Duration::from_secs(config.fanout_max_age_secs))
+            .context("opening the store")?,
+    );
     let runtime = Arc::new(Runtime::new(&config.data_dir.join("cache")).context("starting the wasm runtime")?);
     let hub = Hub::new(store.clone(), crate::fanout::ClientLimits { queue: config.client_queue });
     let outbox = Arc::new(Notify::new());

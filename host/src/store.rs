@@ -36,6 +36,9 @@ pub struct FanoutRecord {
     pub room: String,
     pub plugin: String,
     pub payload: String,
+    /// When it was committed (ms since the epoch), for retention by age.
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 /// An event waiting to be appended to the log (published by a plugin, or a dead letter).
@@ -72,10 +75,14 @@ pub struct Store {
     commit_order: std::sync::Mutex<()>,
     /// Fan-out records kept; older ones are trimmed (a resuming client is told).
     fanout_retention: u64,
+    /// Fan-out records older than this are trimmed too (0: no age limit).
+    fanout_max_age_ms: u64,
 }
 
 impl Store {
-    pub fn open(dir: &Path, fanout_retention: u64) -> Result<Store, StoreError> {
+    /// `fanout_retention` broadcasts are kept for resuming clients, none older than
+    /// `fanout_max_age` (zero: no age limit).
+    pub fn open(dir: &Path, fanout_retention: u64, fanout_max_age: std::time::Duration) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
         let db = Database::create(dir.join("store.redb")).map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
@@ -92,7 +99,12 @@ impl Store {
             }
         }
         txn.commit().map_err(db_err)?;
-        Ok(Store { db, commit_order: std::sync::Mutex::new(()), fanout_retention: fanout_retention.max(1) })
+        Ok(Store {
+            db,
+            commit_order: std::sync::Mutex::new(()),
+            fanout_retention: fanout_retention.max(1),
+            fanout_max_age_ms: fanout_max_age.as_millis() as u64,
+        })
     }
 
     /// Commit one plugin batch atomically, then hand its fan-out records (with their
@@ -123,29 +135,37 @@ impl Store {
             if !batch.broadcasts.is_empty() {
                 let mut table = txn.open_table(FANOUT).map_err(db_err)?;
                 let mut next = meta.get("fanout_next").map_err(db_err)?.map_or(0, |v| v.value());
+                let now = crate::envelope::now_millis();
                 for (room, payload) in &batch.broadcasts {
                     let record = FanoutRecord {
                         offset: next,
                         room: room.clone(),
                         plugin: plugin.to_owned(),
                         payload: payload.clone(),
+                        at_ms: now,
                     };
                     table.insert(next, serde_json::to_vec(&record).expect("serialises").as_slice()).map_err(db_err)?;
                     fanout.push(record);
                     next += 1;
                 }
                 meta.insert("fanout_next", next).map_err(db_err)?;
-                // Trim what is past retention, a little at a time.
-                if let Some(cut) = next.checked_sub(self.fanout_retention) {
-                    let old: Vec<u64> = table
-                        .range(..cut)
-                        .map_err(db_err)?
-                        .take(1024)
-                        .filter_map(|e| e.ok().map(|(k, _)| k.value()))
-                        .collect();
-                    for key in old {
-                        table.remove(key).map_err(db_err)?;
-                    }
+                // Trim what is past retention (by count, then by age), a little at a time.
+                let by_count = next.saturating_sub(self.fanout_retention);
+                let too_old = |value: &[u8]| {
+                    self.fanout_max_age_ms > 0
+                        && serde_json::from_slice::<FanoutRecord>(value)
+                            .is_ok_and(|r| r.at_ms + self.fanout_max_age_ms < now)
+                };
+                let old: Vec<u64> = table
+                    .iter()
+                    .map_err(db_err)?
+                    .take(1024)
+                    .map_while(|e| e.ok())
+                    .take_while(|(k, v)| k.value() < by_count || too_old(v.value()))
+                    .map(|(k, _)| k.value())
+                    .collect();
+                for key in old {
+                    table.remove(key).map_err(db_err)?;
                 }
             }
             if !batch.outbox.is_empty() {

@@ -229,7 +229,9 @@ async fn owlery_killed_mid_stream_resumes_without_double_counting() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_hosts_start_at_once_and_iggy_shows_each_plugins_offsets() {
-    use iggy::prelude::{Client, Consumer, ConsumerOffsetClient, Identifier, IggyClient};
+    use iggy::prelude::{
+        Client, Consumer, ConsumerOffsetClient, Identifier, IggyClient, IggyMessage, MessageClient, Partitioning,
+    };
 
     let Some(iggy) = IggyServer::start(false) else { return };
     // Both create the stream and topics if missing, at the same moment: neither may fail.
@@ -281,4 +283,24 @@ async fn two_hosts_start_at_once_and_iggy_shows_each_plugins_offsets() {
         assert!(Instant::now() < deadline, "Iggy shows {consumed} of 20 consumed by owlery-analytics");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The same event written to Iggy twice (a resend after a lost acknowledgement, or any
+    // client's retry) is applied once.
+    let copy = json!({"eventId": "5b0f4f53-7a36-4b8e-9f0e-2f1d8e0c1a77", "eventType": "incident.created", "timestamp": "2026-11-23T10:00:00Z", "source": "retrying-client", "data": {"id": 77}});
+    for _ in 0..2 {
+        let mut messages = vec![IggyMessage::builder().payload(copy.to_string().into_bytes().into()).build().unwrap()];
+        client.send_messages(&stream, &topic, &Partitioning::partition_id(3), &mut messages).await.unwrap();
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = first.plugin("analytics").await;
+        if status["lag"] == 0 && status["offsets"]["incident-events"]["3"].as_u64() >= Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "analytics never read the copies: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counts = first.query("analytics", "").await;
+    assert_eq!(counts["total"], 21, "the second copy is skipped: {counts}");
+    assert_eq!(counts["bySource"]["retrying-client"], 1);
 }

@@ -44,3 +44,20 @@ async fn a_client_that_reconnects_with_its_offset_gets_exactly_what_it_missed() 
     let frame = client.next_event(WAIT).await.unwrap();
     assert_eq!(frame["event"]["data"]["n"], "live", "then live events, with nothing in between: {frame}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broadcasts_older_than_the_retention_age_are_dropped_and_a_resuming_client_is_told() {
+    let host = Host::with_config(&[shipped("ws-broadcast")], "fanout_max_age_secs = 1\n");
+    host.post_events(&event("incident.created", json!({"id": "old"}))).await;
+    host.caught_up("ws-broadcast").await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    host.post_events(&event("incident.created", json!({"id": "new"}))).await;
+    host.caught_up("ws-broadcast").await;
+
+    let mut client = host.ws("?since=-1").await;
+    let notice = client.next_json(WAIT).await.unwrap();
+    assert_eq!(notice["type"], "gap", "the client is told what is no longer retained: {notice}");
+    assert_eq!(notice["oldest"], 1);
+    let frame = client.next_event(WAIT).await.unwrap();
+    assert_eq!(frame["event"]["data"]["id"], "new");
+}

@@ -33,6 +33,11 @@ const IDS_BY_SEQ: TableDefinition<u64, u128> = TableDefinition::new("ids_by_seq"
 /// "next" → next sequence
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// Spool entries sent per round. A crash between Iggy's acknowledgement and the spool's
+/// cleanup resends at most this many per partition; runners remember at least as many ids
+/// per partition (`SEEN_PRIME`), so the copies are recognised.
+pub const FORWARD_BATCH: usize = 512;
+
 /// How the host reaches Iggy.
 #[derive(Debug, Clone)]
 pub struct IggySettings {
@@ -217,7 +222,7 @@ impl IggyLog {
                         }
                     }
                 }
-                let entries = match peek_spool(&spool, 2048) {
+                let entries = match peek_spool(&spool, FORWARD_BATCH) {
                     Ok(entries) => entries,
                     Err(e) => {
                         tracing::error!(error = %e, "reading the spool failed");

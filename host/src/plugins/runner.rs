@@ -26,8 +26,9 @@ const FAIL_AFTER_DEAD_LETTERS: u32 = 100;
 /// Event ids remembered to skip redelivered copies (Iggy can hold an event twice when a
 /// send is retried after a lost acknowledgement).
 const SEEN_WINDOW: usize = 10_000;
-/// Records read back per partition at start to rebuild that memory.
-const SEEN_PRIME: u64 = 256;
+/// Records read back per partition at start to rebuild that memory: at least what one
+/// forwarding round can resend after a crash.
+const SEEN_PRIME: u64 = 2 * crate::log::iggy::FORWARD_BATCH as u64;
 /// How long an idle runner waits before looking again (new partitions, commands).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 
@@ -175,6 +176,8 @@ pub struct Runner {
     /// Recently applied event ids, oldest first.
     seen: HashSet<u128>,
     seen_order: VecDeque<u128>,
+    /// Partitions whose recent ids are in `seen`.
+    primed: HashSet<(String, u32)>,
 }
 
 /// One record of a polled batch, decoded (or not).
@@ -220,6 +223,7 @@ impl Runner {
             rate_processed: 0,
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
+            primed: HashSet::new(),
         }
     }
 
@@ -380,26 +384,34 @@ impl Runner {
         self.prime_seen();
     }
 
-    /// Remember the ids of the records just before each position, so that a copy of one
-    /// of them further on is recognised.
+    /// Forget the remembered ids; each partition's are read back before it is next polled.
     fn prime_seen(&mut self) {
         self.seen.clear();
         self.seen_order.clear();
-        let positions: Vec<((String, u32), u64)> = self.positions.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        for ((topic, partition), next) in positions {
+        self.primed.clear();
+    }
+
+    /// Remember the ids of the records just before each position, so that a copy of one of
+    /// them further on is recognised. Fails (to be retried) while the log cannot be read:
+    /// polling on without them could apply a redelivered event twice.
+    fn ensure_primed(&mut self) -> Result<(), LogError> {
+        let todo: Vec<((String, u32), u64)> =
+            self.positions.iter().filter(|(k, _)| !self.primed.contains(*k)).map(|(k, v)| (k.clone(), *v)).collect();
+        for ((topic, partition), next) in todo {
             let from = next.saturating_sub(SEEN_PRIME);
-            if from == next {
-                continue;
+            if from < next {
+                let want = usize::try_from(next - from).unwrap_or(usize::MAX);
+                let records = self.deps.block_on(self.deps.log.poll(&topic, partition, from, want))?;
+                let ids: Vec<u128> = records
+                    .iter()
+                    .filter(|r| r.offset < next)
+                    .filter_map(|r| Envelope::from_bytes(&r.payload).ok().map(|e| e.event_id.as_u128()))
+                    .collect();
+                self.remember(ids);
             }
-            let want = usize::try_from(next - from).unwrap_or(usize::MAX);
-            let Ok(records) = self.deps.block_on(self.deps.log.poll(&topic, partition, from, want)) else { continue };
-            let ids: Vec<u128> = records
-                .iter()
-                .filter(|r| r.offset < next)
-                .filter_map(|r| Envelope::from_bytes(&r.payload).ok().map(|e| e.event_id.as_u128()))
-                .collect();
-            self.remember(ids);
+            self.primed.insert((topic, partition));
         }
+        Ok(())
     }
 
     fn remember(&mut self, ids: impl IntoIterator<Item = u128>) {
@@ -446,6 +458,7 @@ impl Runner {
 
     /// Read up to `max_batch` records across the subscribed partitions.
     fn poll_batch(&mut self) -> Result<Vec<Polled>, LogError> {
+        self.ensure_primed()?;
         let max = self.manifest.limits.max_batch;
         // While replaying, read only up to where the replay began (so a batch is wholly
         // replayed events or wholly new ones).
