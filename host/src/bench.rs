@@ -494,8 +494,20 @@ async fn publish(args: &BenchArgs, report: &mut Report, iggy_bin: Option<&Path>)
     let host = HostProcess::start(args, &[], Some(&iggy))?;
     let (lat, owlery_rate) = load(requests, clients, owlery_sender(host.base.clone())).await?;
 
-    // Iggy's own HTTP API, same load, same stream and topic, same payload.
+    // Iggy's own HTTP API, same load, same stream and topic, same payload, once the host
+    // has created the topic there.
     let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status: Value = http.get(format!("{}/api/monitoring/iggy-status", host.base)).send().await?.json().await?;
+        if status["connected"] == true && status["topics"]["events"].is_object() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the host never created its topics in Iggy: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let login: Value = http
         .post(format!("http://127.0.0.1:{}/users/login", iggy.http))
         .json(&json!({"username": "iggy", "password": "iggy"}))
