@@ -3,9 +3,14 @@
 //! Every broadcast has an offset in the fan-out log (see `store`). A client that connects
 //! with `since=<offset>` first gets what it missed from the store, then live records, with
 //! no gap and no duplicate; if that offset is no longer retained it is told so.
+//!
+//! On Iggy the fan-out log is shared: broadcasts are committed to the outbox for the
+//! `owlery-fanout` topic, and every host mirrors that topic into its store (`mirror`), so
+//! every host on the same Iggy serves the same records at the same offsets.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use std::time::Duration;
 
@@ -14,7 +19,11 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::auth::Grant;
-use crate::store::{FanoutRecord, Store};
+use crate::log::{EventLog, LogError};
+use crate::store::{BROADCAST_TYPE, FanoutRecord, Store};
+
+/// The topic that holds the shared fan-out log (one partition: one order for every host).
+pub const FANOUT_TOPIC: &str = "owlery-fanout";
 
 /// Records read from the store per page while catching a client up.
 const CATCH_UP_PAGE: usize = 1000;
@@ -24,6 +33,10 @@ pub const ROOM_ALL: &str = "all";
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// How long one frame may wait for a client that is catching up before it counts as dead.
 const CATCH_UP_STALL: Duration = Duration::from_secs(30);
+/// How long a client resuming from an offset this host has not mirrored yet waits for it.
+const MIRROR_CATCH_UP: Duration = Duration::from_secs(3);
+/// Records read from the shared fan-out topic per poll.
+const MIRROR_PAGE: usize = 1000;
 
 /// How much a client may fall behind.
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +50,10 @@ pub struct Hub {
     live: broadcast::Sender<Arc<FanoutRecord>>,
     store: Arc<Store>,
     limits: ClientLimits,
+    /// The fan-out log is a mirror of a shared one, which may be a little ahead of it.
+    shared: bool,
+    /// The mirror knows which shared log it mirrors (its epoch is that log's).
+    mirroring: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where a client starts.
@@ -58,10 +75,11 @@ enum Ending {
 }
 
 impl Hub {
-    pub fn new(store: Arc<Store>, limits: ClientLimits) -> Hub {
+    /// `shared`: the store's fan-out table mirrors a shared log (see `mirror`).
+    pub fn new(store: Arc<Store>, limits: ClientLimits, shared: bool) -> Hub {
         // The shared channel is only a hand-off to each client's own loop, which keeps up
         // unless the host is starved; each client's own queue bounds how far it may lag.
-        Hub { live: broadcast::channel(limits.queue.max(1024) * 4).0, store, limits }
+        Hub { live: broadcast::channel(limits.queue.max(1024) * 4).0, store, limits, shared, mirroring: Arc::default() }
     }
 
     /// Every committed record from now on, in offset order.
@@ -123,8 +141,23 @@ impl Hub {
     ) -> Ending {
         let mut rooms: HashSet<String> = rooms.into_iter().filter(|r| !r.is_empty()).collect();
         rooms.insert(ROOM_ALL.to_owned());
+        if self.shared {
+            // Right after start the mirror may not have met the shared log yet.
+            let deadline = tokio::time::Instant::now() + MIRROR_CATCH_UP;
+            while !self.mirroring.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let mut live = self.live.subscribe();
-        let next = self.store.fanout_next().unwrap_or(0);
+        let mut next = self.store.fanout_next().unwrap_or(0);
+        if let (true, Resume::After { offset, .. }) = (self.shared, resume) {
+            // An offset served by another host on the same log may not be mirrored here yet.
+            let deadline = tokio::time::Instant::now() + MIRROR_CATCH_UP;
+            while next <= offset && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                next = self.store.fanout_next().unwrap_or(0);
+            }
+        }
         let epoch = self.store.epoch().unwrap_or(0);
         let hello = serde_json::json!({"type": "welcome", "rooms": sorted(&rooms), "next": next, "epoch": epoch});
         if queue.send(Message::Text(hello.to_string().into())).await.is_err() {
@@ -233,6 +266,116 @@ impl Hub {
             covered = Some(last);
         }
     }
+}
+
+/// Keep the store's fan-out table a mirror of the shared fan-out topic, and hand new records
+/// to the connected clients. Runs for the life of the host.
+pub async fn mirror(log: Arc<dyn EventLog>, store: Arc<Store>, hub: Hub) {
+    let mut changes = log.changes();
+    let mut warned = false;
+    loop {
+        // Which incarnation of the topic this is: a new one (deleted and made again) means
+        // the offsets clients hold are from another log.
+        let epoch = match log.topic_epoch(FANOUT_TOPIC).await {
+            Ok(epoch) => epoch,
+            Err(error) => {
+                if !warned {
+                    tracing::warn!(%error, topic = FANOUT_TOPIC, "cannot read the shared fan-out log yet; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if store.epoch().ok() != Some(epoch) {
+            let Ok(end) = log.high_watermark(FANOUT_TOPIC, 0).await else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            };
+            // Read one window back before the retained part, to know which ids it repeats.
+            let from = end.saturating_sub(store.fanout_window().saturating_mul(2));
+            tracing::info!(epoch, from, end, "mirroring the shared fan-out log");
+            if let Err(error) = store.reset_fanout(epoch, from) {
+                tracing::error!(%error, "resetting the fan-out mirror failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        }
+        warned = false;
+        hub.mirroring.store(true, Ordering::Release);
+        let checked = tokio::time::Instant::now();
+        loop {
+            let from = match store.fanout_next() {
+                Ok(from) => from,
+                Err(error) => {
+                    tracing::error!(%error, "reading the fan-out mirror failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            match log.poll(FANOUT_TOPIC, 0, from, MIRROR_PAGE).await {
+                Ok(records) if records.is_empty() => {
+                    // Look at the epoch again now and then: the topic may have been reset.
+                    if checked.elapsed() > Duration::from_secs(10) {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = changes.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                }
+                Ok(records) => {
+                    let next = records.last().map_or(from, |r| r.offset + 1);
+                    let decoded = records.iter().filter_map(decode_broadcast).collect();
+                    match store.mirror_fanout(decoded, next) {
+                        Ok(kept) => hub.publish(kept),
+                        Err(error) => {
+                            tracing::error!(%error, "writing the fan-out mirror failed");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+                Err(LogError::NoSuchTopic(_) | LogError::NoSuchPartition { .. }) => break,
+                Err(error) => {
+                    tracing::debug!(%error, "reading the shared fan-out log failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The fan-out record a record of the shared fan-out topic carries; `None` (logged) for
+/// anything else.
+fn decode_broadcast(record: &crate::log::Record) -> Option<FanoutRecord> {
+    let envelope = match crate::envelope::Envelope::from_bytes(&record.payload) {
+        Ok(envelope) if envelope.event_type == BROADCAST_TYPE => envelope,
+        Ok(envelope) => {
+            tracing::warn!(topic = FANOUT_TOPIC, offset = record.offset, event_type = %envelope.event_type, "skipping a record of the fan-out topic that is not a broadcast");
+            return None;
+        }
+        Err(error) => {
+            tracing::warn!(topic = FANOUT_TOPIC, offset = record.offset, %error, "skipping a record of the fan-out topic that is not an envelope");
+            return None;
+        }
+    };
+    let text = |key: &str| envelope.data.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+    let (Some(room), Some(plugin), Some(payload)) = (text("room"), text("plugin"), envelope.data.get("payload")) else {
+        tracing::warn!(
+            topic = FANOUT_TOPIC,
+            offset = record.offset,
+            "skipping a broadcast without room, plugin or payload"
+        );
+        return None;
+    };
+    Some(FanoutRecord {
+        offset: record.offset,
+        id: envelope.event_id,
+        room,
+        plugin,
+        payload: payload.to_string(),
+        at_ms: envelope.data.get("atMs").and_then(|v| v.as_u64()).unwrap_or_else(crate::envelope::now_millis),
+    })
 }
 
 /// Drain a client's queue into its socket; on a close request, send the close frame (if

@@ -14,7 +14,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::envelope::{Envelope, Pattern, Routing, check_event_type};
 use crate::log::AppendItem;
-use crate::store::Store as HostStore;
+use crate::store::{Broadcast, Store as HostStore};
 
 /// All generated bindings of the `owlery:plugin` world.
 pub mod bindings {
@@ -144,8 +144,17 @@ pub struct Capabilities {
 #[derive(Debug, Default)]
 pub struct Effects {
     pub state_writes: BTreeMap<String, Option<Vec<u8>>>,
-    pub broadcasts: Vec<(String, String)>,
+    pub broadcasts: Vec<Broadcast>,
     pub publishes: Vec<AppendItem>,
+}
+
+/// An event of the batch being handled, as a `cause` of publishes and broadcasts.
+struct Cause {
+    timestamp: String,
+    /// Events published for it so far.
+    published: u32,
+    /// Broadcasts made for it so far.
+    broadcast: u32,
 }
 
 /// The per-instance data wasmtime hands to host functions.
@@ -159,8 +168,8 @@ pub struct HostState {
     store: Arc<HostStore>,
     routing: Arc<Routing>,
     effects: Effects,
-    /// eventId → (timestamp, events published for it so far) for the batch being handled
-    causes: HashMap<String, (String, u32)>,
+    /// eventId → what was published and broadcast for it, for the batch being handled
+    causes: HashMap<String, Cause>,
     /// true while serving `query`: nothing may be written
     read_only: bool,
 }
@@ -267,7 +276,10 @@ impl Instance {
     pub fn handle(&mut self, batch: &[GuestEnvelope], timeout: Duration) -> Result<Effects, CallError> {
         let data = self.store.data_mut();
         data.effects = Effects::default();
-        data.causes = batch.iter().map(|e| (e.event_id.clone(), (e.timestamp.clone(), 0))).collect();
+        data.causes = batch
+            .iter()
+            .map(|e| (e.event_id.clone(), Cause { timestamp: e.timestamp.clone(), published: 0, broadcast: 0 }))
+            .collect();
         self.store.set_epoch_deadline(deadline_ticks(timeout));
         let result = self.plugin.call_handle(&mut self.store, batch);
         let effects = std::mem::take(&mut self.store.data_mut().effects);
@@ -369,7 +381,7 @@ impl host::Host for HostState {
         Ok(merged.into_iter().collect())
     }
 
-    fn broadcast(&mut self, room: String, payload: String) -> wasmtime::Result<Result<(), String>> {
+    fn broadcast(&mut self, cause: String, room: String, payload: String) -> wasmtime::Result<Result<(), String>> {
         self.need_writable("broadcast")?;
         if !self.caps.broadcast {
             return Ok(Err("this plugin has no `broadcast` capability in its manifest".into()));
@@ -380,7 +392,15 @@ impl host::Host for HostState {
         if serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_err() {
             return Ok(Err("broadcast payload must be JSON".into()));
         }
-        self.effects.broadcasts.push((room, payload));
+        let Some(counts) = self.causes.get_mut(&cause) else {
+            return Ok(Err(format!("cause {cause:?} is not an event of the current batch")));
+        };
+        let id = uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("owlery/{}/{cause}/broadcast/{}", self.plugin, counts.broadcast).as_bytes(),
+        );
+        counts.broadcast += 1;
+        self.effects.broadcasts.push(Broadcast { id, room, payload });
         Ok(Ok(()))
     }
 
@@ -395,14 +415,15 @@ impl host::Host for HostState {
         let Ok(data) = serde_json::from_str::<serde_json::Value>(&data) else {
             return Ok(Err("publish data must be JSON".into()));
         };
-        let Some((timestamp, count)) = self.causes.get_mut(&cause) else {
+        let Some(counts) = self.causes.get_mut(&cause) else {
             return Ok(Err(format!("cause {cause:?} is not an event of the current batch")));
         };
         let event_id = uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_OID,
-            format!("owlery/{}/{cause}/{count}", self.plugin).as_bytes(),
+            format!("owlery/{}/{cause}/{}", self.plugin, counts.published).as_bytes(),
         );
-        *count += 1;
+        counts.published += 1;
+        let timestamp = &counts.timestamp;
         let mut metadata = serde_json::Map::new();
         metadata.insert("causationId".into(), cause.into());
         metadata.insert("plugin".into(), self.plugin.to_string().into());

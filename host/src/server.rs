@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 
 use crate::config::{Config, LogBackend};
 use crate::envelope::Routing;
-use crate::fanout::Hub;
+use crate::fanout::{FANOUT_TOPIC, Hub};
 use crate::http::{AppState, router};
 use crate::log::EventLog;
 use crate::log::embedded::EmbeddedLog;
@@ -48,13 +48,21 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     };
     let mut topics = routing.topics();
     topics.push(DEAD_LETTER_TOPIC.to_owned());
+    let shared_fanout = log.shares_fanout();
+    if shared_fanout {
+        topics.push(FANOUT_TOPIC.to_owned());
+    }
     log.ensure_topics(&topics).await.context("creating topics")?;
-    let store = Arc::new(
+    let mut store =
         Store::open(&config.data_dir, config.fanout_retention, Duration::from_secs(config.fanout_max_age_secs))
-            .context("opening the store")?,
-    );
+            .context("opening the store")?;
+    if shared_fanout {
+        store.share_fanout(FANOUT_TOPIC);
+    }
+    let store = Arc::new(store);
     let runtime = Arc::new(Runtime::new(&config.data_dir.join("cache")).context("starting the wasm runtime")?);
-    let hub = Hub::new(store.clone(), crate::fanout::ClientLimits { queue: config.client_queue });
+    let hub = Hub::new(store.clone(), crate::fanout::ClientLimits { queue: config.client_queue }, shared_fanout);
+    let mirror = shared_fanout.then(|| tokio::spawn(crate::fanout::mirror(log.clone(), store.clone(), hub.clone())));
     let outbox = Arc::new(Notify::new());
     let deps = Arc::new(RunnerDeps {
         runtime,
@@ -105,6 +113,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     tracing::info!("stopping plugins");
     tokio::task::spawn_blocking(move || plugins.stop_all()).await?;
     forwarder.abort();
+    if let Some(mirror) = mirror {
+        mirror.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

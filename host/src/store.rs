@@ -18,8 +18,15 @@ const OFFSETS: TableDefinition<(&str, &str, u32), u64> = TableDefinition::new("p
 const FANOUT: TableDefinition<u64, &[u8]> = TableDefinition::new("fanout");
 /// outbox sequence → OutboxEntry JSON
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-/// counters: "fanout_next", "outbox_next", and "epoch" (random, fixed when the store is made)
+/// counters: "fanout_next", "outbox_next", and "epoch" (random, fixed when the store is made;
+/// with a shared fan-out log, that log's)
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// broadcast id → fan-out offset, for the records mirrored from a shared fan-out log
+const FANOUT_IDS: TableDefinition<u128, u64> = TableDefinition::new("fanout_ids");
+/// fan-out offset → broadcast id, to forget the oldest ids
+const FANOUT_ID_AT: TableDefinition<u64, u128> = TableDefinition::new("fanout_id_at");
+/// Event type of the envelopes that carry broadcasts in a shared fan-out topic.
+pub const BROADCAST_TYPE: &str = "owlery.broadcast";
 
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
@@ -29,10 +36,23 @@ fn db_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError(e.into().to_string())
 }
 
+/// A broadcast made by a plugin: `id` is derived from the plugin, its cause and a counter,
+/// so the same broadcast made again (a redelivered batch, another host) has the same id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broadcast {
+    pub id: uuid::Uuid,
+    pub room: String,
+    /// JSON text
+    pub payload: String,
+}
+
 /// A broadcast as recorded in the fan-out log. `payload` is JSON text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FanoutRecord {
     pub offset: u64,
+    /// The broadcast's id (nil for records written before ids existed).
+    #[serde(default)]
+    pub id: uuid::Uuid,
     pub room: String,
     pub plugin: String,
     pub payload: String,
@@ -56,8 +76,7 @@ pub struct BatchCommit {
     pub state_writes: BTreeMap<String, Option<Vec<u8>>>,
     /// (topic, partition) → next offset to read
     pub offsets: Vec<(String, u32, u64)>,
-    /// (room, JSON payload)
-    pub broadcasts: Vec<(String, String)>,
+    pub broadcasts: Vec<Broadcast>,
     /// events to append to the log after the commit
     pub outbox: Vec<AppendItem>,
 }
@@ -77,6 +96,9 @@ pub struct Store {
     fanout_retention: u64,
     /// Fan-out records older than this are trimmed too (0: no age limit).
     fanout_max_age_ms: u64,
+    /// With a shared fan-out log (see `share_fanout`), its topic: broadcasts go to the
+    /// outbox for it, and the fan-out table mirrors it.
+    shared_topic: Option<String>,
 }
 
 impl Store {
@@ -90,6 +112,8 @@ impl Store {
         txn.open_table(OFFSETS).map_err(db_err)?;
         txn.open_table(FANOUT).map_err(db_err)?;
         txn.open_table(OUTBOX).map_err(db_err)?;
+        txn.open_table(FANOUT_IDS).map_err(db_err)?;
+        txn.open_table(FANOUT_ID_AT).map_err(db_err)?;
         {
             let mut meta = txn.open_table(META).map_err(db_err)?;
             if meta.get("epoch").map_err(db_err)?.is_none() {
@@ -104,7 +128,30 @@ impl Store {
             commit_order: std::sync::Mutex::new(()),
             fanout_retention: fanout_retention.max(1),
             fanout_max_age_ms: fanout_max_age.as_millis() as u64,
+            shared_topic: None,
         })
+    }
+
+    /// Broadcasts go to `topic` of the log (through the outbox, committed with the batch)
+    /// instead of straight into the fan-out table, which then mirrors that topic (see
+    /// `mirror_fanout`): every host on the same log serves the same fan-out offsets.
+    pub fn share_fanout(&mut self, topic: &str) {
+        self.shared_topic = Some(topic.to_owned());
+    }
+
+    /// The envelope that carries a broadcast in a shared fan-out topic.
+    fn broadcast_envelope(plugin: &str, broadcast: &Broadcast, at_ms: u64) -> crate::envelope::Envelope {
+        let payload = serde_json::from_str(&broadcast.payload).unwrap_or(serde_json::Value::Null);
+        crate::envelope::Envelope {
+            event_id: broadcast.id,
+            event_type: BROADCAST_TYPE.to_owned(),
+            timestamp: crate::envelope::now_rfc3339(),
+            source: format!("plugin:{plugin}"),
+            user_id: None,
+            metadata: serde_json::Map::new(),
+            data: serde_json::json!({"room": broadcast.room, "plugin": plugin, "atMs": at_ms, "payload": payload}),
+            extra: serde_json::Map::new(),
+        }
     }
 
     /// Commit one plugin batch atomically, then hand its fan-out records (with their
@@ -132,16 +179,25 @@ impl Store {
                 offsets.insert((plugin, topic.as_str(), *partition), *next).map_err(db_err)?;
             }
             let mut meta = txn.open_table(META).map_err(db_err)?;
-            if !batch.broadcasts.is_empty() {
+            let mut outbox: Vec<AppendItem> = Vec::new();
+            if let Some(topic) = self.shared_topic.as_ref().filter(|_| !batch.broadcasts.is_empty()) {
+                let now = crate::envelope::now_millis();
+                outbox.extend(batch.broadcasts.iter().map(|b| AppendItem {
+                    topic: topic.clone(),
+                    key: String::new(),
+                    envelope: Self::broadcast_envelope(plugin, b, now),
+                }));
+            } else if !batch.broadcasts.is_empty() {
                 let mut table = txn.open_table(FANOUT).map_err(db_err)?;
                 let mut next = meta.get("fanout_next").map_err(db_err)?.map_or(0, |v| v.value());
                 let now = crate::envelope::now_millis();
-                for (room, payload) in &batch.broadcasts {
+                for broadcast in &batch.broadcasts {
                     let record = FanoutRecord {
                         offset: next,
-                        room: room.clone(),
+                        id: broadcast.id,
+                        room: broadcast.room.clone(),
                         plugin: plugin.to_owned(),
-                        payload: payload.clone(),
+                        payload: broadcast.payload.clone(),
                         at_ms: now,
                     };
                     table.insert(next, serde_json::to_vec(&record).expect("serialises").as_slice()).map_err(db_err)?;
@@ -149,29 +205,12 @@ impl Store {
                     next += 1;
                 }
                 meta.insert("fanout_next", next).map_err(db_err)?;
-                // Trim what is past retention (by count, then by age), a little at a time.
-                let by_count = next.saturating_sub(self.fanout_retention);
-                let too_old = |value: &[u8]| {
-                    self.fanout_max_age_ms > 0
-                        && serde_json::from_slice::<FanoutRecord>(value)
-                            .is_ok_and(|r| r.at_ms + self.fanout_max_age_ms < now)
-                };
-                let old: Vec<u64> = table
-                    .iter()
-                    .map_err(db_err)?
-                    .take(1024)
-                    .map_while(|e| e.ok())
-                    .take_while(|(k, v)| k.value() < by_count || too_old(v.value()))
-                    .map(|(k, _)| k.value())
-                    .collect();
-                for key in old {
-                    table.remove(key).map_err(db_err)?;
-                }
+                self.trim_fanout(&mut table, next, now)?;
             }
-            if !batch.outbox.is_empty() {
+            if !batch.outbox.is_empty() || !outbox.is_empty() {
                 let mut table = txn.open_table(OUTBOX).map_err(db_err)?;
                 let mut next = meta.get("outbox_next").map_err(db_err)?.map_or(0, |v| v.value());
-                for item in &batch.outbox {
+                for item in batch.outbox.iter().chain(&outbox) {
                     let entry = OutboxEntry {
                         topic: item.topic.clone(),
                         key: item.key.clone(),
@@ -186,6 +225,100 @@ impl Store {
         txn.commit().map_err(db_err)?;
         committed(fanout);
         Ok(())
+    }
+
+    /// Drop what is past retention (by count, then by age), a little at a time.
+    fn trim_fanout(&self, table: &mut redb::Table<u64, &[u8]>, next: u64, now: u64) -> Result<(), StoreError> {
+        let by_count = next.saturating_sub(self.fanout_retention);
+        let too_old = |value: &[u8]| {
+            self.fanout_max_age_ms > 0
+                && serde_json::from_slice::<FanoutRecord>(value).is_ok_and(|r| r.at_ms + self.fanout_max_age_ms < now)
+        };
+        let old: Vec<u64> = table
+            .iter()
+            .map_err(db_err)?
+            .take(1024)
+            .map_while(|e| e.ok())
+            .take_while(|(k, v)| k.value() < by_count || too_old(v.value()))
+            .map(|(k, _)| k.value())
+            .collect();
+        for key in old {
+            table.remove(key).map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Mirror records read from the shared fan-out log (their offsets are the log's), up to
+    /// `next` (the offset after the last one read, valid or not). A record whose id was
+    /// already seen within the retention window before it (the same broadcast sent again by
+    /// a retry, or made by another host running the same plugin) is a copy and is dropped:
+    /// every host decides this the same way, from the log alone. Returns the records kept,
+    /// in order, to hand to the connected clients.
+    pub fn mirror_fanout(&self, records: Vec<FanoutRecord>, next: u64) -> Result<Vec<FanoutRecord>, StoreError> {
+        let _order = self.commit_order.lock().unwrap_or_else(|e| e.into_inner());
+        let window = self.fanout_retention;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let mut kept = Vec::with_capacity(records.len());
+        {
+            let mut table = txn.open_table(FANOUT).map_err(db_err)?;
+            let mut ids = txn.open_table(FANOUT_IDS).map_err(db_err)?;
+            let mut id_at = txn.open_table(FANOUT_ID_AT).map_err(db_err)?;
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            let mirrored = meta.get("fanout_next").map_err(db_err)?.map_or(0, |v| v.value());
+            for record in records {
+                if record.offset < mirrored {
+                    continue;
+                }
+                let id = record.id.as_u128();
+                let seen = ids.get(id).map_err(db_err)?.map(|v| v.value());
+                if seen.is_some_and(|at| at + window > record.offset) {
+                    continue;
+                }
+                if let Some(at) = seen {
+                    id_at.remove(at).map_err(db_err)?;
+                }
+                ids.insert(id, record.offset).map_err(db_err)?;
+                id_at.insert(record.offset, id).map_err(db_err)?;
+                table
+                    .insert(record.offset, serde_json::to_vec(&record).expect("serialises").as_slice())
+                    .map_err(db_err)?;
+                kept.push(record);
+            }
+            let next = next.max(mirrored);
+            meta.insert("fanout_next", next).map_err(db_err)?;
+            // Ids older than the window are forgotten (a little at a time).
+            let cut = next.saturating_sub(window);
+            let old: Vec<(u64, u128)> = id_at
+                .range(..cut)
+                .map_err(db_err)?
+                .take(4096)
+                .map_while(|e| e.ok())
+                .map(|(k, v)| (k.value(), v.value()))
+                .collect();
+            for (at, id) in old {
+                id_at.remove(at).map_err(db_err)?;
+                ids.remove(id).map_err(db_err)?;
+            }
+            self.trim_fanout(&mut table, next, crate::envelope::now_millis())?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(kept)
+    }
+
+    /// Start the fan-out table afresh as the mirror of a shared log of epoch `epoch`, from
+    /// offset `from` (a host new to the log, or a log that was reset).
+    pub fn reset_fanout(&self, epoch: u64, from: u64) -> Result<(), StoreError> {
+        let _order = self.commit_order.lock().unwrap_or_else(|e| e.into_inner());
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            txn.open_table(FANOUT).map_err(db_err)?.retain(|_, _| false).map_err(db_err)?;
+            txn.open_table(FANOUT_IDS).map_err(db_err)?.retain(|_, _| false).map_err(db_err)?;
+            txn.open_table(FANOUT_ID_AT).map_err(db_err)?.retain(|_, _| false).map_err(db_err)?;
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            meta.insert("epoch", epoch).map_err(db_err)?;
+            meta.insert("fanout_next", from).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
     }
 
     pub fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -289,6 +422,12 @@ impl Store {
         Ok((out, oldest))
     }
 
+    /// Fan-out records kept for resuming clients (also the window within which a repeated
+    /// broadcast id in a shared fan-out log is a copy).
+    pub fn fanout_window(&self) -> u64 {
+        self.fanout_retention
+    }
+
     /// The fan-out log's epoch: a new store (a reset log) has a new one.
     pub fn epoch(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
@@ -328,5 +467,45 @@ impl Store {
             table.retain_in(..=last, |_, _| false).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FanoutRecord, Store};
+
+    fn record(offset: u64, id: u128) -> FanoutRecord {
+        FanoutRecord {
+            offset,
+            id: uuid::Uuid::from_u128(id),
+            room: "all".into(),
+            plugin: "p".into(),
+            payload: format!("{{\"n\":{offset}}}"),
+            at_ms: crate::envelope::now_millis(),
+        }
+    }
+
+    fn offsets(records: &[FanoutRecord]) -> Vec<u64> {
+        records.iter().map(|r| r.offset).collect()
+    }
+
+    #[test]
+    fn a_mirrored_broadcast_seen_within_the_window_is_a_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 4, std::time::Duration::ZERO).unwrap();
+        store.reset_fanout(7, 0).unwrap();
+        // ids 1, 2, 1 (a copy), 3, then 1 again more than 4 records after its first time.
+        let kept = store.mirror_fanout(vec![record(0, 1), record(1, 2), record(2, 1), record(3, 3)], 4).unwrap();
+        assert_eq!(offsets(&kept), [0, 1, 3]);
+        let kept = store.mirror_fanout(vec![record(4, 4), record(5, 1), record(6, 3)], 7).unwrap();
+        assert_eq!(offsets(&kept), [4, 5], "1 is 5 records after its first time (new again); 3 is 3 after (a copy)");
+        assert_eq!(store.fanout_next().unwrap(), 7);
+        assert_eq!(store.epoch().unwrap(), 7);
+        // Records already mirrored are not taken twice; a reset starts over.
+        assert!(store.mirror_fanout(vec![record(6, 9)], 7).unwrap().is_empty());
+        store.reset_fanout(8, 100).unwrap();
+        let (records, oldest) = store.fanout_from(0, 10).unwrap();
+        assert!(records.is_empty());
+        assert_eq!(oldest, 100);
     }
 }

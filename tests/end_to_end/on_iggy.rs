@@ -136,8 +136,9 @@ async fn events_from_the_python_sdk_reach_the_plugins() {
     assert!(host.log().contains("skipping a record that is not a valid envelope"));
 }
 
-/// Publishers post steadily; returns the ids acknowledged with 201 once `stop` is set.
-fn publishers(host: &Host, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+/// Publishers post steadily; returns the ids acknowledged with 201 (with their partitions)
+/// once `stop` is set.
+fn publishers(host: &Host, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Vec<(String, u64)>>> {
     (0..3)
         .map(|publisher| {
             let (http, url, stop) = (host.http.clone(), host.url("/api/events"), stop.clone());
@@ -152,7 +153,11 @@ fn publishers(host: &Host, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle
                         continue;
                     }
                     let answer: Value = response.json().await.unwrap();
-                    acked.push(answer["events"][0]["eventId"].as_str().unwrap().to_owned());
+                    let accepted = &answer["events"][0];
+                    acked.push((
+                        accepted["eventId"].as_str().unwrap().to_owned(),
+                        accepted["partition"].as_u64().unwrap(),
+                    ));
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 acked
@@ -190,10 +195,11 @@ async fn iggy_killed_mid_stream_loses_no_acknowledged_event() {
     iggy.restart();
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut acked: HashSet<String> = HashSet::new();
+    let mut partition_of = std::collections::HashMap::new();
     for task in tasks {
-        acked.extend(task.await.unwrap());
+        partition_of.extend(task.await.unwrap());
     }
+    let acked: HashSet<String> = partition_of.keys().cloned().collect();
     assert!(acked.len() > 50, "only {} events were published", acked.len());
 
     spool_drained(&host).await;
@@ -205,7 +211,9 @@ async fn iggy_killed_mid_stream_loses_no_acknowledged_event() {
             let (_, r) = host
                 .get(&format!("/api/events/replay?topic=incident-events&partition={p}&fromOffset=0&limit=10000"))
                 .await;
-            eprintln!("DIAG partition {p}: read {} next {}", r["records"].as_array().map_or(0, |a| a.len()), r["next"]);
+            let lost = missing.iter().filter(|id| partition_of[**id] == p).count();
+            let read = r["records"].as_array().map_or(0, |a| a.len());
+            eprintln!("DIAG partition {p}: read {read} next {} missing {lost}", r["next"]);
         }
         eprintln!("DIAG status {}", monitoring["topics"]["incident-events"]);
     }
@@ -227,7 +235,7 @@ async fn owlery_killed_mid_stream_resumes_without_double_counting() {
     host.kill9();
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
-        acked.lock().await.extend(task.await.unwrap());
+        acked.lock().await.extend(task.await.unwrap().into_iter().map(|(id, _)| id));
     }
     let acked = acked.lock().await.clone();
     host.start();
@@ -318,4 +326,60 @@ async fn two_hosts_start_at_once_and_iggy_shows_each_plugins_offsets() {
     let counts = first.query("analytics", "").await;
     assert_eq!(counts["total"], 21, "the second copy is skipped: {counts}");
     assert_eq!(counts["bySource"]["retrying-client"], 1);
+}
+
+/// The broadcast frames a client receives until none comes for `quiet`.
+async fn frames_until_quiet(client: &mut crate::support::Ws, quiet: Duration) -> Vec<Value> {
+    let mut frames = Vec::new();
+    while let Some(frame) = client.next_event(quiet).await {
+        frames.push(frame);
+    }
+    frames
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hosts_on_one_iggy_serve_the_same_fan_out_offsets() {
+    let Some(iggy) = IggyServer::start(false) else { return };
+    // Both hosts run ws-broadcast, so both make every broadcast: each must reach clients once.
+    let first = Host::on_iggy(&iggy, &[shipped("ws-broadcast")]);
+    let second = Host::on_iggy(&iggy, &[shipped("ws-broadcast")]);
+    let mut on_first = first.ws("?rooms=incident:5").await;
+    let mut on_second = second.ws("?rooms=incident:5").await;
+    assert_eq!(on_first.welcome["epoch"], on_second.welcome["epoch"], "one fan-out log, one epoch");
+
+    let batch: Vec<_> = (0..50)
+        .map(|n| json!({"eventType": "incident.updated", "userId": "reporter-5", "data": {"id": 5, "n": n}}))
+        .collect();
+    assert_eq!(first.post_events(&json!(batch)).await.0, 201);
+    let seen_first = frames_until_quiet(&mut on_first, Duration::from_secs(3)).await;
+    let seen_second = frames_until_quiet(&mut on_second, Duration::from_secs(1)).await;
+    let numbers: Vec<_> = seen_first.iter().map(|f| f["event"]["data"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, (0..50).collect::<Vec<u64>>(), "each broadcast once, in order, on the first host");
+    let offsets = |frames: &[Value]| frames.iter().map(|f| f["offset"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(offsets(&seen_first), offsets(&seen_second), "both hosts serve the same records at the same offsets");
+    assert_eq!(seen_first, seen_second);
+
+    // A client moves from the first host to the second with its offset: it gets exactly
+    // the rest, with no reset notice.
+    let (offset, epoch) = (seen_first[19]["offset"].as_u64().unwrap(), on_first.welcome["epoch"].clone());
+    drop(on_first);
+    let mut moved = second.ws(&format!("?rooms=incident:5&since={offset}&epoch={epoch}")).await;
+    let mut rest = Vec::new();
+    while let Some(frame) = moved.next_json(Duration::from_secs(2)).await {
+        assert_ne!(frame["type"], "reset", "{frame}");
+        assert_ne!(frame["type"], "gap", "{frame}");
+        if frame.get("offset").is_some() {
+            rest.push(frame);
+        }
+    }
+    assert_eq!(rest, seen_first[20..].to_vec(), "the rest, from the other host, exactly");
+
+    // Live broadcasts, whichever host they are published through, reach clients of both, once.
+    let mut again = first.ws("?rooms=incident:5").await;
+    assert_eq!(second.post_events(&event("incident.updated", json!({"id": 5, "n": "live"}))).await.0, 201);
+    let live = again.next_in_room("incident:5", WAIT).await.expect("a live broadcast through the other host");
+    assert_eq!(live["event"]["data"]["n"], "live");
+    let copy = moved.next_in_room("incident:5", WAIT).await.unwrap();
+    assert_eq!(live, copy);
+    assert!(frames_until_quiet(&mut again, Duration::from_secs(1)).await.is_empty(), "no copy follows");
 }

@@ -218,9 +218,10 @@ impl Host {
     pub async fn ws(&self, query: &str) -> Ws {
         let url = format!("{}/ws{query}", self.base.replace("http://", "ws://"));
         let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
-        let mut ws = Ws { stream };
+        let mut ws = Ws { stream, welcome: Value::Null };
         let hello = ws.next_json(Duration::from_secs(5)).await.expect("welcome frame");
         assert_eq!(hello["type"], "welcome", "{hello}");
+        ws.welcome = hello;
         ws
     }
 }
@@ -251,6 +252,8 @@ pub fn shipped(name: &str) -> (String, PathBuf, String) {
 
 pub struct Ws {
     stream: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    /// The welcome frame: rooms, next offset, epoch.
+    pub welcome: Value,
 }
 
 impl Ws {

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot, watch};
 
 use super::{AppendItem, Appended, EventLog, LogError, Record, partition_for};
+use crate::fanout::FANOUT_TOPIC;
 
 /// spool sequence → SpoolEntry JSON, in acceptance order
 const SPOOL: TableDefinition<u64, &[u8]> = TableDefinition::new("spool");
@@ -37,6 +38,20 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// cleanup resends at most this many per partition; runners remember at least as many ids
 /// per partition (`SEEN_PRIME`), so the copies are recognised.
 pub const FORWARD_BATCH: usize = 512;
+
+/// How long one request to Iggy may take. The client reconnects forever in the background,
+/// so a request made while the server is down would otherwise wait until it is back, and
+/// anything waiting on it (a status page, a replay, a runner) would hang with it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `request`, or `Unavailable` if Iggy does not answer within `REQUEST_TIMEOUT`.
+async fn answered<T>(request: impl std::future::Future<Output = Result<T, IggyError>>) -> Result<T, LogError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(LogError::Unavailable(format!("Iggy did not answer within {} s", REQUEST_TIMEOUT.as_secs()))),
+    }
+}
 
 /// How the host reaches Iggy.
 #[derive(Debug, Clone)]
@@ -112,6 +127,11 @@ fn storage(e: impl Into<redb::Error>) -> LogError {
 
 fn unavailable(e: IggyError) -> LogError {
     LogError::Unavailable(e.to_string())
+}
+
+/// Partitions of a topic Owlery creates: the shared fan-out log has one (one order).
+fn partitions_of(settings: &IggySettings, topic: &str) -> u32 {
+    if topic == FANOUT_TOPIC { 1 } else { settings.partitions }
 }
 
 fn ident(name: &str) -> Result<Identifier, LogError> {
@@ -292,10 +312,9 @@ impl IggyLog {
                     };
                     // Iggy stores the last consumed offset.
                     let Some(last) = next.checked_sub(1) else { continue };
-                    if let Err(error) = client
-                        .store_consumer_offset(&Consumer::new(consumer_id), &stream, &topic_id, Some(partition), last)
-                        .await
-                    {
+                    let consumer_id = Consumer::new(consumer_id);
+                    let request = client.store_consumer_offset(&consumer_id, &stream, &topic_id, Some(partition), last);
+                    if let Err(error) = answered(request).await {
                         tracing::debug!(%consumer, %topic, partition, %error, "storing a consumer offset in Iggy failed");
                     }
                 }
@@ -304,10 +323,8 @@ impl IggyLog {
     }
 
     async fn topic_details(&self, topic: &str) -> Result<iggy::prelude::TopicDetails, LogError> {
-        self.client
-            .get_topic(&self.stream, &ident(topic)?)
-            .await
-            .map_err(unavailable)?
+        answered(self.client.get_topic(&self.stream, &ident(topic)?))
+            .await?
             .ok_or_else(|| LogError::NoSuchTopic(topic.to_owned()))
     }
 }
@@ -365,7 +382,7 @@ impl Remote {
                 .create_topic(
                     &self.stream,
                     topic,
-                    self.partitions,
+                    if topic == FANOUT_TOPIC { 1 } else { self.partitions },
                     CompressionAlgorithm::None,
                     None,
                     IggyExpiry::NeverExpire,
@@ -420,10 +437,16 @@ impl Remote {
                 messages.push(message);
             }
             let topic_id = Identifier::named(&topic).map_err(|e| e.to_string())?;
-            self.client
-                .send_messages(&self.stream, &topic_id, &Partitioning::partition_id(partition), &mut messages)
-                .await
-                .map_err(|e| format!("sending to {topic}/{partition}: {e}"))?;
+            // Not acknowledged in time counts as not sent: it stays in the spool and is sent
+            // again (a copy that did arrive is skipped by the runners, by its eventId).
+            answered(self.client.send_messages(
+                &self.stream,
+                &topic_id,
+                &Partitioning::partition_id(partition),
+                &mut messages,
+            ))
+            .await
+            .map_err(|e| format!("sending to {topic}/{partition}: {e}"))?;
             Ok::<Vec<u64>, String>(group.iter().map(|(seq, _)| *seq).collect())
         });
         let mut first_error = None;
@@ -542,8 +565,11 @@ fn accept(
                     });
                     continue;
                 }
-                let partitions =
-                    *topics.lock().expect("topics lock").entry(item.topic.clone()).or_insert(settings.partitions);
+                let partitions = *topics
+                    .lock()
+                    .expect("topics lock")
+                    .entry(item.topic.clone())
+                    .or_insert_with(|| partitions_of(settings, &item.topic));
                 let partition = partition_for(&item.key, partitions);
                 let entry = SpoolEntry {
                     topic: item.topic.clone(),
@@ -594,7 +620,7 @@ impl EventLog for IggyLog {
             for topic in wanted {
                 crate::envelope::check_topic(topic).map_err(|e| LogError::Storage(format!("topic {topic:?}: {e}")))?;
                 if !topics.contains_key(topic) {
-                    topics.insert(topic.clone(), self.settings.partitions);
+                    topics.insert(topic.clone(), partitions_of(&self.settings, topic));
                     new.push(topic.clone());
                 }
             }
@@ -602,7 +628,8 @@ impl EventLog for IggyLog {
         if !new.is_empty() && self.health.lock().expect("health lock").connected {
             let remote = self.remote();
             for topic in &new {
-                if let Err(e) = remote.ensure_topic(topic).await {
+                let created = tokio::time::timeout(REQUEST_TIMEOUT, remote.ensure_topic(topic)).await;
+                if let Err(e) = created.unwrap_or_else(|_| Err("Iggy did not answer in time".into())) {
                     tracing::warn!(%topic, error = %e, "creating the topic in Iggy failed; will retry");
                     self.forward.notify_one();
                 }
@@ -625,18 +652,19 @@ impl EventLog for IggyLog {
 
     async fn poll(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError> {
         let consumer = Consumer::new(ident("owlery")?);
-        let polled = self
-            .client
-            .poll_messages(
-                &self.stream,
-                &ident(topic)?,
-                Some(partition),
-                &consumer,
-                &PollingStrategy::offset(from),
-                u32::try_from(max).unwrap_or(u32::MAX),
-                false,
-            )
-            .await;
+        let (topic_id, count) = (ident(topic)?, u32::try_from(max).unwrap_or(u32::MAX));
+        let strategy = PollingStrategy::offset(from);
+        let request =
+            self.client.poll_messages(&self.stream, &topic_id, Some(partition), &consumer, &strategy, count, false);
+        let polled = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+            Err(_) => {
+                return Err(LogError::Unavailable(format!(
+                    "Iggy did not answer within {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(polled) => polled,
+        };
         let polled = match polled {
             Ok(polled) => polled,
             Err(IggyError::TopicIdNotFound(..) | IggyError::TopicNameNotFound(..)) => {
@@ -679,10 +707,19 @@ impl EventLog for IggyLog {
 
     async fn topics(&self) -> Result<Vec<String>, LogError> {
         let mut names: BTreeSet<String> = self.topics.lock().expect("topics lock").keys().cloned().collect();
-        if let Ok(Some(stream)) = self.client.get_stream(&self.stream).await {
+        if let Ok(Some(stream)) = answered(self.client.get_stream(&self.stream)).await {
             names.extend(stream.topics.into_iter().map(|t| t.name));
         }
         Ok(names.into_iter().collect())
+    }
+
+    fn shares_fanout(&self) -> bool {
+        true
+    }
+
+    async fn topic_epoch(&self, topic: &str) -> Result<u64, LogError> {
+        // Microseconds fit in 53 bits (a JSON number) until the year 2255.
+        Ok(self.topic_details(topic).await?.created_at.as_micros())
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

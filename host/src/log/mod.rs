@@ -76,6 +76,18 @@ pub trait EventLog: Send + Sync + 'static {
     /// Every topic, sorted.
     async fn topics(&self) -> Result<Vec<String>, LogError>;
 
+    /// Whether every host on this log shares one fan-out log in it (topic
+    /// `fanout::FANOUT_TOPIC`) instead of keeping its own in its store.
+    fn shares_fanout(&self) -> bool {
+        false
+    }
+
+    /// Which incarnation of `topic` this is: it changes when the topic is deleted and made
+    /// again, so offsets into the old one are known to be stale.
+    async fn topic_epoch(&self, _topic: &str) -> Result<u64, LogError> {
+        Ok(0)
+    }
+
     /// A counter that changes whenever anything is appended: wait on it to tail the log.
     fn changes(&self) -> watch::Receiver<u64>;
 

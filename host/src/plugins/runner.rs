@@ -360,7 +360,7 @@ impl Runner {
             return Ok(self.manifest.subscribe.topics.clone());
         }
         let mut topics = self.deps.block_on(self.deps.log.topics())?;
-        topics.retain(|t| t != DEAD_LETTER_TOPIC);
+        topics.retain(|t| t != DEAD_LETTER_TOPIC && t != crate::fanout::FANOUT_TOPIC);
         Ok(topics)
     }
 

@@ -59,7 +59,7 @@ fn epoch_seconds(ts: &str) -> Option<i64> {
 
 fn raise(event: &Envelope, alert: serde_json::Value) -> Result<(), String> {
     owlery_plugin_sdk::publish(&event.event_id, "alert.raised", &alert)?;
-    owlery_plugin_sdk::broadcast("alerts", &alert.to_string())
+    owlery_plugin_sdk::broadcast(&event.event_id, "alerts", &alert.to_string())
 }
 
 fn check(event: &Envelope, config: &Config) -> Result<(), String> {

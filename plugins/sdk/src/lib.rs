@@ -10,7 +10,7 @@
 //!     fn init(_config: String) -> Result<(), String> { Ok(()) }
 //!     fn handle(batch: Vec<Envelope>) -> Result<(), HandleError> {
 //!         for event in &batch {
-//!             owlery_plugin_sdk::broadcast("all", &event.to_json()).map_err(|e| HandleError::at(0, e))?;
+//!             owlery_plugin_sdk::broadcast(&event.event_id, "all", &event.to_json()).map_err(|e| HandleError::at(0, e))?;
 //!         }
 //!         Ok(())
 //!     }
@@ -90,9 +90,10 @@ pub fn now_ms() -> u64 {
     host::now()
 }
 
-/// Send a JSON payload to a WebSocket room.
-pub fn broadcast(room: &str, payload: &str) -> Result<(), String> {
-    host::broadcast(room, payload)
+/// Send a JSON payload to a WebSocket room, because of the event `cause` (its `event-id`)
+/// of the current batch.
+pub fn broadcast(cause: &str, room: &str, payload: &str) -> Result<(), String> {
+    host::broadcast(cause, room, payload)
 }
 
 /// Publish an event caused by the event `cause` (its `event-id`) of the current batch.

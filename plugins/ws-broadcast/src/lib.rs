@@ -34,9 +34,8 @@ impl Plugin for WsBroadcast {
     fn handle(batch: Vec<owlery_plugin_sdk::Envelope>) -> Result<(), HandleError> {
         for (index, event) in batch.iter().enumerate() {
             match room_for(event) {
-                Some(room) => {
-                    owlery_plugin_sdk::broadcast(&room, &event.to_json()).map_err(|e| HandleError::at(index, e))?
-                }
+                Some(room) => owlery_plugin_sdk::broadcast(&event.event_id, &room, &event.to_json())
+                    .map_err(|e| HandleError::at(index, e))?,
                 None if event.event_type != "incident.created" && event.event_type.starts_with("incident.") => {
                     owlery_plugin_sdk::log(
                         LogLevel::Warn,
