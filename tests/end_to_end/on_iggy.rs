@@ -166,12 +166,11 @@ fn publishers(host: &Host, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle
         .collect()
 }
 
-// Known problem, kept visible: since events spread over the partitions (they all went to
-// partition 0 before the partition-count fix), this failed in about one run in six here:
-// once 95 of 764 acknowledged events were missing after Iggy's kill -9 and restart, once
-// it hung. Run it with `cargo test -- --ignored iggy_killed`; see the issue notes.
+// Iggy 0.8.0 was seen here, after its kill -9, to come back with one message of one
+// partition unreadable (any poll covering it answers InvalidOffset), and that message had
+// been acknowledged. The backend reads around it and resends the last acknowledged events
+// after a lost connection; this test is what showed both.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "flaky: acknowledged events lost across an Iggy kill -9 with several partitions (under investigation)"]
 async fn iggy_killed_mid_stream_loses_no_acknowledged_event() {
     let Some(mut iggy) = IggyServer::start(true) else { return };
     let host = Host::on_iggy(&iggy, &[shipped("analytics")]);
@@ -216,6 +215,23 @@ async fn iggy_killed_mid_stream_loses_no_acknowledged_event() {
             eprintln!("DIAG partition {p}: read {read} next {} missing {lost}", r["next"]);
         }
         eprintln!("DIAG status {}", monitoring["topics"]["incident-events"]);
+        {
+            use iggy::prelude::{Client, Consumer, Identifier, IggyClient, MessageClient, PollingStrategy};
+            let client = IggyClient::from_connection_string(&format!("iggy://iggy:iggy@{}", iggy.address())).unwrap();
+            client.connect().await.unwrap();
+            let (stream, topic) = (Identifier::named("owlery").unwrap(), Identifier::named("incident-events").unwrap());
+            let consumer = Consumer::new(Identifier::named("diag").unwrap());
+            for p in 0..8u32 {
+                // What Iggy itself answers to one large poll of the partition.
+                let all = PollingStrategy::offset(0);
+                let r = client.poll_messages(&stream, &topic, Some(p), &consumer, &all, 10000, false).await;
+                eprintln!("DIAG Iggy partition {p}: {:?}", r.map(|m| m.messages.len()));
+                let (_, r) = host
+                    .get(&format!("/api/events/replay?topic=incident-events&partition={p}&fromOffset=0&limit=10000"))
+                    .await;
+                eprintln!("DIAG host again partition {p}: read {}", r["records"].as_array().map_or(0, |a| a.len()));
+            }
+        }
     }
     assert!(missing.is_empty(), "{} of {} acknowledged events are not in Iggy", missing.len(), acked.len());
     host.caught_up("analytics").await;

@@ -182,11 +182,43 @@ impl Host {
     }
 
     /// Every record of a topic, all partitions.
+    /// GET, asking again while the host answers 503 (its log is reconnecting), for up to a minute.
+    pub async fn get_available(&self, path: &str) -> (u16, Value) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = self.get(path).await;
+            if status != 503 || Instant::now() > deadline {
+                return (status, body);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn topic_records(&self, topic: &str) -> Vec<Value> {
         let mut all = Vec::new();
-        let (status, first) = self.get(&format!("/api/events/replay?topic={topic}&fromOffset=0&limit=10000")).await;
+        let (status, first) =
+            self.get_available(&format!("/api/events/replay?topic={topic}&fromOffset=0&limit=10000")).await;
         assert_eq!(status, 200, "{first}");
         all.extend(first["records"].as_array().unwrap().iter().cloned());
+        // A page may stop short of the end (Iggy after a restart): read each partition on
+        // from its `next` until nothing more comes, as a client paging through would.
+        for (partition, next) in first["next"].as_object().unwrap() {
+            let mut from = next.as_u64().unwrap();
+            loop {
+                let (status, page) = self
+                    .get_available(&format!(
+                        "/api/events/replay?topic={topic}&partition={partition}&fromOffset={from}&limit=10000"
+                    ))
+                    .await;
+                assert_eq!(status, 200, "{page}");
+                let records = page["records"].as_array().unwrap();
+                if records.is_empty() {
+                    break;
+                }
+                all.extend(records.iter().cloned());
+                from = page["next"][partition].as_u64().unwrap();
+            }
+        }
         all
     }
 

@@ -33,11 +33,19 @@ const IDS: TableDefinition<u128, (&str, u32, u64)> = TableDefinition::new("ids")
 const IDS_BY_SEQ: TableDefinition<u64, u128> = TableDefinition::new("ids_by_seq");
 /// "next" → next sequence
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// spool sequence → SpoolEntry JSON: the last `RESEND_AFTER_LOSS` entries Iggy acknowledged
+const RECENT: TableDefinition<u64, &[u8]> = TableDefinition::new("recent");
 
 /// Spool entries sent per round. A crash between Iggy's acknowledgement and the spool's
 /// cleanup resends at most this many per partition; runners remember at least as many ids
 /// per partition (`SEEN_PRIME`), so the copies are recognised.
 pub const FORWARD_BATCH: usize = 512;
+
+/// Acknowledged entries sent again after the connection to Iggy was lost. Iggy 0.8.0 was
+/// seen (kill -9 with every batch fsynced) to come back with the last message written
+/// before the crash unreadable although it had acknowledged it; a copy sent again is read
+/// instead, and runners skip the copies of what they already applied.
+const RESEND_AFTER_LOSS: u64 = FORWARD_BATCH as u64;
 
 /// How long one request to Iggy may take. The client reconnects forever in the background,
 /// so a request made while the server is down would otherwise wait until it is back, and
@@ -95,6 +103,22 @@ struct Health {
     last_error: Option<String>,
     last_error_at: Option<String>,
     forwarded: u64,
+    /// Times the connection was lost (connected, then an error).
+    #[serde(skip)]
+    losses: u64,
+}
+
+/// Why one poll request failed.
+enum PollError {
+    /// Iggy's InvalidOffset: past the end, or (see `poll`) a count it cannot serve.
+    InvalidOffset,
+    Log(LogError),
+}
+
+impl From<LogError> for PollError {
+    fn from(e: LogError) -> Self {
+        PollError::Log(e)
+    }
 }
 
 type Reply = oneshot::Sender<Result<Vec<Appended>, LogError>>;
@@ -150,6 +174,7 @@ impl IggyLog {
             txn.open_table(IDS).map_err(storage)?;
             txn.open_table(IDS_BY_SEQ).map_err(storage)?;
             txn.open_table(META).map_err(storage)?;
+            txn.open_table(RECENT).map_err(storage)?;
             txn.commit().map_err(storage)?;
         }
         let url = format!(
@@ -198,6 +223,9 @@ impl IggyLog {
         if h.connected || h.last_error.as_deref() != Some(error) {
             tracing::warn!(%error, "Iggy");
         }
+        if h.connected {
+            h.losses += 1;
+        }
         h.connected = false;
         h.last_error = Some(error.to_owned());
         h.last_error_at = Some(crate::envelope::now_rfc3339());
@@ -226,6 +254,8 @@ impl IggyLog {
         async move {
             let mut backoff = Duration::from_millis(100);
             let mut ready = false;
+            // Connection losses whose recently acknowledged entries were sent again.
+            let mut resent_for = 0;
             loop {
                 if !ready {
                     match remote.prepare().await {
@@ -238,6 +268,33 @@ impl IggyLog {
                             IggyLog::note_error(&remote.health, &e);
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(2));
+                            continue;
+                        }
+                    }
+                }
+                let losses = remote.health.lock().expect("health lock").losses;
+                if losses != resent_for {
+                    let recent = match recent_entries(&spool) {
+                        Ok(recent) => recent,
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading the spool failed");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    };
+                    if !recent.is_empty() {
+                        tracing::info!(
+                            entries = recent.len(),
+                            "the connection to Iggy was lost: sending the last acknowledged events again \
+                             (a crashed Iggy can come back without the last one it acknowledged)"
+                        );
+                    }
+                    match remote.send(&spool, recent, false).await {
+                        Ok(()) => resent_for = losses,
+                        Err(e) => {
+                            IggyLog::note_error(&remote.health, &e);
+                            ready = false;
+                            tokio::time::sleep(backoff).await;
                             continue;
                         }
                     }
@@ -257,7 +314,7 @@ impl IggyLog {
                     }
                     continue;
                 }
-                match remote.send(&spool, entries).await {
+                match remote.send(&spool, entries, true).await {
                     Ok(()) => changes.send_modify(|n| *n += 1),
                     Err(e) => {
                         IggyLog::note_error(&remote.health, &e);
@@ -322,7 +379,50 @@ impl IggyLog {
         }
     }
 
+    /// One poll request of `count` messages from `from`.
+    async fn poll_once(&self, topic: &str, partition: u32, from: u64, count: u32) -> Result<Vec<Record>, PollError> {
+        self.need_connection()?;
+        let consumer = Consumer::new(ident("owlery")?);
+        let topic_id = ident(topic)?;
+        let strategy = PollingStrategy::offset(from);
+        let request =
+            self.client.poll_messages(&self.stream, &topic_id, Some(partition), &consumer, &strategy, count, false);
+        let Ok(polled) = tokio::time::timeout(REQUEST_TIMEOUT, request).await else {
+            let waited = REQUEST_TIMEOUT.as_secs();
+            return Err(LogError::Unavailable(format!("Iggy did not answer within {waited} s")).into());
+        };
+        let polled = match polled {
+            Ok(polled) => polled,
+            Err(IggyError::TopicIdNotFound(..) | IggyError::TopicNameNotFound(..)) => {
+                return Err(LogError::NoSuchTopic(topic.to_owned()).into());
+            }
+            Err(IggyError::PartitionNotFound(..)) => {
+                return Err(LogError::NoSuchPartition { topic: topic.to_owned(), partition }.into());
+            }
+            Err(IggyError::InvalidOffset(_)) => return Err(PollError::InvalidOffset),
+            Err(e) => return Err(unavailable(e).into()),
+        };
+        Ok(polled
+            .messages
+            .into_iter()
+            .filter(|m| m.header.offset >= from)
+            .map(|m| Record { partition, offset: m.header.offset, payload: m.payload.to_vec() })
+            .collect())
+    }
+
+    /// Fail fast while Iggy is known to be down: every request made then would sit in the
+    /// client's own reconnect loop, and many of them at once (one per runner and partition)
+    /// race each other's reconnects; the forwarder and the health probe reconnect.
+    fn need_connection(&self) -> Result<(), LogError> {
+        let health = self.health.lock().expect("health lock");
+        if health.connected {
+            return Ok(());
+        }
+        Err(LogError::Unavailable(health.last_error.clone().unwrap_or_else(|| "not connected to Iggy yet".into())))
+    }
+
     async fn topic_details(&self, topic: &str) -> Result<iggy::prelude::TopicDetails, LogError> {
+        self.need_connection()?;
         answered(self.client.get_topic(&self.stream, &ident(topic)?))
             .await?
             .ok_or_else(|| LogError::NoSuchTopic(topic.to_owned()))
@@ -409,9 +509,9 @@ impl Remote {
         Ok(())
     }
 
-    /// Send spool entries partition by partition, in order; each acknowledged group leaves
-    /// the spool at once.
-    async fn send(&self, spool: &Database, entries: Vec<(u64, SpoolEntry)>) -> Result<(), String> {
+    /// Send spool entries partition by partition, in order; with `acknowledge`, each group
+    /// Iggy acknowledged leaves the spool at once.
+    async fn send(&self, spool: &Database, entries: Vec<(u64, SpoolEntry)>, acknowledge: bool) -> Result<(), String> {
         let mut groups: Vec<PartitionGroup> = Vec::new();
         for (seq, entry) in entries {
             let key = (entry.topic.clone(), entry.partition);
@@ -453,9 +553,14 @@ impl Remote {
         for result in futures_util::future::join_all(sends).await {
             match result {
                 Ok(seqs) => {
-                    remove_from_spool(spool, &seqs).map_err(|e| e.to_string())?;
-                    let mut health = self.health.lock().expect("health lock");
-                    health.forwarded += seqs.len() as u64;
+                    let mut health = if acknowledge {
+                        remove_from_spool(spool, &seqs).map_err(|e| e.to_string())?;
+                        let mut health = self.health.lock().expect("health lock");
+                        health.forwarded += seqs.len() as u64;
+                        health
+                    } else {
+                        self.health.lock().expect("health lock")
+                    };
                     health.connected = true;
                 }
                 Err(e) => first_error = first_error.or(Some(e)),
@@ -492,15 +597,44 @@ fn peek_spool(spool: &Database, max: usize) -> Result<Vec<(u64, SpoolEntry)>, Lo
     Ok(out)
 }
 
+/// Iggy acknowledged these: out of the spool, into the recently forwarded entries.
 fn remove_from_spool(spool: &Database, seqs: &[u64]) -> Result<(), LogError> {
     let txn = spool.begin_write().map_err(storage)?;
     {
         let mut table = txn.open_table(SPOOL).map_err(storage)?;
+        let mut recent = txn.open_table(RECENT).map_err(storage)?;
         for seq in seqs {
-            table.remove(*seq).map_err(storage)?;
+            if let Some(value) = table.remove(*seq).map_err(storage)? {
+                recent.insert(*seq, value.value()).map_err(storage)?;
+            }
+        }
+        let kept = recent.len().map_err(storage)?;
+        if kept > RESEND_AFTER_LOSS {
+            let old: Vec<u64> = recent
+                .iter()
+                .map_err(storage)?
+                .take((kept - RESEND_AFTER_LOSS) as usize)
+                .map_while(|e| e.ok().map(|(k, _)| k.value()))
+                .collect();
+            for seq in old {
+                recent.remove(seq).map_err(storage)?;
+            }
         }
     }
     txn.commit().map_err(storage)
+}
+
+/// The recently forwarded entries (see `RESEND_AFTER_LOSS`), in order.
+fn recent_entries(spool: &Database) -> Result<Vec<(u64, SpoolEntry)>, LogError> {
+    let txn = spool.begin_read().map_err(storage)?;
+    let table = txn.open_table(RECENT).map_err(storage)?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(storage)? {
+        let (seq, value) = entry.map_err(storage)?;
+        let parsed: SpoolEntry = serde_json::from_slice(value.value()).map_err(|e| LogError::Storage(e.to_string()))?;
+        out.push((seq.value(), parsed));
+    }
+    Ok(out)
 }
 
 fn spool_writer(
@@ -651,39 +785,49 @@ impl EventLog for IggyLog {
     }
 
     async fn poll(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError> {
-        let consumer = Consumer::new(ident("owlery")?);
-        let (topic_id, count) = (ident(topic)?, u32::try_from(max).unwrap_or(u32::MAX));
-        let strategy = PollingStrategy::offset(from);
-        let request =
-            self.client.poll_messages(&self.stream, &topic_id, Some(partition), &consumer, &strategy, count, false);
-        let polled = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
-            Err(_) => {
-                return Err(LogError::Unavailable(format!(
-                    "Iggy did not answer within {} s",
-                    REQUEST_TIMEOUT.as_secs()
-                )));
+        let max = max.clamp(1, u32::MAX as usize);
+        let mut records: Vec<Record> = Vec::new();
+        let mut next = from;
+        let mut cap = max;
+        while records.len() < max {
+            let count = cap.min(max - records.len());
+            match self.poll_once(topic, partition, next, count as u32).await {
+                Ok(batch) => {
+                    let Some(last) = batch.last().map(|r| r.offset) else { break };
+                    next = last + 1;
+                    records.extend(batch);
+                    // The usual case: one request. Only after shrinking the count (below)
+                    // does it take more than one to fill the page.
+                    if cap == max {
+                        break;
+                    }
+                }
+                // Iggy 0.8.0 answers InvalidOffset to any poll whose range covers a message
+                // it cannot read: seen after a kill -9 and restart, one message of one
+                // partition (the one being written at the kill), while the messages before
+                // and after it read fine. Shrink the count to read up to it...
+                Err(PollError::InvalidOffset) if count > 1 => cap = (count / 4).max(1),
+                Err(PollError::InvalidOffset) => {
+                    // ...and step over it if it is not past the end (InvalidOffset is also
+                    // the answer for an offset past the end of a partition).
+                    let end = self.high_watermark(topic, partition).await?;
+                    if next >= end {
+                        break;
+                    }
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        offset = next,
+                        "Iggy cannot read this message (torn by a crash?); skipping it"
+                    );
+                    next += 1;
+                    cap = max;
+                }
+                Err(PollError::Log(e)) if records.is_empty() => return Err(e),
+                Err(PollError::Log(_)) => break,
             }
-            Ok(polled) => polled,
-        };
-        let polled = match polled {
-            Ok(polled) => polled,
-            Err(IggyError::TopicIdNotFound(..) | IggyError::TopicNameNotFound(..)) => {
-                return Err(LogError::NoSuchTopic(topic.to_owned()));
-            }
-            Err(IggyError::PartitionNotFound(..)) => {
-                return Err(LogError::NoSuchPartition { topic: topic.to_owned(), partition });
-            }
-            // Iggy answers this for an offset past the end of a partition (seen on a freshly
-            // restarted server with an empty partition): nothing to read there yet.
-            Err(IggyError::InvalidOffset(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(unavailable(e)),
-        };
-        Ok(polled
-            .messages
-            .into_iter()
-            .filter(|m| m.header.offset >= from)
-            .map(|m| Record { partition, offset: m.header.offset, payload: m.payload.to_vec() })
-            .collect())
+        }
+        Ok(records)
     }
 
     async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
