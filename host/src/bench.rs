@@ -20,7 +20,7 @@ use tokio::sync::Mutex;
 
 use crate::envelope::{Envelope, Routing};
 use crate::log::Record;
-use crate::plugins::runner::to_guest;
+use crate::plugins::runner::guest_from_record;
 use crate::runtime::{Capabilities, InstanceContext, Runtime};
 use crate::store::Store;
 
@@ -213,8 +213,8 @@ fn dispatch(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
         let mut done = 0;
         while done < total {
             for chunk in input.chunks(batch) {
-                let guests: Vec<_> =
-                    chunk.iter().map(|r| to_guest("t", r, &Envelope::from_bytes(&r.payload).expect("valid"))).collect();
+                let guests: std::sync::Arc<[_]> =
+                    chunk.iter().map(|r| guest_from_record("t", r).expect("valid").1).collect();
                 instance.handle(&guests, Duration::from_secs(5)).map_err(|e| anyhow::anyhow!("{e}"))?;
                 done += chunk.len();
             }

@@ -23,6 +23,40 @@ pub struct Envelope {
     pub extra: Map<String, Value>,
 }
 
+/// A stored envelope read for a plugin, borrowing from the stored bytes: `metadata` and
+/// `data` stay the JSON text they were stored as, so nothing is parsed into values and
+/// written back on the way into the plugin. Accepts what `Envelope::from_bytes` accepts.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredEnvelope<'a> {
+    #[serde(borrow)]
+    pub event_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    pub event_type: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    pub timestamp: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    pub source: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub user_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub metadata: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    pub data: Option<&'a serde_json::value::RawValue>,
+}
+
+impl<'a> StoredEnvelope<'a> {
+    /// Parse stored bytes; the event id is checked to be a UUID and returned with it.
+    pub fn parse(bytes: &'a [u8]) -> Result<(Uuid, StoredEnvelope<'a>), String> {
+        let envelope: StoredEnvelope<'a> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let id = Uuid::parse_str(&envelope.event_id).map_err(|e| format!("eventId: {e}"))?;
+        if envelope.metadata.is_some_and(|m| !m.get().trim_start().starts_with('{')) {
+            return Err("metadata: expected a JSON object".into());
+        }
+        Ok((id, envelope))
+    }
+}
+
 /// Why an envelope was refused; `field` names the offending field.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -230,6 +264,38 @@ pub fn check_topic(topic: &str) -> Result<(), String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_stored_envelope_reads_as_it_was_written_and_refuses_what_from_bytes_refuses() {
+        let envelope = Envelope::from_producer(json!({
+            "eventType": "incident.created", "userId": "u\"1", "metadata": {"b": 1, "a": [2]},
+            "data": {"id": 42, "text": "café \n"}, "extraField": true
+        }))
+        .unwrap();
+        let bytes = envelope.to_bytes();
+        let (id, stored) = StoredEnvelope::parse(&bytes).unwrap();
+        assert_eq!(id, envelope.event_id);
+        assert_eq!(stored.event_type, "incident.created");
+        assert_eq!(stored.user_id.as_deref(), Some("u\"1"));
+        let data: Value = serde_json::from_str(stored.data.unwrap().get()).unwrap();
+        assert_eq!(data, envelope.data);
+        let metadata: Value = serde_json::from_str(stored.metadata.unwrap().get()).unwrap();
+        assert_eq!(metadata, Value::Object(envelope.metadata.clone()));
+
+        let minimal =
+            br#"{"eventId":"0c6e2b8e-33a1-4f3e-a9a8-2d9a0b1f2e3d","eventType":"t.x","timestamp":"t","source":"s"}"#;
+        let (_, stored) = StoredEnvelope::parse(minimal).unwrap();
+        assert!(stored.data.is_none() && stored.metadata.is_none() && stored.user_id.is_none());
+        for bad in [
+            &br#"{"eventId":"nope","eventType":"t.x","timestamp":"t","source":"s"}"#[..],
+            br#"{"eventType":"t.x","timestamp":"t","source":"s"}"#,
+            br#"{"eventId":"0c6e2b8e-33a1-4f3e-a9a8-2d9a0b1f2e3d","eventType":"t.x","timestamp":"t","source":"s","metadata":[1]}"#,
+            b"not json",
+        ] {
+            assert!(StoredEnvelope::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(Envelope::from_bytes(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn fills_in_what_the_host_assigns_and_keeps_unknown_fields() {

@@ -45,9 +45,15 @@ pub struct ClientLimits {
     pub queue: usize,
 }
 
+/// A committed record and its frame, made once for all the clients that get it.
+pub struct Live {
+    pub record: FanoutRecord,
+    pub frame: Utf8Bytes,
+}
+
 #[derive(Clone)]
 pub struct Hub {
-    live: broadcast::Sender<Arc<FanoutRecord>>,
+    live: broadcast::Sender<Arc<Live>>,
     store: Arc<Store>,
     limits: ClientLimits,
     /// The fan-out log is a mirror of a shared one, which may be a little ahead of it.
@@ -83,7 +89,7 @@ impl Hub {
     }
 
     /// Every committed record from now on, in offset order.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FanoutRecord>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Live>> {
         self.live.subscribe()
     }
 
@@ -91,7 +97,8 @@ impl Hub {
     pub fn publish(&self, records: Vec<FanoutRecord>) {
         for record in records {
             // No receivers is fine: nobody is connected.
-            let _ = self.live.send(Arc::new(record));
+            let frame = Utf8Bytes::from(Hub::frame(&record));
+            let _ = self.live.send(Arc::new(Live { record, frame }));
         }
     }
 
@@ -192,13 +199,14 @@ impl Hub {
         let mut heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                record = live.recv() => match record {
-                    Ok(record) => {
+                live_record = live.recv() => match live_record {
+                    Ok(live_record) => {
+                        let record = &live_record.record;
                         if sent.is_some_and(|s| record.offset <= s) {
                             continue;
                         }
                         if rooms.contains(&record.room) {
-                            match queue.try_send(Message::Text(Hub::frame(&record).into())) {
+                            match queue.try_send(Message::Text(live_record.frame.clone())) {
                                 Ok(()) => {}
                                 Err(mpsc::error::TrySendError::Full(_)) => return Ending::TooSlow(sent),
                                 Err(mpsc::error::TrySendError::Closed(_)) => return Ending::Gone,
@@ -379,12 +387,15 @@ fn decode_broadcast(record: &crate::log::Record) -> Option<FanoutRecord> {
 }
 
 /// Drain a client's queue into its socket; on a close request, send the close frame (if
-/// the socket takes it within a second) and stop.
+/// the socket takes it within a second) and stop. Frames already queued go out together,
+/// with one flush (one write) for the lot rather than one per frame.
 async fn write_frames(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut outgoing: mpsc::Receiver<Message>,
     mut close: oneshot::Receiver<CloseFrame>,
 ) {
+    /// Frames written before a flush.
+    const WRITE_BATCH: usize = 64;
     loop {
         let message = tokio::select! {
             biased;
@@ -394,10 +405,20 @@ async fn write_frames(
                 None => return,
             },
         };
+        let write = async {
+            sink.feed(message).await?;
+            for _ in 1..WRITE_BATCH {
+                match outgoing.try_recv() {
+                    Ok(message) => sink.feed(message).await?,
+                    Err(_) => break,
+                }
+            }
+            sink.flush().await
+        };
         tokio::select! {
             biased;
             frame = &mut close => return send_close(&mut sink, frame.ok()).await,
-            sent = sink.send(message) => if sent.is_err() { return },
+            written = write => if written.is_err() { return },
         }
     }
 }

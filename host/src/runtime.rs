@@ -168,10 +168,27 @@ pub struct HostState {
     store: Arc<HostStore>,
     routing: Arc<Routing>,
     effects: Effects,
-    /// eventId → what was published and broadcast for it, for the batch being handled
+    /// The batch being handled.
+    batch: Arc<[GuestEnvelope]>,
+    /// eventId → what was published and broadcast for it, for the batch being handled;
+    /// made on the first publish or broadcast (most batches of most plugins make none).
     causes: HashMap<String, Cause>,
     /// true while serving `query`: nothing may be written
     read_only: bool,
+}
+
+impl HostState {
+    /// What was published and broadcast so far for the event `id` of the current batch.
+    fn cause(&mut self, id: &str) -> Option<&mut Cause> {
+        if self.causes.is_empty() {
+            self.causes = self
+                .batch
+                .iter()
+                .map(|e| (e.event_id.clone(), Cause { timestamp: e.timestamp.clone(), published: 0, broadcast: 0 }))
+                .collect();
+        }
+        self.causes.get_mut(id)
+    }
 }
 
 impl WasiView for HostState {
@@ -242,6 +259,7 @@ impl LoadedComponent {
             store: cx.store.clone(),
             routing: cx.routing.clone(),
             effects: Effects::default(),
+            batch: Arc::new([]),
             causes: HashMap::new(),
             read_only: false,
         };
@@ -273,16 +291,16 @@ impl Instance {
     }
 
     /// Call `handle`; on success the buffered effects are returned for the runner to commit.
-    pub fn handle(&mut self, batch: &[GuestEnvelope], timeout: Duration) -> Result<Effects, CallError> {
+    pub fn handle(&mut self, batch: &Arc<[GuestEnvelope]>, timeout: Duration) -> Result<Effects, CallError> {
         let data = self.store.data_mut();
         data.effects = Effects::default();
-        data.causes = batch
-            .iter()
-            .map(|e| (e.event_id.clone(), Cause { timestamp: e.timestamp.clone(), published: 0, broadcast: 0 }))
-            .collect();
+        data.batch = batch.clone();
+        data.causes.clear();
         self.store.set_epoch_deadline(deadline_ticks(timeout));
         let result = self.plugin.call_handle(&mut self.store, batch);
-        let effects = std::mem::take(&mut self.store.data_mut().effects);
+        let data = self.store.data_mut();
+        data.batch = Arc::new([]);
+        let effects = std::mem::take(&mut data.effects);
         match result {
             Ok(Ok(())) => Ok(effects),
             Ok(Err(HandleError { index, message })) => Err(CallError::Failed { index, message }),
@@ -392,12 +410,13 @@ impl host::Host for HostState {
         if serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_err() {
             return Ok(Err("broadcast payload must be JSON".into()));
         }
-        let Some(counts) = self.causes.get_mut(&cause) else {
+        let plugin = self.plugin.clone();
+        let Some(counts) = self.cause(&cause) else {
             return Ok(Err(format!("cause {cause:?} is not an event of the current batch")));
         };
         let id = uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_OID,
-            format!("owlery/{}/{cause}/broadcast/{}", self.plugin, counts.broadcast).as_bytes(),
+            format!("owlery/{plugin}/{cause}/broadcast/{}", counts.broadcast).as_bytes(),
         );
         counts.broadcast += 1;
         self.effects.broadcasts.push(Broadcast { id, room, payload });
@@ -415,22 +434,23 @@ impl host::Host for HostState {
         let Ok(data) = serde_json::from_str::<serde_json::Value>(&data) else {
             return Ok(Err("publish data must be JSON".into()));
         };
-        let Some(counts) = self.causes.get_mut(&cause) else {
+        let plugin = self.plugin.clone();
+        let Some(counts) = self.cause(&cause) else {
             return Ok(Err(format!("cause {cause:?} is not an event of the current batch")));
         };
         let event_id = uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_OID,
-            format!("owlery/{}/{cause}/{}", self.plugin, counts.published).as_bytes(),
+            format!("owlery/{plugin}/{cause}/{}", counts.published).as_bytes(),
         );
         counts.published += 1;
-        let timestamp = &counts.timestamp;
+        let timestamp = counts.timestamp.clone();
         let mut metadata = serde_json::Map::new();
         metadata.insert("causationId".into(), cause.into());
         metadata.insert("plugin".into(), self.plugin.to_string().into());
         let envelope = Envelope {
             event_id,
             event_type,
-            timestamp: timestamp.clone(),
+            timestamp,
             source: format!("plugin:{}", self.plugin),
             user_id: None,
             metadata,

@@ -88,11 +88,12 @@ pub fn layer(auth: Arc<Auth>, store: Arc<Store>) -> (socketioxide::layer::Socket
 }
 
 /// Emit every live broadcast to its room, in offset order.
-pub async fn bridge(io: SocketIo, mut live: broadcast::Receiver<Arc<FanoutRecord>>) {
+pub async fn bridge(io: SocketIo, mut live: broadcast::Receiver<Arc<crate::fanout::Live>>) {
     loop {
         match live.recv().await {
-            Ok(record) => {
-                let _ = io.to(record.room.clone()).emit(event_name(&record), &frame(&record)).await;
+            Ok(live) => {
+                let record = &live.record;
+                let _ = io.to(record.room.clone()).emit(event_name(record), &frame(record)).await;
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(missed, "Socket.IO fell behind the fan-out log");

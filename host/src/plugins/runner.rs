@@ -184,7 +184,9 @@ pub struct Runner {
 struct Polled {
     topic: String,
     record: Record,
-    envelope: Result<Envelope, String>,
+    /// The event id and what the plugin gets, or why the record is not a valid envelope.
+    /// The guest envelope is taken out when the event is delivered.
+    event: Result<(u128, Option<GuestEnvelope>), String>,
 }
 
 impl Runner {
@@ -491,8 +493,8 @@ impl Runner {
                 let full = records.len() == want;
                 let next = records.last().map_or(from, |r| r.offset + 1);
                 for record in records {
-                    let envelope = Envelope::from_bytes(&record.payload).map_err(|e| e.to_string());
-                    polled.push(Polled { topic: topic.clone(), record, envelope });
+                    let event = guest_from_record(&topic, &record).map(|(id, guest)| (id, Some(guest)));
+                    polled.push(Polled { topic: topic.clone(), record, event });
                 }
                 if full && next < until {
                     still_open.push(((topic, partition), next, until));
@@ -744,36 +746,39 @@ impl Runner {
     }
 
     /// Handle one polled batch end to end; Err only when the store could not commit.
-    fn process(&mut self, polled: Vec<Polled>) -> Result<(), String> {
+    fn process(&mut self, mut polled: Vec<Polled>) -> Result<(), String> {
         let mut commit = BatchCommit::default();
-        let mut deliver: Vec<(usize, GuestEnvelope)> = Vec::new();
+        // Indexes into `polled` of the events delivered, and the events themselves.
+        let mut deliver: Vec<usize> = Vec::new();
+        let mut batch: Vec<GuestEnvelope> = Vec::new();
         let mut batch_ids = HashSet::new();
-        for (i, p) in polled.iter().enumerate() {
-            if let Ok(envelope) = &p.envelope {
-                let id = envelope.event_id.as_u128();
-                if self.seen.contains(&id) || !batch_ids.insert(id) {
-                    tracing::debug!(topic = %p.topic, partition = p.record.partition, offset = p.record.offset, event = %envelope.event_id, "skipping an event already applied");
-                    continue;
-                }
+        for (i, p) in polled.iter_mut().enumerate() {
+            if let Ok((id, _)) = &p.event
+                && (self.seen.contains(id) || !batch_ids.insert(*id))
+            {
+                tracing::debug!(topic = %p.topic, partition = p.record.partition, offset = p.record.offset, event = %uuid::Uuid::from_u128(*id), "skipping an event already applied");
+                continue;
             }
-            match &p.envelope {
+            match &mut p.event {
                 Err(error) => {
+                    let error = format!("not a valid envelope: {error}");
                     tracing::warn!(topic = %p.topic, partition = p.record.partition, offset = p.record.offset, %error, "skipping a record that is not a valid envelope");
-                    self.note_error(&format!(
-                        "{}/{}/{}: not a valid envelope: {error}",
-                        p.topic, p.record.partition, p.record.offset
-                    ));
-                    commit.outbox.push(self.dead_letter(p, &format!("not a valid envelope: {error}")));
+                    self.note_error(&format!("{}/{}/{}: {error}", p.topic, p.record.partition, p.record.offset));
+                    commit.outbox.push(self.dead_letter(p, &error));
                 }
-                Ok(envelope) if self.patterns.iter().any(|pat| pat.matches(&envelope.event_type)) => {
-                    deliver.push((i, to_guest(&p.topic, &p.record, envelope)));
+                Ok((_, guest)) => {
+                    if guest.as_ref().is_some_and(|g| self.patterns.iter().any(|pat| pat.matches(&g.event_type)))
+                        && let Some(guest) = guest.take()
+                    {
+                        deliver.push(i);
+                        batch.push(guest);
+                    }
                 }
-                Ok(_) => {}
             }
         }
         let handled = deliver.len() as u64;
         if !deliver.is_empty() {
-            let batch: Vec<GuestEnvelope> = deliver.iter().map(|(_, e)| e.clone()).collect();
+            let batch: Arc<[GuestEnvelope]> = batch.into();
             match self.call_with_retries(&batch) {
                 Ok(effects) => {
                     let effects = self.suppress(effects);
@@ -783,11 +788,11 @@ impl Runner {
                     self.consecutive_dead_letters = 0;
                 }
                 Err(error) if deliver.len() == 1 => {
-                    commit.outbox.push(self.fail_event(&polled[deliver[0].0], &error));
+                    commit.outbox.push(self.fail_event(&polled[deliver[0]], &error));
                 }
                 Err(error) => {
                     tracing::info!(error = %error, events = deliver.len(), "batch failed; handling its events one by one");
-                    self.one_by_one(&polled, &deliver)?;
+                    self.one_by_one(&polled, &deliver, &batch)?;
                 }
             }
         }
@@ -804,11 +809,12 @@ impl Runner {
     }
 
     /// After a batch failed as a whole: each event alone, each committed alone.
-    fn one_by_one(&mut self, polled: &[Polled], deliver: &[(usize, GuestEnvelope)]) -> Result<(), String> {
-        for (i, event) in deliver {
+    fn one_by_one(&mut self, polled: &[Polled], deliver: &[usize], batch: &[GuestEnvelope]) -> Result<(), String> {
+        for (i, event) in deliver.iter().zip(batch) {
             let p = &polled[*i];
             let mut commit = BatchCommit::default();
-            match self.call_with_retries(std::slice::from_ref(event)) {
+            let one: Arc<[GuestEnvelope]> = Arc::new([event.clone()]);
+            match self.call_with_retries(&one) {
                 Ok(effects) => {
                     let effects = self.suppress(effects);
                     commit.state_writes = effects.state_writes;
@@ -864,7 +870,7 @@ impl Runner {
     }
 
     /// Call `handle`, retrying on a fresh instance; the last error if every attempt failed.
-    fn call_with_retries(&mut self, batch: &[GuestEnvelope]) -> Result<crate::runtime::Effects, String> {
+    fn call_with_retries(&mut self, batch: &Arc<[GuestEnvelope]>) -> Result<crate::runtime::Effects, String> {
         let attempts = self.manifest.limits.retries + 1;
         let mut last = String::new();
         for attempt in 0..attempts {
@@ -919,10 +925,8 @@ impl Runner {
     fn dead_letter(&mut self, p: &Polled, error: &str) -> AppendItem {
         self.consecutive_dead_letters += 1;
         self.set_status(|s| s.dead_letters += 1);
-        let original = match &p.envelope {
-            Ok(envelope) => serde_json::to_value(envelope).unwrap_or_default(),
-            Err(_) => serde_json::Value::String(String::from_utf8_lossy(&p.record.payload).into_owned()),
-        };
+        let original = serde_json::from_slice::<serde_json::Value>(&p.record.payload)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&p.record.payload).into_owned()));
         let at = format!("owlery/dead-letter/{}/{}/{}/{}", self.name, p.topic, p.record.partition, p.record.offset);
         let event_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, at.as_bytes());
         let envelope = Envelope {
@@ -946,17 +950,21 @@ impl Runner {
     }
 }
 
-pub fn to_guest(topic: &str, record: &Record, e: &Envelope) -> GuestEnvelope {
-    GuestEnvelope {
-        event_id: e.event_id.to_string(),
-        event_type: e.event_type.clone(),
-        timestamp: e.timestamp.clone(),
-        source: e.source.clone(),
-        user_id: e.user_id.clone(),
-        metadata: serde_json::to_string(&e.metadata).unwrap_or_else(|_| "{}".into()),
-        data: e.data.to_string(),
+/// What a plugin gets for a stored record, and the event's id; `Err` if the record is not a
+/// valid envelope. Reads the stored JSON once, keeping `data` and `metadata` as their text.
+pub fn guest_from_record(topic: &str, record: &Record) -> Result<(u128, GuestEnvelope), String> {
+    let (id, e) = crate::envelope::StoredEnvelope::parse(&record.payload)?;
+    let guest = GuestEnvelope {
+        event_id: id.to_string(),
+        event_type: e.event_type.into_owned(),
+        timestamp: e.timestamp.into_owned(),
+        source: e.source.into_owned(),
+        user_id: e.user_id.map(std::borrow::Cow::into_owned),
+        metadata: e.metadata.map_or_else(|| "{}".to_owned(), |m| m.get().to_owned()),
+        data: e.data.map_or_else(|| "null".to_owned(), |d| d.get().to_owned()),
         topic: topic.to_owned(),
         partition: record.partition,
         offset: record.offset,
-    }
+    };
+    Ok((id.as_u128(), guest))
 }
