@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Run only these cases (repeatable): dispatch, publish, end-to-end, replay, hot-swap,
+    /// fan-out (footprint is measured with end-to-end).
+    #[arg(long, value_parser = ["dispatch", "publish", "end-to-end", "replay", "hot-swap", "fan-out"])]
+    pub only: Vec<String>,
     /// Events per `handle` call in the dispatch cases.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -105,13 +109,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut report = Report::default();
     println!("Owlery benchmark — {} cores, {}{}", num_cpus(), machine(), if args.quick { " (--quick)" } else { "" });
     println!("{:<58} {:>22}   compared", "case", "figure");
-    dispatch(&args, &mut report)?;
+    let wanted = |case: &str| args.only.is_empty() || args.only.iter().any(|c| c == case);
+    if wanted("dispatch") {
+        dispatch(&args, &mut report)?;
+    }
     let iggy = find_iggy(&args);
-    publish(&args, &mut report, iggy.as_deref()).await?;
-    end_to_end(&args, &mut report, iggy.as_deref()).await?;
-    replay(&args, &mut report).await?;
-    hot_swap(&args, &mut report).await?;
-    fan_out(&args, &mut report).await?;
+    if wanted("publish") {
+        publish(&args, &mut report, iggy.as_deref()).await?;
+    }
+    if wanted("end-to-end") {
+        end_to_end(&args, &mut report, iggy.as_deref()).await?;
+    }
+    if wanted("replay") {
+        replay(&args, &mut report).await?;
+    }
+    if wanted("hot-swap") {
+        hot_swap(&args, &mut report).await?;
+    }
+    if wanted("fan-out") {
+        fan_out(&args, &mut report).await?;
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report.figures)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -336,7 +336,15 @@ pub async fn mirror(log: Arc<dyn EventLog>, store: Arc<Store>, hub: Hub) {
                     let next = records.last().map_or(from, |r| r.offset + 1);
                     let decoded = records.iter().filter_map(decode_broadcast).collect();
                     match store.mirror_fanout(decoded, next) {
-                        Ok(kept) => hub.publish(kept),
+                        Ok(kept) => {
+                            tracing::debug!(
+                                read = records.len(),
+                                kept = kept.len(),
+                                next,
+                                "mirrored the shared fan-out log"
+                            );
+                            hub.publish(kept)
+                        }
                         Err(error) => {
                             tracing::error!(%error, "writing the fan-out mirror failed");
                             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -25,6 +25,19 @@ async fn ids_in(host: &Host, topics: &[&str]) -> HashSet<String> {
     ids
 }
 
+/// Wait until the host is connected to Iggy and has its topics there.
+async fn topics_in_iggy(host: &Host) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, status) = host.get("/api/monitoring/iggy-status").await;
+        if status["connected"] == true && status["topics"]["incident-events"].is_object() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the host never got its topics in Iggy: {status}\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn spool_drained(host: &Host) {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -97,6 +110,8 @@ async fn events_from_the_python_sdk_reach_the_plugins() {
     let Some(iggy) = IggyServer::start(false) else { return };
     let host = Host::on_iggy(&iggy, &[shipped("ws-broadcast"), shipped("analytics")]);
     let mut client = host.ws("").await;
+    // The producer writes into the topics Owlery creates in Iggy when it connects.
+    topics_in_iggy(&host).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/iggy_producer.py");
     let output = tokio::process::Command::new("python3")
         .arg(script)
@@ -104,7 +119,13 @@ async fn events_from_the_python_sdk_reach_the_plugins() {
         .output()
         .await
         .unwrap();
-    assert!(output.status.success(), "producer failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "producer failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
     let sent: Vec<String> = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(sent.len(), 12);
 
@@ -281,15 +302,7 @@ async fn two_hosts_start_at_once_and_iggy_shows_each_plugins_offsets() {
         (one.join().unwrap(), two.join().unwrap())
     });
     for host in [&first, &second] {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (_, status) = host.get("/api/monitoring/iggy-status").await;
-            if status["connected"] == true && status["topics"]["incident-events"].is_object() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "a host never got its topics: {status}\n{}", host.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        topics_in_iggy(host).await;
     }
     // Published through one host, counted by the other's plugin.
     let batch: Vec<_> = (0..20).map(|i| event("incident.updated", json!({"id": i}))).collect();

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use iggy::prelude::{
     Client, CompressionAlgorithm, Consumer, ConsumerOffsetClient, Identifier, IggyClient, IggyError, IggyExpiry,
-    IggyMessage, MaxTopicSize, MessageClient, Partitioning, PollingStrategy, StreamClient, TopicClient,
+    IggyMessage, MaxTopicSize, MessageClient, Partitioning, PollingStrategy, StreamClient, TopicClient, UserClient,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -51,6 +51,9 @@ const RESEND_AFTER_LOSS: u64 = FORWARD_BATCH as u64;
 /// so a request made while the server is down would otherwise wait until it is back, and
 /// anything waiting on it (a status page, a replay, a runner) would hang with it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections the forwarder sends over (see `IggyLog::senders`).
+const SEND_CONNECTIONS: usize = 4;
 
 /// `request`, or `Unavailable` if Iggy does not answer within `REQUEST_TIMEOUT`.
 async fn answered<T>(request: impl std::future::Future<Output = Result<T, IggyError>>) -> Result<T, LogError> {
@@ -121,6 +124,45 @@ impl From<LogError> for PollError {
     }
 }
 
+/// What is known of where each partition ends, so that a poll of a partition with nothing
+/// new is answered without asking Iggy (a runner polls every partition of its topics each
+/// time anything changes; on one connection those requests queue behind each other).
+#[derive(Default)]
+struct Ends {
+    /// (topic, partition) → (end as last read from Iggy if still known, generation)
+    known: HashMap<(String, u32), (Option<u64>, u64)>,
+}
+
+impl Ends {
+    /// Something was sent to the partition: its end is unknown until read again.
+    fn sent(&mut self, topic: &str, partition: u32) {
+        let entry = self.known.entry((topic.to_owned(), partition)).or_insert((None, 0));
+        *entry = (None, entry.1 + 1);
+    }
+
+    fn generation(&self, topic: &str, partition: u32) -> u64 {
+        self.known.get(&(topic.to_owned(), partition)).map_or(0, |e| e.1)
+    }
+
+    /// Record an end read from Iggy, unless the partition was sent to since `generation`.
+    /// Returns whether it moved.
+    fn read(&mut self, topic: &str, partition: u32, end: u64, generation: u64) -> bool {
+        let entry = self.known.entry((topic.to_owned(), partition)).or_insert((None, 0));
+        if entry.1 != generation {
+            return false;
+        }
+        let moved = entry.0 != Some(end);
+        entry.0 = Some(end);
+        moved
+    }
+
+    /// True when the partition is known to end at or before `from`.
+    fn nothing_from(&self, topic: &str, partition: u32, from: u64) -> bool {
+        // Looking up by a borrowed pair would need another key type; this is a small map.
+        self.known.iter().any(|((t, p), (end, _))| *p == partition && t == topic && end.is_some_and(|e| e <= from))
+    }
+}
+
 type Reply = oneshot::Sender<Result<Vec<Appended>, LogError>>;
 /// (consumer, topic, partition) → next offset
 type ConsumerOffsets = HashMap<(String, String, u32), u64>;
@@ -128,7 +170,14 @@ type ConsumerOffsets = HashMap<(String, String, u32), u64>;
 type PartitionGroup = ((String, u32), Vec<(u64, SpoolEntry)>);
 
 pub struct IggyLog {
+    /// Writes: the forwarder's sends, topic creation, consumer offsets.
     client: Arc<IggyClient>,
+    /// Reads, on a connection of their own, so that they do not queue behind sends that
+    /// wait for Iggy's fsync.
+    reader: Arc<IggyClient>,
+    /// More connections for the forwarder's sends: each waits for its partition's fsync, so
+    /// sends to different partitions go over different connections at once.
+    senders: Vec<Arc<IggyClient>>,
     settings: IggySettings,
     stream: Identifier,
     spool: Arc<Database>,
@@ -139,6 +188,7 @@ pub struct IggyLog {
     health: Arc<Mutex<Health>>,
     /// topic → partitions, as created or as found on the server
     topics: Arc<Mutex<BTreeMap<String, u32>>>,
+    ends: Arc<Mutex<Ends>>,
     forward: Arc<Notify>,
     /// (consumer, topic, partition) → next offset, stored in Iggy in the background
     consumer_offsets: Arc<Mutex<ConsumerOffsets>>,
@@ -151,6 +201,17 @@ fn storage(e: impl Into<redb::Error>) -> LogError {
 
 fn unavailable(e: IggyError) -> LogError {
     LogError::Unavailable(e.to_string())
+}
+
+/// Connect `client` (a no-op when it is), and sign in again: the client's own reconnect
+/// after a server restart was seen to leave a connection up but signed out (every request
+/// then answered Unauthenticated).
+async fn connect_signed_in(client: &IggyClient, settings: &IggySettings) -> Result<(), String> {
+    client.connect().await.map_err(|e| format!("connecting: {e}"))?;
+    answered(client.login_user(&settings.username, &settings.password))
+        .await
+        .map(drop)
+        .map_err(|e| format!("signing in as {}: {e}", settings.username))
 }
 
 /// Partitions of a topic Owlery creates: the shared fan-out log has one (one order).
@@ -185,6 +246,17 @@ impl IggyLog {
             IggyClient::from_connection_string(&url)
                 .map_err(|e| LogError::Storage(format!("Iggy connection settings: {e}")))?,
         );
+        let reader = Arc::new(
+            IggyClient::from_connection_string(&url)
+                .map_err(|e| LogError::Storage(format!("Iggy connection settings: {e}")))?,
+        );
+        let mut senders = vec![client.clone()];
+        for _ in 1..SEND_CONNECTIONS {
+            senders.push(Arc::new(
+                IggyClient::from_connection_string(&url)
+                    .map_err(|e| LogError::Storage(format!("Iggy connection settings: {e}")))?,
+            ));
+        }
         let stream = ident(&settings.stream)?;
         let (changes_tx, changes) = watch::channel(0);
         let topics: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
@@ -199,6 +271,8 @@ impl IggyLog {
         };
         let mut log = IggyLog {
             client,
+            reader,
+            senders,
             settings,
             stream,
             spool,
@@ -210,6 +284,7 @@ impl IggyLog {
             topics,
             forward,
             consumer_offsets: Arc::default(),
+            ends: Arc::default(),
             tasks: Vec::new(),
         };
         log.tasks.push(tokio::spawn(log.forwarder()));
@@ -238,12 +313,16 @@ impl IggyLog {
 
     fn remote(&self) -> Remote {
         Remote {
+            settings: self.settings.clone(),
             client: self.client.clone(),
+            reader: self.reader.clone(),
+            senders: self.senders.clone(),
             stream: self.stream.clone(),
             stream_name: self.settings.stream.clone(),
             partitions: self.settings.partitions,
             topics: self.topics.clone(),
             health: self.health.clone(),
+            ends: self.ends.clone(),
         }
     }
 
@@ -331,24 +410,58 @@ impl IggyLog {
     /// as down).
     fn tailer(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (client, stream, changes, health) =
-            (self.client.clone(), self.stream.clone(), self.changes_tx.clone(), self.health.clone());
+            (self.reader.clone(), self.stream.clone(), self.changes_tx.clone(), self.health.clone());
+        let (ends, settings) = (self.ends.clone(), self.settings.clone());
         async move {
-            let mut last = None;
+            // topic → messages it held at the last look
+            let mut counts: HashMap<String, u64> = HashMap::new();
+            let mut tick: u64 = 0;
             loop {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                match tokio::time::timeout(Duration::from_secs(1), client.get_stream(&stream)).await {
-                    Ok(Ok(Some(details))) => {
-                        health.lock().expect("health lock").connected = true;
-                        let count = details.messages_count;
-                        if last != Some(count) {
-                            last = Some(count);
-                            changes.send_modify(|n| *n += 1);
-                        }
-                    }
+                tick += 1;
+                let details = match tokio::time::timeout(Duration::from_secs(1), client.get_stream(&stream)).await {
+                    Ok(Ok(Some(details))) => details,
                     // The stream is not created yet: the forwarder is on it.
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => IggyLog::note_error(&health, &e.to_string()),
-                    Err(_) => IggyLog::note_error(&health, "Iggy did not answer within 1 s"),
+                    Ok(Ok(None)) => continue,
+                    Ok(Err(e)) => {
+                        IggyLog::note_error(&health, &e.to_string());
+                        if matches!(e, IggyError::Unauthenticated) {
+                            let _ = connect_signed_in(&client, &settings).await;
+                        }
+                        continue;
+                    }
+                    Err(_) => {
+                        IggyLog::note_error(&health, "Iggy did not answer within 1 s");
+                        continue;
+                    }
+                };
+                health.lock().expect("health lock").connected = true;
+                let mut moved = false;
+                for topic in details.topics {
+                    // Where its partitions end: read when it changed, and every second anyway.
+                    if counts.get(&topic.name) == Some(&topic.messages_count) && !tick.is_multiple_of(20) {
+                        continue;
+                    }
+                    moved |= counts.insert(topic.name.clone(), topic.messages_count) != Some(topic.messages_count);
+                    let Ok(id) = Identifier::named(&topic.name) else { continue };
+                    let generations: Vec<u64> = {
+                        let ends = ends.lock().expect("ends lock");
+                        (0..topic.partitions_count).map(|p| ends.generation(&topic.name, p)).collect()
+                    };
+                    let Ok(Ok(Some(topic_details))) =
+                        tokio::time::timeout(Duration::from_secs(1), client.get_topic(&stream, &id)).await
+                    else {
+                        continue;
+                    };
+                    let mut ends = ends.lock().expect("ends lock");
+                    for partition in &topic_details.partitions {
+                        let end = if partition.messages_count == 0 { 0 } else { partition.current_offset + 1 };
+                        let generation = generations.get(partition.id as usize).copied().unwrap_or(0);
+                        moved |= ends.read(&topic.name, partition.id, end, generation);
+                    }
+                }
+                if moved {
+                    changes.send_modify(|n| *n += 1);
                 }
             }
         }
@@ -386,7 +499,7 @@ impl IggyLog {
         let topic_id = ident(topic)?;
         let strategy = PollingStrategy::offset(from);
         let request =
-            self.client.poll_messages(&self.stream, &topic_id, Some(partition), &consumer, &strategy, count, false);
+            self.reader.poll_messages(&self.stream, &topic_id, Some(partition), &consumer, &strategy, count, false);
         let Ok(polled) = tokio::time::timeout(REQUEST_TIMEOUT, request).await else {
             let waited = REQUEST_TIMEOUT.as_secs();
             return Err(LogError::Unavailable(format!("Iggy did not answer within {waited} s")).into());
@@ -423,7 +536,7 @@ impl IggyLog {
 
     async fn topic_details(&self, topic: &str) -> Result<iggy::prelude::TopicDetails, LogError> {
         self.need_connection()?;
-        answered(self.client.get_topic(&self.stream, &ident(topic)?))
+        answered(self.reader.get_topic(&self.stream, &ident(topic)?))
             .await?
             .ok_or_else(|| LogError::NoSuchTopic(topic.to_owned()))
     }
@@ -443,19 +556,27 @@ impl Drop for IggyLog {
 
 /// The parts of the log the forwarder needs.
 struct Remote {
+    settings: IggySettings,
     client: Arc<IggyClient>,
+    reader: Arc<IggyClient>,
+    senders: Vec<Arc<IggyClient>>,
     stream: Identifier,
     stream_name: String,
     partitions: u32,
     topics: Arc<Mutex<BTreeMap<String, u32>>>,
     health: Arc<Mutex<Health>>,
+    ends: Arc<Mutex<Ends>>,
 }
 
 impl Remote {
     /// Connect, then create the stream and the known topics if missing. Idempotent, and
     /// safe when another host does the same at the same moment.
     async fn prepare(&self) -> Result<(), String> {
-        self.client.connect().await.map_err(|e| format!("connecting: {e}"))?;
+        connect_signed_in(&self.client, &self.settings).await?;
+        connect_signed_in(&self.reader, &self.settings).await?;
+        for sender in &self.senders[1..] {
+            connect_signed_in(sender, &self.settings).await?;
+        }
         if self.client.get_stream(&self.stream).await.map_err(|e| e.to_string())?.is_none() {
             match self.client.create_stream(&self.stream_name).await {
                 Ok(_) | Err(IggyError::StreamNameAlreadyExists(_)) => {}
@@ -537,9 +658,12 @@ impl Remote {
                 messages.push(message);
             }
             let topic_id = Identifier::named(&topic).map_err(|e| e.to_string())?;
+            let started = std::time::Instant::now();
             // Not acknowledged in time counts as not sent: it stays in the spool and is sent
             // again (a copy that did arrive is skipped by the runners, by its eventId).
-            answered(self.client.send_messages(
+            let sender =
+                &self.senders[partition_for(&format!("{topic}/{partition}"), self.senders.len() as u32) as usize];
+            answered(sender.send_messages(
                 &self.stream,
                 &topic_id,
                 &Partitioning::partition_id(partition),
@@ -547,6 +671,8 @@ impl Remote {
             ))
             .await
             .map_err(|e| format!("sending to {topic}/{partition}: {e}"))?;
+            tracing::debug!(%topic, partition, messages = group.len(), took = ?started.elapsed(), "sent to Iggy");
+            self.ends.lock().expect("ends lock").sent(&topic, partition);
             Ok::<Vec<u64>, String>(group.iter().map(|(seq, _)| *seq).collect())
         });
         let mut first_error = None;
@@ -785,6 +911,9 @@ impl EventLog for IggyLog {
     }
 
     async fn poll(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError> {
+        if self.ends.lock().expect("ends lock").nothing_from(topic, partition, from) {
+            return Ok(Vec::new());
+        }
         let max = max.clamp(1, u32::MAX as usize);
         let mut records: Vec<Record> = Vec::new();
         let mut next = from;
@@ -851,7 +980,7 @@ impl EventLog for IggyLog {
 
     async fn topics(&self) -> Result<Vec<String>, LogError> {
         let mut names: BTreeSet<String> = self.topics.lock().expect("topics lock").keys().cloned().collect();
-        if let Ok(Some(stream)) = answered(self.client.get_stream(&self.stream)).await {
+        if let Ok(Some(stream)) = answered(self.reader.get_stream(&self.stream)).await {
             names.extend(stream.topics.into_iter().map(|t| t.name));
         }
         Ok(names.into_iter().collect())

@@ -805,6 +805,7 @@ impl Runner {
         self.commit(commit)?;
         self.remember(batch_ids);
         self.set_status(|s| s.processed += handled);
+        tracing::debug!(records = polled.len(), handled, "batch committed");
         Ok(())
     }
 
@@ -850,7 +851,8 @@ impl Runner {
         if commit.is_empty() {
             return Ok(());
         }
-        let has_outbox = !commit.outbox.is_empty();
+        // With a shared fan-out log, broadcasts go out through the outbox too.
+        let has_outbox = !commit.outbox.is_empty() || !commit.broadcasts.is_empty();
         let hub = &self.deps.hub;
         self.deps
             .store
