@@ -365,6 +365,7 @@ impl HostProcess {
             }
         }
         let mut command = Command::new(std::env::current_exe()?);
+        let host_log = std::env::var("OWLERY_BENCH_HOST_LOG").ok();
         command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
@@ -372,11 +373,12 @@ impl HostProcess {
             .arg(dir.path().join("data"))
             .arg("--plugins-dir")
             .arg(&plugin_dir)
-            .env("RUST_LOG", "warn")
+            // OWLERY_BENCH_HOST_LOG=<filter> shows the hosts' logs (with that RUST_LOG filter).
+            .env("RUST_LOG", host_log.as_deref().unwrap_or("warn"))
             .env_remove("OWLERY_CONFIG")
             .current_dir(dir.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(if host_log.is_some() { Stdio::inherit() } else { Stdio::null() });
         if let Some(iggy) = iggy {
             command.args(["--log", "iggy", "--iggy-host", "127.0.0.1", "--iggy-port", &iggy.tcp.to_string()]);
         } else {
@@ -640,16 +642,19 @@ async fn end_to_end(args: &BenchArgs, report: &mut Report, iggy_bin: Option<&Pat
         let (_, mut read) = ws.split();
         let received = tokio::spawn(async move {
             let mut at = HashMap::new();
+            let mut closed = None;
             while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(5), read.next()).await {
                 if let Some(id) = frame_id(&message) {
                     at.insert(id, Instant::now());
+                } else if let tokio_tungstenite::tungstenite::Message::Close(frame) = message {
+                    closed = Some(frame.map_or_else(|| "closed".to_owned(), |f| format!("{} {}", f.code, f.reason)));
                 }
             }
-            at
+            (at, closed)
         });
         let sent = paced_publish(&host.base, args.rate, seconds, 1).await?;
         let busy = host.rss_mb();
-        let received = received.await?;
+        let (received, closed) = received.await?;
         let lat = sorted(
             sent.iter()
                 .filter_map(|(id, t)| received.get(id).map(|r| r.duration_since(*t).as_secs_f64() * 1000.0))
@@ -667,7 +672,11 @@ async fn end_to_end(args: &BenchArgs, report: &mut Report, iggy_bin: Option<&Pat
             &format!("end to end {name} at {}/s: p99", args.rate),
             percentile(&lat, 0.99),
             "ms",
-            format!("{} of {} delivered", lat.len(), sent.len()),
+            match closed {
+                // The slow-client policy cut the client off: it would reconnect with `since`.
+                Some(reason) => format!("{} of {} delivered, then closed: {reason}", lat.len(), sent.len()),
+                None => format!("{} of {} delivered", lat.len(), sent.len()),
+            },
         );
         if name == "embedded" {
             report.add(
