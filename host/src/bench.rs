@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::envelope::{Envelope, Routing};
+use crate::iggy_server::IggyServer;
 use crate::log::Record;
 use crate::plugins::runner::guest_from_record;
 use crate::runtime::{Capabilities, InstanceContext, Runtime};
@@ -280,69 +281,7 @@ fn dispatch(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
 }
 
 fn find_iggy(args: &BenchArgs) -> Option<PathBuf> {
-    if let Some(path) = &args.iggy_server {
-        return Some(path.clone());
-    }
-    if let Some(path) = std::env::var_os("IGGY_SERVER_BIN") {
-        return Some(PathBuf::from(path));
-    }
-    let beside = PathBuf::from("../shared/iggy/iggy-server");
-    if beside.exists() {
-        return Some(beside);
-    }
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("iggy-server")).find(|p| p.exists())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A real Iggy server in a temp dir, saving every batch (as for zero loss).
-struct IggyProcess {
-    child: Child,
-    tcp: u16,
-    http: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl IggyProcess {
-    fn start(binary: &Path) -> anyhow::Result<IggyProcess> {
-        let dir = tempfile::tempdir()?;
-        let (tcp, http) = (free_port()?, free_port()?);
-        let child = Command::new(binary)
-            .env("IGGY_SYSTEM_PATH", dir.path().join("data"))
-            .env("IGGY_TCP_ADDRESS", format!("127.0.0.1:{tcp}"))
-            .env("IGGY_HTTP_ADDRESS", format!("127.0.0.1:{http}"))
-            .env("IGGY_QUIC_ENABLED", "false")
-            .env("IGGY_WEBSOCKET_ENABLED", "false")
-            .env("IGGY_ROOT_USERNAME", "iggy")
-            .env("IGGY_ROOT_PASSWORD", "iggy")
-            .env("IGGY_TCP_SOCKET_OVERRIDE_DEFAULTS", "true")
-            .env("IGGY_TCP_SOCKET_NODELAY", "true")
-            .env("IGGY_SYSTEM_PARTITION_MESSAGES_REQUIRED_TO_SAVE", "1")
-            .env("IGGY_SYSTEM_PARTITION_ENFORCE_FSYNC", "true")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", http)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", tcp)).is_err()
-        {
-            if Instant::now() > deadline {
-                bail!("iggy-server did not start");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(IggyProcess { child, tcp, http, _dir: dir })
-    }
-}
-
-impl Drop for IggyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    args.iggy_server.clone().or_else(crate::iggy_server::find_binary)
 }
 
 /// An `owlery serve` child process with the named plugins.
@@ -353,7 +292,7 @@ struct HostProcess {
 }
 
 impl HostProcess {
-    fn start(args: &BenchArgs, plugins: &[&str], iggy: Option<&IggyProcess>) -> anyhow::Result<HostProcess> {
+    fn start(args: &BenchArgs, plugins: &[&str], iggy: Option<&IggyServer>) -> anyhow::Result<HostProcess> {
         let dir = tempfile::tempdir()?;
         let plugin_dir = dir.path().join("plugins");
         std::fs::create_dir_all(&plugin_dir)?;
@@ -380,7 +319,7 @@ impl HostProcess {
             .stdout(Stdio::piped())
             .stderr(if host_log.is_some() { Stdio::inherit() } else { Stdio::null() });
         if let Some(iggy) = iggy {
-            command.args(["--log", "iggy", "--iggy-host", "127.0.0.1", "--iggy-port", &iggy.tcp.to_string()]);
+            command.args(["--log", "iggy", "--iggy-host", "127.0.0.1", "--iggy-port", &iggy.tcp_port.to_string()]);
         } else {
             command.args(["--log", "embedded"]);
         }
@@ -509,7 +448,7 @@ async fn publish(args: &BenchArgs, report: &mut Report, iggy_bin: Option<&Path>)
             .note("publish.iggy", "skipped: no iggy-server found (IGGY_SERVER_BIN, ../shared/iggy/iggy-server, PATH)");
         return Ok(());
     };
-    let iggy = IggyProcess::start(bin)?;
+    let iggy = IggyServer::start_binary(bin, true)?;
     let host = HostProcess::start(args, &[], Some(&iggy))?;
     let (lat, owlery_rate) = load(requests, clients, owlery_sender(host.base.clone())).await?;
 
@@ -528,14 +467,14 @@ async fn publish(args: &BenchArgs, report: &mut Report, iggy_bin: Option<&Path>)
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let login: Value = http
-        .post(format!("http://127.0.0.1:{}/users/login", iggy.http))
+        .post(format!("http://127.0.0.1:{}/users/login", iggy.http_port))
         .json(&json!({"username": "iggy", "password": "iggy"}))
         .send()
         .await?
         .json()
         .await?;
     let token = login["access_token"]["token"].as_str().context("Iggy login")?.to_owned();
-    let url = format!("http://127.0.0.1:{}/streams/owlery/topics/events/messages", iggy.http);
+    let url = format!("http://127.0.0.1:{}/streams/owlery/topics/events/messages", iggy.http_port);
     let (iggy_lat, iggy_rate) = load(requests, clients, move |http, i| {
         let (url, token) = (url.clone(), token.clone());
         Box::pin(async move {
@@ -630,9 +569,9 @@ async fn paced_publish(base: &str, rate: u32, seconds: f64, first_id: u64) -> an
 /// Case 3: publish → ws-broadcast plugin → WebSocket client, at `rate` events/s.
 async fn end_to_end(args: &BenchArgs, report: &mut Report, iggy_bin: Option<&Path>) -> anyhow::Result<()> {
     let seconds = if args.quick { 0.5 } else { 10.0 };
-    let mut backends: Vec<(&str, Option<IggyProcess>)> = vec![("embedded", None)];
+    let mut backends: Vec<(&str, Option<IggyServer>)> = vec![("embedded", None)];
     match iggy_bin {
-        Some(bin) => backends.push(("iggy", Some(IggyProcess::start(bin)?))),
+        Some(bin) => backends.push(("iggy", Some(IggyServer::start_binary(bin, true)?))),
         None => report.note("e2e.iggy", "skipped: no iggy-server found"),
     }
     for (name, iggy) in backends {

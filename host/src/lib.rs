@@ -13,6 +13,7 @@ pub mod config;
 pub mod envelope;
 pub mod fanout;
 pub mod http;
+pub mod iggy_server;
 pub mod log;
 pub mod plugins;
 pub mod runtime;

@@ -10,7 +10,7 @@ async fn the_benchmark_runs_every_case_and_writes_its_figures() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("figures.json");
     let wasm_dir = Path::new(guests::ANALYTICS).parent().unwrap();
-    let iggy = guests::iggy_server::locate();
+    let iggy = owlery::iggy_server::locate();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_owlery"));
     command.args(["bench", "--quick", "--clients", "20"]);
     if let Some(binary) = &iggy {

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::support::guests::iggy_server::IggyServer;
 use crate::support::{Host, event, shipped};
+use owlery::iggy_server::IggyServer;
 
 const WAIT: Duration = Duration::from_secs(60);
 

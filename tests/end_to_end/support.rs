@@ -42,7 +42,7 @@ impl Host {
     }
 
     /// A host on an Iggy server instead of the embedded log.
-    pub fn on_iggy(iggy: &guests::iggy_server::IggyServer, plugins: &[(String, PathBuf, String)]) -> Host {
+    pub fn on_iggy(iggy: &owlery::iggy_server::IggyServer, plugins: &[(String, PathBuf, String)]) -> Host {
         let env = vec![
             ("OWLERY_LOG".to_owned(), "iggy".to_owned()),
             ("IGGY_HOST".to_owned(), "127.0.0.1".to_owned()),

@@ -15,6 +15,31 @@ use crate::envelope::Envelope;
 
 pub type Open = dyn Fn(&Path) -> Arc<dyn EventLog>;
 
+/// The whole suite as tests of one backend. `$backend` is evaluated in each test and gives
+/// `Option<(guard, open)>`: `open` opens the log on a directory, `guard` (a server, say)
+/// lives as long as the test; `None` skips the test (whatever decided so says why).
+macro_rules! contract_suite {
+    ($backend:expr) => {
+        $crate::log::contract::contract_suite!(@each $backend;
+            appends_keep_order_per_partition,
+            a_repeated_event_id_is_stored_once,
+            appends_survive_a_reopen,
+            an_append_wakes_a_waiting_reader,
+            concurrent_appends_all_land,
+            unknown_topics_are_errors,
+        );
+    };
+    (@each $backend:expr; $($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $name() {
+            let Some((_guard, open)) = $backend else { return };
+            let dir = tempfile::tempdir().unwrap();
+            $crate::log::contract::$name(&open, dir.path()).await;
+        }
+    )*};
+}
+pub(crate) use contract_suite;
+
 const VISIBLE_WITHIN: Duration = Duration::from_secs(15);
 
 fn item(topic: &str, key: &str, n: u64) -> AppendItem {

@@ -260,22 +260,5 @@ mod tests {
         Arc::new(EmbeddedLog::open(dir, 4).unwrap())
     }
 
-    macro_rules! contract_tests {
-        ($($name:ident),* $(,)?) => {$(
-            #[tokio::test(flavor = "multi_thread")]
-            async fn $name() {
-                let dir = tempfile::tempdir().unwrap();
-                contract::$name(&open, dir.path()).await;
-            }
-        )*};
-    }
-
-    contract_tests!(
-        appends_keep_order_per_partition,
-        a_repeated_event_id_is_stored_once,
-        appends_survive_a_reopen,
-        an_append_wakes_a_waiting_reader,
-        concurrent_appends_all_land,
-        unknown_topics_are_errors,
-    );
+    contract::contract_suite!(Some(((), open)));
 }

@@ -1044,33 +1044,17 @@ mod tests {
     use std::path::Path;
     use std::sync::Arc;
 
-    use owlery_test_guests::iggy_server::IggyServer;
+    use crate::iggy_server::IggyServer;
 
     use super::{IggyLog, IggySettings};
     use crate::log::{EventLog, contract};
 
-    macro_rules! contract_tests {
-        ($($name:ident),* $(,)?) => {$(
-            #[tokio::test(flavor = "multi_thread")]
-            async fn $name() {
-                let Some(server) = IggyServer::start(false) else { return };
-                let address = server.address();
-                let open = move |dir: &Path| -> Arc<dyn EventLog> {
-                    let settings = IggySettings { address: address.clone(), partitions: 3, ..IggySettings::default() };
-                    Arc::new(IggyLog::open(dir, settings).unwrap())
-                };
-                let dir = tempfile::tempdir().unwrap();
-                contract::$name(&open, dir.path()).await;
-            }
-        )*};
-    }
-
-    contract_tests!(
-        appends_keep_order_per_partition,
-        a_repeated_event_id_is_stored_once,
-        appends_survive_a_reopen,
-        an_append_wakes_a_waiting_reader,
-        concurrent_appends_all_land,
-        unknown_topics_are_errors,
-    );
+    contract::contract_suite!(IggyServer::start(false).map(|server| {
+        let address = server.address();
+        let open = move |dir: &Path| -> Arc<dyn EventLog> {
+            let settings = IggySettings { address: address.clone(), partitions: 3, ..IggySettings::default() };
+            Arc::new(IggyLog::open(dir, settings).unwrap())
+        };
+        (server, open)
+    }));
 }

@@ -2,5 +2,3 @@
 //! script, and a real Iggy server.
 
 include!(concat!(env!("OUT_DIR"), "/paths.rs"));
-
-pub mod iggy_server;

@@ -1,13 +1,16 @@
-//! A real Iggy server for tests: started on free ports in a temp directory, stopped on drop.
+//! A real Iggy server as a child process, for `owlery bench` and the tests: started on free
+//! ports in a temp directory, with the settings Owlery expects (root `iggy`/`iggy`,
+//! TCP_NODELAY; optionally saving and fsyncing every batch), stopped on drop.
 //!
-//! Found through `IGGY_SERVER_BIN`, then `../shared/iggy/iggy-server` beside the repository,
-//! then `PATH`. When there is none, tests fail loudly, unless `OWLERY_SKIP_IGGY=1` is set,
-//! in which case each Iggy test prints a warning and does nothing.
+//! The binary is found through `IGGY_SERVER_BIN`, then `../shared/iggy/iggy-server` beside
+//! the checkout (or beside the working directory), then `PATH`.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
 
 pub struct IggyServer {
     binary: PathBuf,
@@ -19,18 +22,20 @@ pub struct IggyServer {
     child: Option<Child>,
 }
 
-fn find_binary() -> Option<PathBuf> {
+/// Where `iggy-server` is, if anywhere.
+pub fn find_binary() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("IGGY_SERVER_BIN") {
         return Some(PathBuf::from(path));
     }
-    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/iggy/iggy-server");
-    if beside.exists() {
-        return Some(beside);
+    let beside_checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/iggy/iggy-server");
+    let beside_cwd = PathBuf::from("../shared/iggy/iggy-server");
+    if let Some(found) = [beside_checkout, beside_cwd].into_iter().find(|p| p.exists()) {
+        return Some(found);
     }
     std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join("iggy-server")).find(|p| p.exists())
 }
 
-/// The server binary; `None` (after a loud warning) only when there is none and
+/// For tests: the binary; `None` (after a loud warning) only when there is none and
 /// `OWLERY_SKIP_IGGY=1`. Panics when there is none otherwise.
 pub fn locate() -> Option<PathBuf> {
     if let Some(binary) = find_binary() {
@@ -46,47 +51,45 @@ pub fn locate() -> Option<PathBuf> {
     );
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl IggyServer {
-    /// Start a server, or `None` (after a loud warning) when there is none and
-    /// `OWLERY_SKIP_IGGY=1`. Panics when there is none otherwise.
-    pub fn start(durable: bool) -> Option<IggyServer> {
-        let Some(binary) = find_binary() else {
-            if std::env::var("OWLERY_SKIP_IGGY").is_ok_and(|v| v == "1") {
-                eprintln!(
-                    "\n!!! SKIPPED: no iggy-server found (IGGY_SERVER_BIN, ../shared/iggy/iggy-server, PATH) !!!\n"
-                );
-                return None;
-            }
-            panic!(
-                "no iggy-server found: set IGGY_SERVER_BIN, put it at ../shared/iggy/iggy-server or on PATH \
-                 (or set OWLERY_SKIP_IGGY=1 to skip the Iggy tests, loudly)"
-            );
-        };
+    /// Start `binary`; ready when both its TCP and HTTP ports accept connections.
+    pub fn start_binary(binary: &Path, durable: bool) -> anyhow::Result<IggyServer> {
         let mut server = IggyServer {
-            binary,
-            dir: tempfile::tempdir().unwrap(),
-            tcp_port: free_port(),
-            http_port: free_port(),
+            binary: binary.to_owned(),
+            dir: tempfile::tempdir()?,
+            tcp_port: free_port()?,
+            http_port: free_port()?,
             durable,
             child: None,
         };
-        server.restart();
-        Some(server)
+        server.try_restart()?;
+        Ok(server)
+    }
+
+    /// For tests: start the server `locate` finds; `None` when the tests are to be skipped.
+    pub fn start(durable: bool) -> Option<IggyServer> {
+        let binary = locate()?;
+        Some(IggyServer::start_binary(&binary, durable).unwrap_or_else(|e| panic!("{e:#}")))
     }
 
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.tcp_port)
     }
 
-    /// (Re)start on the same ports and data; waits until the TCP port accepts.
+    /// (Re)start on the same ports and data; waits until it accepts connections.
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
+        self.try_restart().unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    fn try_restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("iggy-server is already running");
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log"))?;
         let mut command = Command::new(&self.binary);
         command
             .env("IGGY_SYSTEM_PATH", self.dir.path().join("data"))
@@ -99,7 +102,7 @@ impl IggyServer {
             .env("IGGY_TCP_SOCKET_OVERRIDE_DEFAULTS", "true")
             .env("IGGY_TCP_SOCKET_NODELAY", "true")
             .current_dir(self.dir.path())
-            .stdout(log.try_clone().unwrap())
+            .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null());
         if self.durable {
@@ -107,16 +110,22 @@ impl IggyServer {
                 .env("IGGY_SYSTEM_PARTITION_MESSAGES_REQUIRED_TO_SAVE", "1")
                 .env("IGGY_SYSTEM_PARTITION_ENFORCE_FSYNC", "true");
         }
-        let child = command.spawn().expect("starting iggy-server");
+        let child = command.spawn().with_context(|| format!("starting {}", self.binary.display()))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(self.address()).is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("iggy-server exited with {status}:\n{}", self.log());
+        while std::net::TcpStream::connect(self.address()).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_err()
+        {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().transpose()).transpose()? {
+                self.child = None;
+                bail!("iggy-server exited with {status}:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "iggy-server did not start:\n{}", self.log());
+            if Instant::now() > deadline {
+                bail!("iggy-server did not start within 30 s:\n{}", self.log());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// `kill -9`.
@@ -127,6 +136,7 @@ impl IggyServer {
         }
     }
 
+    /// What the server wrote to stdout and stderr.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
