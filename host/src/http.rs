@@ -80,21 +80,9 @@ fn presented_token(request: &axum::extract::Request) -> Option<String> {
     if let Some(value) = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         return value.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
     }
-    let query = request.uri().query()?;
-    url_query_value(query, "token")
-}
-
-fn url_query_value(query: &str, key: &str) -> Option<String> {
-    let pairs: Vec<(String, String)> = serde_urlencoded_pairs(query);
-    pairs.into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
-}
-
-fn serde_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
-    axum::extract::Query::<Vec<(String, String)>>::try_from_uri(
-        &format!("/?{query}").parse().expect("a path and query"),
-    )
-    .map(|q| q.0)
-    .unwrap_or_default()
+    let axum::extract::Query(pairs) =
+        axum::extract::Query::<Vec<(String, String)>>::try_from_uri(request.uri()).ok()?;
+    pairs.into_iter().find(|(key, _)| key == "token").map(|(_, value)| value)
 }
 
 /// Refuse the request unless its token grants `scope` (401 without a valid token, 403
