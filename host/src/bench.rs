@@ -530,9 +530,20 @@ async fn publish(args: &BenchArgs, report: &mut Report, iggy_bin: Option<&Path>)
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// A WebSocket client, once the host has welcomed it: from then on it gets every broadcast
+/// (connected without `since`, it gets only those made after that point).
 async fn connect_ws(base: &str, query: &str) -> anyhow::Result<Ws> {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("{}/ws{query}", base.replace("http://", "ws://"))).await?;
-    Ok(ws)
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{}/ws{query}", base.replace("http://", "ws://"))).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(message))) if message.to_text().is_ok_and(|t| t.contains(r#""type":"welcome""#)) => {
+                return Ok(ws);
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => bail!("the host did not welcome the WebSocket client"),
+        }
+    }
 }
 
 /// The `data.id` of a broadcast frame, if it is one.
