@@ -177,7 +177,32 @@ pub struct HostState {
     read_only: bool,
 }
 
+/// What a plugin made because of an event of its batch.
+#[derive(Clone, Copy)]
+enum Effect {
+    Publish,
+    Broadcast,
+}
+
 impl HostState {
+    /// The id of the next publish or broadcast caused by event `cause`, derived from the
+    /// plugin, the cause and how many of that kind it already made (stable whatever the
+    /// batch boundaries); and the cause's timestamp.
+    fn derive_id(&mut self, cause: &str, effect: Effect) -> Result<(uuid::Uuid, String), String> {
+        let plugin = self.plugin.clone();
+        let Some(counts) = self.cause(cause) else {
+            return Err(format!("cause {cause:?} is not an event of the current batch"));
+        };
+        let (name, count) = match effect {
+            Effect::Publish => (format!("owlery/{plugin}/{cause}/{}", counts.published), &mut counts.published),
+            Effect::Broadcast => {
+                (format!("owlery/{plugin}/{cause}/broadcast/{}", counts.broadcast), &mut counts.broadcast)
+            }
+        };
+        *count += 1;
+        Ok((uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()), counts.timestamp.clone()))
+    }
+
     /// What was published and broadcast so far for the event `id` of the current batch.
     fn cause(&mut self, id: &str) -> Option<&mut Cause> {
         if self.causes.is_empty() {
@@ -410,15 +435,10 @@ impl host::Host for HostState {
         if serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_err() {
             return Ok(Err("broadcast payload must be JSON".into()));
         }
-        let plugin = self.plugin.clone();
-        let Some(counts) = self.cause(&cause) else {
-            return Ok(Err(format!("cause {cause:?} is not an event of the current batch")));
+        let (id, _) = match self.derive_id(&cause, Effect::Broadcast) {
+            Ok(derived) => derived,
+            Err(e) => return Ok(Err(e)),
         };
-        let id = uuid::Uuid::new_v5(
-            &uuid::Uuid::NAMESPACE_OID,
-            format!("owlery/{plugin}/{cause}/broadcast/{}", counts.broadcast).as_bytes(),
-        );
-        counts.broadcast += 1;
         self.effects.broadcasts.push(Broadcast { id, room, payload });
         Ok(Ok(()))
     }
@@ -434,16 +454,10 @@ impl host::Host for HostState {
         let Ok(data) = serde_json::from_str::<serde_json::Value>(&data) else {
             return Ok(Err("publish data must be JSON".into()));
         };
-        let plugin = self.plugin.clone();
-        let Some(counts) = self.cause(&cause) else {
-            return Ok(Err(format!("cause {cause:?} is not an event of the current batch")));
+        let (event_id, timestamp) = match self.derive_id(&cause, Effect::Publish) {
+            Ok(derived) => derived,
+            Err(e) => return Ok(Err(e)),
         };
-        let event_id = uuid::Uuid::new_v5(
-            &uuid::Uuid::NAMESPACE_OID,
-            format!("owlery/{plugin}/{cause}/{}", counts.published).as_bytes(),
-        );
-        counts.published += 1;
-        let timestamp = counts.timestamp.clone();
         let mut metadata = serde_json::Map::new();
         metadata.insert("causationId".into(), cause.into());
         metadata.insert("plugin".into(), self.plugin.to_string().into());
