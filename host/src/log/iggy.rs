@@ -509,6 +509,20 @@ impl IggyLog {
             Err(IggyError::TopicIdNotFound(..) | IggyError::TopicNameNotFound(..)) => {
                 return Err(LogError::NoSuchTopic(topic.to_owned()).into());
             }
+            // Right after a topic is made, another connection (another of Iggy's shards) can
+            // briefly not know its partitions yet: that is a wait, not an answer.
+            Err(IggyError::PartitionNotFound(..))
+                if partition
+                    < self
+                        .topics
+                        .lock()
+                        .expect("topics lock")
+                        .get(topic)
+                        .copied()
+                        .unwrap_or_else(|| partitions_of(&self.settings, topic)) =>
+            {
+                return Err(LogError::Unavailable(format!("Iggy does not show {topic}/{partition} yet")).into());
+            }
             Err(IggyError::PartitionNotFound(..)) => {
                 return Err(LogError::NoSuchPartition { topic: topic.to_owned(), partition }.into());
             }
