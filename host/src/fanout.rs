@@ -23,7 +23,7 @@ use crate::log::{EventLog, LogError};
 use crate::store::{BROADCAST_TYPE, FanoutRecord, Store};
 
 /// The topic that holds the shared fan-out log (one partition: one order for every host).
-pub const FANOUT_TOPIC: &str = "owlery-fanout";
+pub use crate::topics::FANOUT as FANOUT_TOPIC;
 
 /// Records read from the store per page while catching a client up.
 const CATCH_UP_PAGE: usize = 1000;

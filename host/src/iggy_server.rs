@@ -35,21 +35,19 @@ pub fn find_binary() -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join("iggy-server")).find(|p| p.exists())
 }
 
-/// For tests: the binary; `None` (after a loud warning) only when there is none and
-/// `OWLERY_SKIP_IGGY=1`. Panics when there is none otherwise.
-pub fn locate() -> Option<PathBuf> {
-    if let Some(binary) = find_binary() {
-        return Some(binary);
-    }
-    if std::env::var("OWLERY_SKIP_IGGY").is_ok_and(|v| v == "1") {
-        eprintln!("\n!!! SKIPPED: no iggy-server found (IGGY_SERVER_BIN, ../shared/iggy/iggy-server, PATH) !!!\n");
-        return None;
-    }
-    panic!(
-        "no iggy-server found: set IGGY_SERVER_BIN, put it at ../shared/iggy/iggy-server or on PATH \
-         (or set OWLERY_SKIP_IGGY=1 to skip the Iggy tests, loudly)"
-    );
+/// For tests: the binary. Panics, naming where it looked, when there is none: a test that
+/// needs Iggy never passes without it (`OWLERY_SKIP_IGGY=1` compiles those tests as ignored).
+pub fn locate() -> PathBuf {
+    find_binary().unwrap_or_else(|| {
+        panic!(
+            "no iggy-server found: set IGGY_SERVER_BIN, put it at ../shared/iggy/iggy-server or on PATH \
+             (or set OWLERY_SKIP_IGGY=1 to skip the Iggy tests)"
+        )
+    })
 }
+
+/// Whether the Iggy tests are skipped (`OWLERY_SKIP_IGGY=1` when the tests were built).
+pub const SKIPPED: bool = cfg!(owlery_skip_iggy);
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -70,10 +68,9 @@ impl IggyServer {
         Ok(server)
     }
 
-    /// For tests: start the server `locate` finds; `None` when the tests are to be skipped.
-    pub fn start(durable: bool) -> Option<IggyServer> {
-        let binary = locate()?;
-        Some(IggyServer::start_binary(&binary, durable).unwrap_or_else(|e| panic!("{e:#}")))
+    /// For tests: start the server `locate` finds; panics when there is none.
+    pub fn start(durable: bool) -> IggyServer {
+        IggyServer::start_binary(&locate(), durable).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     pub fn address(&self) -> String {

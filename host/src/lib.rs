@@ -20,3 +20,4 @@ pub mod runtime;
 pub mod server;
 pub mod socketio;
 pub mod store;
+pub mod topics;

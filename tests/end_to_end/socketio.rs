@@ -1,11 +1,12 @@
 //! The real `socket.io-client` from npm receives broadcasts, by room, from a given offset.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-use crate::support::{Host, event, shipped};
+use crate::support::{Host, event, guests, shipped};
 
 const CLIENT: &str = r#"
 const { io } = require("socket.io-client");
@@ -20,23 +21,26 @@ socket.onAny((name, frame) => {
 setTimeout(() => { console.error("timed out with " + JSON.stringify(got)); process.exit(1); }, 30000);
 "#;
 
+/// The npm packages `./test.sh` installs (`npm ci` in tests/node); panics, saying so, when
+/// they are not there.
+fn node_packages() -> &'static Path {
+    let dir = Path::new(guests::TEST_NODE_DIR);
+    let node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(node, "node is needed for the socket.io-client test (or set OWLERY_SKIP_NODE=1 to skip it)");
+    assert!(
+        dir.join("node_modules/socket.io-client").exists(),
+        "socket.io-client is not installed in {}: run ./test.sh (it runs npm ci there), or set OWLERY_SKIP_NODE=1",
+        dir.display()
+    );
+    dir
+}
+
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(owlery_skip_node, ignore = "SKIPPED: OWLERY_SKIP_NODE=1")]
 async fn the_real_socket_io_client_receives_broadcasts() {
-    let npm_ok = Command::new("npm").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !npm_ok {
-        if std::env::var("OWLERY_SKIP_NODE").is_ok_and(|v| v == "1") {
-            eprintln!("\n!!! SKIPPED: no node/npm for the socket.io-client test !!!\n");
-            return;
-        }
-        panic!("node and npm are needed for the socket.io-client test (or set OWLERY_SKIP_NODE=1 to skip, loudly)");
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let install = Command::new("npm")
-        .args(["install", "--silent", "--no-audit", "--no-fund", "socket.io-client@4"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(install.status.success(), "npm install socket.io-client: {}", String::from_utf8_lossy(&install.stderr));
+    let node_dir = node_packages();
+    // The script sits beside node_modules, so that `require` finds the installed client.
+    let dir = tempfile::Builder::new().prefix(".client-").tempdir_in(node_dir).unwrap();
     std::fs::write(dir.path().join("client.js"), CLIENT).unwrap();
 
     let host = Host::with_plugins(&[shipped("ws-broadcast")]);

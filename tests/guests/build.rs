@@ -57,6 +57,7 @@ fn main() {
         "pub const TEST_PLUGINS_DIR: &str = {:?};\n",
         root.join("tests/plugins").display().to_string()
     ));
+    paths.push_str(&format!("pub const TEST_NODE_DIR: &str = {:?};\n", root.join("tests/node").display().to_string()));
     std::fs::write(out.join("paths.rs"), paths).unwrap();
 }
 

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot, watch};
 
 use super::{AppendItem, Appended, EventLog, LogError, Record, partition_for};
-use crate::fanout::FANOUT_TOPIC;
+use crate::topics::FANOUT as FANOUT_TOPIC;
 
 /// spool sequence → SpoolEntry JSON, in acceptance order
 const SPOOL: TableDefinition<u64, &[u8]> = TableDefinition::new("spool");
@@ -1063,12 +1063,13 @@ mod tests {
     use super::{IggyLog, IggySettings};
     use crate::log::{EventLog, contract};
 
-    contract::contract_suite!(IggyServer::start(false).map(|server| {
+    contract::contract_suite!(skip_if: owlery_skip_iggy, {
+        let server = IggyServer::start(false);
         let address = server.address();
         let open = move |dir: &Path| -> Arc<dyn EventLog> {
             let settings = IggySettings { address: address.clone(), partitions: 3, ..IggySettings::default() };
             Arc::new(IggyLog::open(dir, settings).unwrap())
         };
         (server, open)
-    }));
+    });
 }

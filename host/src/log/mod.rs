@@ -110,6 +110,11 @@ pub trait EventLog: Send + Sync + 'static {
     }
 }
 
+/// How many records back (per partition) a backend may write a second copy of an event
+/// it already wrote (a send retried after a lost acknowledgement). Consumers that skip
+/// copies by event id remember at least this many.
+pub const REDELIVERY_WINDOW: u64 = 2 * iggy::FORWARD_BATCH as u64;
+
 /// FNV-1a: a stable hash, so a key maps to the same partition in every version of Owlery.
 pub fn partition_for(key: &str, partitions: u32) -> u32 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

@@ -17,10 +17,7 @@ use crate::log::{AppendItem, LogError, Record};
 use crate::runtime::{CallError, GuestEnvelope, Instance, InstanceContext, LoadedComponent};
 use crate::store::BatchCommit;
 
-/// The topic failed events go to.
-pub const DEAD_LETTER_TOPIC: &str = "dead-letters";
-/// The event type of a dead letter.
-pub const DEAD_LETTER_TYPE: &str = "owlery.dead_letter";
+pub use crate::topics::{DEAD_LETTER_TYPE, DEAD_LETTERS as DEAD_LETTER_TOPIC};
 /// Consecutive dead letters after which a plugin is marked failed and stops.
 const FAIL_AFTER_DEAD_LETTERS: u32 = 100;
 /// Event ids remembered to skip redelivered copies (Iggy can hold an event twice when a
@@ -28,7 +25,7 @@ const FAIL_AFTER_DEAD_LETTERS: u32 = 100;
 const SEEN_WINDOW: usize = 10_000;
 /// Records read back per partition at start to rebuild that memory: at least what one
 /// forwarding round can resend after a crash.
-const SEEN_PRIME: u64 = 2 * crate::log::iggy::FORWARD_BATCH as u64;
+const SEEN_PRIME: u64 = crate::log::REDELIVERY_WINDOW;
 /// How long an idle runner waits before looking again (new partitions, commands).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 
@@ -362,7 +359,7 @@ impl Runner {
             return Ok(self.manifest.subscribe.topics.clone());
         }
         let mut topics = self.deps.block_on(self.deps.log.topics())?;
-        topics.retain(|t| t != DEAD_LETTER_TOPIC && t != crate::fanout::FANOUT_TOPIC);
+        topics.retain(|t| !crate::topics::is_internal(t));
         Ok(topics)
     }
 
