@@ -15,6 +15,7 @@ pub mod fanout;
 pub mod http;
 pub mod iggy_server;
 pub mod log;
+pub mod outbox;
 pub mod plugins;
 pub mod runtime;
 pub mod server;
