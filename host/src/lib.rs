@@ -19,6 +19,5 @@ pub mod outbox;
 pub mod plugins;
 pub mod runtime;
 pub mod server;
-pub mod socketio;
 pub mod store;
 pub mod topics;

@@ -81,7 +81,7 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     let hub = Hub::new(store.clone(), crate::fanout::ClientLimits { queue: config.client_queue }, shared_fanout);
     if shared_fanout {
-        tasks.spawn(until(stop.clone(), crate::fanout::mirror(log.clone(), store.clone(), hub.clone())));
+        tasks.spawn(until(stop.clone(), crate::fanout::mirror::mirror(log.clone(), store.clone(), hub.clone())));
     }
     let outbox = Arc::new(Notify::new());
     let deps = Arc::new(RunnerDeps {
@@ -104,8 +104,8 @@ pub async fn serve(
         tracing::info!("authentication is on");
     }
     let auth = Arc::new(crate::auth::Auth::new(config.auth.clone()));
-    let (socketio, io) = crate::socketio::layer(auth.clone(), store.clone());
-    tasks.spawn(until(stop.clone(), crate::socketio::bridge(io, hub.subscribe())));
+    let (socketio, io) = crate::fanout::socketio::layer(auth.clone(), hub.clone());
+    tasks.spawn(until(stop.clone(), crate::fanout::socketio::bridge(io, hub.subscribe())));
     let state = AppState { auth, log, plugins: plugins.clone(), hub, routing, backend };
     axum::serve(tuned(listener, config.socket_send_buffer), router(state).layer(socketio))
         .with_graceful_shutdown(shutdown)
@@ -161,7 +161,7 @@ fn open_store(config: &Config, shared_fanout: bool) -> Result<Arc<Store>, ServeE
     let mut store = Store::open(&config.data_dir, config.fanout_retention, max_age)
         .map_err(|source| ServeError::OpenStore { dir: config.data_dir.clone(), source })?;
     if shared_fanout {
-        store.share_fanout(FANOUT_TOPIC);
+        store.share_fanout(crate::fanout::mirror::encoder());
     }
     Ok(Arc::new(store))
 }
