@@ -8,6 +8,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+pub use crate::effects::Broadcast;
 use crate::log::AppendItem;
 
 /// (plugin, key) → value
@@ -34,16 +35,6 @@ pub struct StoreError(String);
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError(e.into().to_string())
-}
-
-/// A broadcast made by a plugin: `id` is derived from the plugin, its cause and a counter,
-/// so the same broadcast made again (a redelivered batch, another host) has the same id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Broadcast {
-    pub id: uuid::Uuid,
-    pub room: String,
-    /// JSON text
-    pub payload: String,
 }
 
 /// A broadcast as recorded in the fan-out log. `payload` is JSON text.
@@ -467,6 +458,17 @@ impl Store {
             table.retain_in(..=last, |_, _| false).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)
+    }
+}
+
+/// The runtime reads plugin state through this narrow view; it never sees redb.
+impl crate::runtime::StateView for Store {
+    fn get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, crate::runtime::StateError> {
+        self.state_get(namespace, key).map_err(crate::runtime::StateError::new)
+    }
+
+    fn scan(&self, namespace: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, crate::runtime::StateError> {
+        self.state_scan(namespace, prefix).map_err(crate::runtime::StateError::new)
     }
 }
 

@@ -1,0 +1,11 @@
+//! All generated bindings of the `owlery:plugin` world, in one place (as Spin's `world`
+//! crate does), so the rest of the runtime names guest types through this module only.
+
+wasmtime::component::bindgen!({
+    world: "plugin",
+    path: "../wit",
+    imports: { default: trappable },
+});
+
+pub use owlery::plugin::types::{Envelope as GuestEnvelope, LogLevel};
+pub use owlery::plugin::{host, types};
