@@ -145,3 +145,56 @@ impl Emitter {
         self.causes.get_mut(id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{Emitter, GuestEnvelope, Refusal};
+    use crate::runtime::capabilities::Capabilities;
+
+    fn event(id: &str) -> GuestEnvelope {
+        GuestEnvelope {
+            event_id: id.into(),
+            event_type: "order.placed".into(),
+            timestamp: "2024-01-01T00:00:00Z".into(),
+            source: "test".into(),
+            user_id: None,
+            metadata: "{}".into(),
+            data: "null".into(),
+            topic: "orders".into(),
+            partition: 0,
+            offset: 0,
+        }
+    }
+
+    fn broadcast_ids(batch: &[&str], causes: &[&str]) -> Vec<uuid::Uuid> {
+        let caps = Capabilities { broadcast: true, ..Capabilities::default() };
+        let mut emitter = Emitter::new("p".into(), Arc::default());
+        emitter.begin(batch.iter().map(|id| event(id)).collect());
+        for cause in causes {
+            emitter.broadcast(&caps, cause.to_string(), "all".into(), "{}".into()).unwrap();
+        }
+        emitter.finish().0.into_iter().map(|b| b.id).collect()
+    }
+
+    #[test]
+    fn broadcast_ids_depend_on_the_cause_not_on_the_batch() {
+        let alone = broadcast_ids(&["e2"], &["e2", "e2"]);
+        let batched = broadcast_ids(&["e1", "e2"], &["e1", "e2", "e2"]);
+        assert_eq!(batched[1..], alone[..]);
+        assert_ne!(alone[0], alone[1], "a second broadcast for one cause gets its own id");
+    }
+
+    #[test]
+    fn a_cause_outside_the_batch_or_the_manifest_is_refused() {
+        let mut emitter = Emitter::new("p".into(), Arc::default());
+        emitter.begin(Arc::new([event("e1")]));
+        let no_caps = Capabilities::default();
+        let refused = emitter.broadcast(&no_caps, "e1".into(), "all".into(), "{}".into());
+        assert!(matches!(refused, Err(Refusal::NoBroadcast)));
+        let caps = Capabilities { broadcast: true, ..Capabilities::default() };
+        let refused = emitter.broadcast(&caps, "e9".into(), "all".into(), "{}".into());
+        assert!(matches!(refused, Err(Refusal::UnknownCause(_))));
+    }
+}

@@ -73,3 +73,42 @@ impl StateAccess {
         std::mem::take(&mut self.writes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::{StateAccess, StateError, StateView};
+
+    /// Committed state of one namespace, in memory: the runtime needs nothing more.
+    struct Committed(BTreeMap<String, Vec<u8>>);
+
+    impl StateView for Committed {
+        fn get(&self, _: &str, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+            Ok(self.0.get(key).cloned())
+        }
+        fn scan(&self, _: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+            Ok(self.0.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
+        }
+    }
+
+    #[test]
+    fn a_call_reads_its_own_writes_over_committed_state() {
+        let committed = [("a/1", "old"), ("a/2", "gone"), ("b/1", "other")];
+        let view = Committed(committed.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect());
+        let mut state = StateAccess::new("p".into(), Arc::new(view));
+        state.write("a/1".into(), Some(b"new".to_vec()));
+        state.write("a/2".into(), None);
+        state.write("a/3".into(), Some(b"added".to_vec()));
+
+        assert_eq!(state.get("a/1").unwrap(), Some(b"new".to_vec()));
+        assert_eq!(state.get("a/2").unwrap(), None);
+        assert_eq!(state.get("b/1").unwrap(), Some(b"other".to_vec()));
+        let keys: Vec<String> = state.scan("a/").unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["a/1", "a/3"]);
+
+        assert_eq!(state.take_writes().len(), 3);
+        assert_eq!(state.get("a/1").unwrap(), Some(b"old".to_vec()), "taken writes are no longer read");
+    }
+}
