@@ -7,5 +7,6 @@ wasmtime::component::bindgen!({
     imports: { default: trappable },
 });
 
-pub use owlery::plugin::types::{Envelope as GuestEnvelope, LogLevel};
-pub use owlery::plugin::{host, types};
+// `self::`: the generated `owlery` module shares its name with this crate.
+pub use self::owlery::plugin::types::{Envelope as GuestEnvelope, LogLevel};
+pub use self::owlery::plugin::{host, types};
