@@ -99,23 +99,18 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "OWLERY_LISTEN")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     /// Where the log, plugin state and compiled plugins live [default: data].
     #[arg(long, env = "OWLERY_DATA_DIR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     /// Directory of NAME.wasm plugins and their NAME.toml manifests [default: plugins].
     #[arg(long, env = "OWLERY_PLUGINS_DIR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub plugins_dir: Option<PathBuf>,
     /// Partitions per topic for new topics of the embedded log [default: 4].
     #[arg(long, env = "OWLERY_PARTITIONS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub partitions: Option<u32>,
     /// Which log to use [default: embedded].
     #[arg(long, env = "OWLERY_LOG", value_enum)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<LogBackend>,
     #[command(flatten)]
     pub iggy: IggyArgs,
@@ -126,25 +121,19 @@ pub struct ServeArgs {
 pub struct IggyArgs {
     /// Iggy server host [default: 127.0.0.1].
     #[arg(id = "iggy_host", long = "iggy-host", env = "IGGY_HOST")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// Iggy server TCP port [default: 8090].
     #[arg(id = "iggy_port", long = "iggy-port", env = "IGGY_PORT")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     #[arg(id = "iggy_username", long = "iggy-username", env = "IGGY_USERNAME")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     #[arg(id = "iggy_password", long = "iggy-password", env = "IGGY_PASSWORD", hide_env_values = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     /// Iggy stream holding Owlery's topics [default: owlery].
     #[arg(id = "iggy_stream", long = "iggy-stream", env = "OWLERY_IGGY_STREAM")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub stream: Option<String>,
     /// Partitions of each topic Owlery creates in Iggy [default: 8].
     #[arg(id = "iggy_partitions", long = "iggy-partitions", env = "OWLERY_IGGY_PARTITIONS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub partitions: Option<u32>,
 }
 
