@@ -1,0 +1,153 @@
+//! A runner's run state. Pausing, failing and replaying overlap: a paused replay resumes
+//! as a replay, and a failed plugin that was paused stays paused once a new version
+//! recovers it. One enum holds exactly those combinations.
+
+use super::replay::Replay;
+use super::status::RunState;
+
+#[derive(Debug)]
+pub enum Lifecycle {
+    /// Reading new events.
+    Running,
+    /// Reading events again, up to where the replay began.
+    Replaying(Replay),
+    /// Told to pause; a replay under way goes on when resumed.
+    Paused { replay: Option<Replay> },
+    /// Stopped by errors until a new version, a promotion or a replay. `paused` when it was
+    /// also told to pause, which outlasts the failure.
+    Failed { replay: Option<Replay>, paused: bool },
+}
+
+use Lifecycle::{Failed, Paused, Replaying, Running};
+
+/// Reading, with or without a replay under way.
+fn reading(replay: Option<Replay>) -> Lifecycle {
+    replay.map_or(Running, Replaying)
+}
+
+impl Lifecycle {
+    pub fn state(&self) -> RunState {
+        match self {
+            Running => RunState::Running,
+            Replaying(_) => RunState::Replaying,
+            Paused { .. } => RunState::Paused,
+            Failed { .. } => RunState::Failed,
+        }
+    }
+
+    /// Whether the runner reads and handles events now.
+    pub fn is_reading(&self) -> bool {
+        matches!(self, Running | Replaying(_))
+    }
+
+    /// The replay being read, if the runner is replaying.
+    pub fn replaying(&self) -> Option<&Replay> {
+        match self {
+            Replaying(replay) => Some(replay),
+            _ => None,
+        }
+    }
+
+    fn change(&mut self, f: impl FnOnce(Lifecycle) -> Lifecycle) {
+        let old = std::mem::replace(self, Running);
+        *self = f(old);
+    }
+
+    pub fn pause(&mut self) {
+        self.change(|old| match old {
+            Running => Paused { replay: None },
+            Replaying(replay) => Paused { replay: Some(replay) },
+            Failed { replay, .. } => Failed { replay, paused: true },
+            paused @ Paused { .. } => paused,
+        });
+    }
+
+    pub fn resume(&mut self) {
+        self.change(|old| match old {
+            Paused { replay } => reading(replay),
+            Failed { replay, .. } => Failed { replay, paused: false },
+            other => other,
+        });
+    }
+
+    pub fn fail(&mut self) {
+        self.change(|old| match old {
+            Running => Failed { replay: None, paused: false },
+            Replaying(replay) => Failed { replay: Some(replay), paused: false },
+            Paused { replay } => Failed { replay, paused: true },
+            failed @ Failed { .. } => failed,
+        });
+    }
+
+    /// A new version clears a failure; a pause stays.
+    pub fn recover(&mut self) {
+        self.change(|old| match old {
+            Failed { replay, paused: true } => Paused { replay },
+            Failed { replay, paused: false } => reading(replay),
+            other => other,
+        });
+    }
+
+    /// Replay `replay` once reading (now, or when paused or failed no longer).
+    pub fn set_replay(&mut self, replay: Replay) {
+        self.change(|old| match old {
+            Running | Replaying(_) => Replaying(replay),
+            Paused { .. } => Paused { replay: Some(replay) },
+            Failed { paused, .. } => Failed { replay: Some(replay), paused },
+        });
+    }
+
+    /// A replay asked for starts at once, whatever the runner was doing.
+    pub fn start_replay(&mut self, replay: Replay) {
+        *self = Replaying(replay);
+    }
+
+    pub fn finish_replay(&mut self) {
+        if let Replaying(_) = self {
+            *self = Running;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::runner::offsets::Offsets;
+
+    fn replay() -> Replay {
+        Replay::new(Offsets::default())
+    }
+
+    #[test]
+    fn a_paused_replay_resumes_as_a_replay() {
+        let mut lifecycle = Replaying(replay());
+        lifecycle.pause();
+        assert_eq!(lifecycle.state(), RunState::Paused);
+        lifecycle.resume();
+        assert_eq!(lifecycle.state(), RunState::Replaying);
+    }
+
+    #[test]
+    fn a_failure_shows_over_a_pause_and_the_pause_outlasts_it() {
+        let mut lifecycle = Running;
+        lifecycle.fail();
+        lifecycle.pause();
+        assert_eq!(lifecycle.state(), RunState::Failed);
+        lifecycle.recover();
+        assert_eq!(lifecycle.state(), RunState::Paused);
+        lifecycle.resume();
+        assert_eq!(lifecycle.state(), RunState::Running);
+    }
+
+    #[test]
+    fn resuming_does_not_clear_a_failure_but_a_replay_does() {
+        let mut lifecycle = Running;
+        lifecycle.fail();
+        lifecycle.resume();
+        assert_eq!(lifecycle.state(), RunState::Failed);
+        lifecycle.start_replay(replay());
+        assert!(lifecycle.is_reading());
+        lifecycle.finish_replay();
+        assert_eq!(lifecycle.state(), RunState::Running);
+    }
+}
