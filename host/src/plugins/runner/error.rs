@@ -12,7 +12,7 @@ pub enum RunnerError {
     Log(#[from] LogError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A call into the plugin failed (a query, say).
+    /// A call into the plugin trapped, or returned an error.
     #[error(transparent)]
     Call(#[from] CallError),
     /// The plugin could not be instantiated or initialised when its runner started.

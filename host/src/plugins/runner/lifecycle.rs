@@ -118,36 +118,39 @@ mod tests {
         Replay::new(Offsets::default())
     }
 
+    /// The state shown after each step, starting from `lifecycle`.
+    fn walk(mut lifecycle: Lifecycle, steps: &[fn(&mut Lifecycle)]) -> Vec<RunState> {
+        steps
+            .iter()
+            .map(|step| {
+                step(&mut lifecycle);
+                lifecycle.state()
+            })
+            .collect()
+    }
+
     #[test]
     fn a_paused_replay_resumes_as_a_replay() {
-        let mut lifecycle = Replaying(replay());
-        lifecycle.pause();
-        assert_eq!(lifecycle.state(), RunState::Paused);
-        lifecycle.resume();
-        assert_eq!(lifecycle.state(), RunState::Replaying);
+        let states = walk(Replaying(replay()), &[Lifecycle::pause, Lifecycle::resume]);
+        assert_eq!(states, [RunState::Paused, RunState::Replaying]);
     }
 
     #[test]
     fn a_failure_shows_over_a_pause_and_the_pause_outlasts_it() {
-        let mut lifecycle = Running;
-        lifecycle.fail();
-        lifecycle.pause();
-        assert_eq!(lifecycle.state(), RunState::Failed);
-        lifecycle.recover();
-        assert_eq!(lifecycle.state(), RunState::Paused);
-        lifecycle.resume();
-        assert_eq!(lifecycle.state(), RunState::Running);
+        let steps = [Lifecycle::fail, Lifecycle::pause, Lifecycle::recover, Lifecycle::resume];
+        let states = walk(Running, &steps);
+        assert_eq!(states, [RunState::Failed, RunState::Failed, RunState::Paused, RunState::Running]);
     }
 
     #[test]
     fn resuming_does_not_clear_a_failure_but_a_replay_does() {
-        let mut lifecycle = Running;
-        lifecycle.fail();
-        lifecycle.resume();
-        assert_eq!(lifecycle.state(), RunState::Failed);
-        lifecycle.start_replay(replay());
-        assert!(lifecycle.is_reading());
-        lifecycle.finish_replay();
-        assert_eq!(lifecycle.state(), RunState::Running);
+        let steps = [
+            Lifecycle::fail,
+            Lifecycle::resume,
+            |l: &mut Lifecycle| l.start_replay(replay()),
+            Lifecycle::finish_replay,
+        ];
+        let states = walk(Running, &steps);
+        assert_eq!(states, [RunState::Failed, RunState::Failed, RunState::Replaying, RunState::Running]);
     }
 }
