@@ -10,30 +10,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::envelope::Routing;
-use crate::fanout::Hub;
-use crate::log::EventLog;
-use crate::runtime::{LoadedComponent, Runtime, RuntimeError};
-use crate::store::{Store, StoreError};
+use crate::runtime::{LoadedComponent, RuntimeError};
+use crate::store::StoreError;
 use manifest::{Manifest, ManifestError};
 use runner::{
     Command, Mode, PluginStatus, ReplayFrom, RunState, Runner, RunnerError, RunnerHandle, RunnerSpec, SharedStatus,
 };
 
-/// What every runner shares.
-pub struct RunnerDeps {
-    pub runtime: Arc<Runtime>,
-    pub log: Arc<dyn EventLog>,
-    pub store: Arc<Store>,
-    pub routing: Arc<Routing>,
-    pub hub: Hub,
-    /// Poked after a commit that put events in the outbox.
-    pub outbox: Arc<Notify>,
-    /// Runners are plain threads; they reach the async log through this runtime.
-    pub tokio: tokio::runtime::Handle,
-}
+pub use runner::RunnerDeps;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {

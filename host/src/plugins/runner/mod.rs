@@ -24,12 +24,14 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-use super::RunnerDeps;
 use super::manifest::{Manifest, Start};
-use crate::log::LogError;
-use crate::runtime::{CallError, Instance, InstanceContext, LoadedComponent};
+use crate::envelope::Routing;
+use crate::fanout::Hub;
+use crate::log::{EventLog, LogError};
+use crate::runtime::{CallError, Instance, InstanceContext, LoadedComponent, Runtime};
+use crate::store::Store;
 use dead_letter::FAIL_AFTER_DEAD_LETTERS;
 use lifecycle::Lifecycle;
 use log_access::{LogAccess, Wake};
@@ -89,6 +91,19 @@ pub enum Command {
 pub enum Mode {
     Live,
     Shadow,
+}
+
+/// What every runner shares.
+pub struct RunnerDeps {
+    pub runtime: Arc<Runtime>,
+    pub log: Arc<dyn EventLog>,
+    pub store: Arc<Store>,
+    pub routing: Arc<Routing>,
+    pub hub: Hub,
+    /// Poked after a commit that put events in the outbox.
+    pub outbox: Arc<Notify>,
+    /// Runners are plain threads; they reach the async log through this runtime.
+    pub tokio: tokio::runtime::Handle,
 }
 
 /// What a runner runs, and as whom.
