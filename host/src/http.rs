@@ -158,10 +158,10 @@ impl From<PluginError> for ApiError {
             PluginError::NotFound(_) => StatusCode::NOT_FOUND,
             PluginError::NotRunning(_) => StatusCode::SERVICE_UNAVAILABLE,
             PluginError::Failed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            PluginError::Conflict(_) => StatusCode::CONFLICT,
-            PluginError::Invalid(ref message) => {
-                let field = if message.starts_with("manifest") { "manifest" } else { "wasm" };
-                return ApiError::bad_request(message.clone()).with("field", field);
+            PluginError::NoShadow(_) | PluginError::ShadowBehind { .. } => StatusCode::CONFLICT,
+            PluginError::BadManifest(_) => return ApiError::bad_request(e.to_string()).with("field", "manifest"),
+            PluginError::BadName(_) | PluginError::BadComponent(_) | PluginError::NotStarted(_) => {
+                return ApiError::bad_request(e.to_string()).with("field", "wasm");
             }
         };
         ApiError::new(status, e.to_string())
@@ -271,11 +271,9 @@ async fn blocking<T: Send + 'static>(
 
 async fn lag(state: &AppState, status: &PluginStatus) -> u64 {
     let mut lag = 0u64;
-    for (topic, partitions) in &status.offsets {
-        for (partition, next) in partitions {
-            if let Ok(high) = state.log.high_watermark(topic, *partition).await {
-                lag += high.saturating_sub(*next);
-            }
+    for (tp, next) in status.offsets.iter() {
+        if let Ok(high) = state.log.high_watermark(&tp.topic, tp.partition).await {
+            lag += high.saturating_sub(next);
         }
     }
     lag
@@ -401,7 +399,7 @@ fn replay_from(request: &Value) -> Result<ReplayFrom, ApiError> {
             ApiError::bad_request(format!("offsets: expected {{\"topic\": {{\"partition\": offset}}}}: {e}"))
                 .with("field", "offsets")
         })?;
-        return Ok(ReplayFrom::Offsets(parsed));
+        return Ok(ReplayFrom::Offsets(parsed.into()));
     }
     if let Some(at) = request.get("timestamp") {
         let text = at
