@@ -148,12 +148,24 @@ impl ServeArgs {
     }
 }
 
-fn read_manifest(explicit: Option<&PathBuf>, wasm: &std::path::Path) -> anyhow::Result<Option<String>> {
+/// The request with the component as its body and its manifest (the one named, else the
+/// `.toml` beside the `.wasm`, if any) as `?manifest=`.
+fn with_component(
+    request: reqwest::RequestBuilder,
+    wasm: &Path,
+    manifest: Option<&PathBuf>,
+) -> anyhow::Result<reqwest::RequestBuilder> {
     use anyhow::Context;
-    match explicit {
-        Some(path) => Ok(Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)),
-        None => Ok(std::fs::read_to_string(wasm.with_extension("toml")).ok()),
-    }
+    let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
+    let manifest = match manifest {
+        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?),
+        None => std::fs::read_to_string(wasm.with_extension("toml")).ok(),
+    };
+    let request = request.body(bytes);
+    Ok(match manifest {
+        Some(text) => request.query(&[("manifest", text)]),
+        None => request,
+    })
 }
 
 /// Run a `plugins` subcommand against a host; prints the host's JSON answer.
@@ -174,12 +186,7 @@ pub async fn run_plugins(args: PluginsArgs) -> anyhow::Result<()> {
                     .context("cannot tell the plugin's name; use --name")?
                     .to_owned(),
             };
-            let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
-            let mut request = http.put(url(format!("/{name}"))).body(bytes);
-            if let Some(text) = read_manifest(manifest.as_ref(), wasm)? {
-                request = request.query(&[("manifest", text)]);
-            }
-            request
+            with_component(http.put(url(format!("/{name}"))), wasm, manifest.as_ref())?
         }
         PluginAction::Remove { name, purge } => http.delete(url(format!("/{name}"))).query(&[("purge", purge)]),
         PluginAction::Pause { name } => http.post(url(format!("/{name}/pause"))),
@@ -192,12 +199,7 @@ pub async fn run_plugins(args: PluginsArgs) -> anyhow::Result<()> {
             http.post(url(format!("/{name}/replay"))).json(&body)
         }
         PluginAction::Shadow { name, wasm, manifest } => {
-            let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
-            let mut request = http.post(url(format!("/{name}/shadow"))).body(bytes);
-            if let Some(text) = read_manifest(manifest.as_ref(), wasm)? {
-                request = request.query(&[("manifest", text)]);
-            }
-            request
+            with_component(http.post(url(format!("/{name}/shadow"))), wasm, manifest.as_ref())?
         }
         PluginAction::Promote { name, force } => http.post(url(format!("/{name}/promote"))).query(&[("force", force)]),
         PluginAction::Discard { name } => http.delete(url(format!("/{name}/shadow"))),

@@ -260,10 +260,15 @@ async fn replay(
 }
 
 /// Run a blocking plugin operation (compiling, joining a runner) off the async workers.
-async fn blocking<T: Send + 'static>(
-    operation: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
+/// Run a registry change of plugin `name` off the async workers (it compiles, starts and
+/// stops runners, and touches files).
+async fn change<T: Send + 'static>(
+    state: &AppState,
+    name: &str,
+    operation: impl FnOnce(&Plugins, &str) -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let outcome = tokio::task::spawn_blocking(operation)
+    let (plugins, name) = (state.plugins.clone(), name.to_owned());
+    let outcome = tokio::task::spawn_blocking(move || operation(&plugins, &name))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(outcome?)
@@ -321,9 +326,7 @@ async fn upload_plugin(
     Query(params): Query<UploadParams>,
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
-    let plugins = state.plugins.clone();
-    let plugin = name.clone();
-    let installed = blocking(move || plugins.upload(&plugin, &body, params.manifest.as_deref())).await?;
+    let installed = change(&state, &name, move |p, name| p.upload(name, &body, params.manifest.as_deref())).await?;
     let (code, word) = match installed {
         Installed::Started => (StatusCode::CREATED, "started"),
         Installed::Swapped => (StatusCode::OK, "swapped"),
@@ -346,9 +349,7 @@ async fn delete_plugin(
     Path(name): Path<String>,
     Query(params): Query<DeleteParams>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let plugins = state.plugins.clone();
-    let plugin = name.clone();
-    blocking(move || plugins.delete(&plugin, params.purge)).await?;
+    change(&state, &name, move |p, name| p.delete(name, params.purge)).await?;
     Ok(axum::Json(json!({"removed": name, "purged": params.purge})))
 }
 
@@ -421,9 +422,7 @@ async fn start_shadow(
     Query(params): Query<UploadParams>,
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
-    let plugins = state.plugins.clone();
-    let plugin = name.clone();
-    blocking(move || plugins.start_shadow(&plugin, &body, params.manifest.as_deref())).await?;
+    change(&state, &name, move |p, name| p.start_shadow(name, &body, params.manifest.as_deref())).await?;
     Ok((StatusCode::CREATED, axum::Json(plugin_json(&state, state.plugins.status(&name)?).await)))
 }
 
@@ -431,9 +430,7 @@ async fn discard_shadow(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let plugins = state.plugins.clone();
-    let plugin = name.clone();
-    blocking(move || plugins.discard_shadow(&plugin)).await?;
+    change(&state, &name, |p, name| p.discard_shadow(name)).await?;
     Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
 }
 

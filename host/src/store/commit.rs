@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use super::fanout::FanoutRecord;
-pub use crate::effects::Broadcast;
 use super::{FANOUT, META, OFFSETS, OUTBOX, STATE, Store, StoreError};
+pub use crate::effects::Broadcast;
 use crate::log::AppendItem;
 
 /// Makes the log entry that carries a plugin's broadcast (committed at `at_ms`) to a shared
