@@ -7,13 +7,14 @@
 //! (WebSocket hub), `http` (axum routes), `config`, `cli`, `server` (assembly).
 
 pub mod auth;
+// `owlery bench`: tooling, not product; only with the `bench` feature (on by default).
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod fanout;
 pub mod http;
-pub mod iggy_server;
 pub mod log;
 pub mod plugins;
 pub mod runtime;
