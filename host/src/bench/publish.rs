@@ -37,6 +37,7 @@ pub(super) async fn publish(args: &BenchArgs, report: &mut Report, iggy_bin: Opt
     let http = reqwest::Client::new();
     wait_for_topics(&http, &host).await?;
     let sender = iggy_http_sender(&http, iggy.http_port).await?;
+    wait_for_iggy_http(&http, &sender).await?;
     let (iggy_lat, iggy_rate) = load(requests, clients, sender).await?;
     report.latencies("publish.iggy", "publish iggy", &lat, |fraction, point| {
         if fraction < 0.999 {
@@ -84,6 +85,20 @@ async fn wait_for_topics(http: &reqwest::Client, host: &BenchHost) -> anyhow::Re
     }
 }
 
+/// Wait until Iggy's HTTP API takes a message too. A new topic's partitions reach Iggy's
+/// shards one by one: its HTTP API can answer `partition_not_found` for a while after the
+/// host (on another connection) has created and written to them, mostly on a busy machine.
+async fn wait_for_iggy_http(http: &reqwest::Client, send: &Sender) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match send(http.clone(), 0).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e.context("Iggy's HTTP API never took a message")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Publishing straight to Iggy's HTTP API on `port`: the same event to the host's stream,
 /// topic and partition 0, as the root user.
 async fn iggy_http_sender(http: &reqwest::Client, port: u16) -> anyhow::Result<Sender> {
@@ -103,8 +118,9 @@ async fn iggy_http_sender(http: &reqwest::Client, port: u16) -> anyhow::Result<S
             let payload = encode(&serde_json::to_vec(&bench_event(i))?);
             let body = json!({"partitioning": {"kind": "partition_id", "value": encode(&0u32.to_le_bytes())}, "messages": [{"id": 0, "payload": payload}]});
             let response = http.post(url).bearer_auth(token).json(&body).send().await?;
-            if !response.status().is_success() {
-                bail!("Iggy HTTP answered {}", response.status());
+            let status = response.status();
+            if !status.is_success() {
+                bail!("Iggy HTTP answered {status}: {}", response.text().await.unwrap_or_default());
             }
             Ok(())
         })
