@@ -22,6 +22,7 @@ pub enum Command {
     /// Manage the plugins of a running host.
     Plugins(PluginsArgs),
     /// Measure dispatch, publish, end-to-end, replay, hot swap, fan-out and footprint.
+    #[cfg(feature = "bench")]
     Bench(crate::bench::BenchArgs),
 }
 

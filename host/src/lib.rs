@@ -7,6 +7,8 @@
 //! (WebSocket hub), `http` (axum routes), `config`, `cli`, `server` (assembly).
 
 pub mod auth;
+// `owlery bench`: tooling, not product; only with the `bench` feature (on by default).
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -14,7 +16,6 @@ pub mod effects;
 pub mod envelope;
 pub mod fanout;
 pub mod http;
-pub mod iggy_server;
 pub mod log;
 pub mod outbox;
 pub mod plugins;

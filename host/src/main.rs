@@ -24,6 +24,7 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             Ok(runtime.block_on(owlery::server::run(config, owlery::server::shutdown_signal()))?)
         }
+        #[cfg(feature = "bench")]
         Command::Bench(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(owlery::bench::run(args))

@@ -1,9 +1,15 @@
 //! `owlery bench --quick` runs every case and writes every figure (no timing assertions:
-//! figures are for people, not for pass/fail).
+//! figures are for people, not for pass/fail). Only with the `bench` feature, which builds
+//! the subcommand.
+#![cfg(feature = "bench")]
 
 use std::path::Path;
 
 use crate::support::guests;
+
+/// Whether the Iggy tests are skipped (`OWLERY_SKIP_IGGY=1` when the tests were built; the
+/// cfg is the `owlery` package's, set by `host/build.rs`).
+const IGGY_SKIPPED: bool = cfg!(owlery_skip_iggy);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_benchmark_runs_every_case_and_writes_its_figures() {
@@ -11,7 +17,7 @@ async fn the_benchmark_runs_every_case_and_writes_its_figures() {
     let json = dir.path().join("figures.json");
     let wasm_dir = Path::new(guests::ANALYTICS).parent().unwrap();
     // Iggy's cases run unless the Iggy tests are skipped (OWLERY_SKIP_IGGY=1).
-    let iggy = (!owlery::iggy_server::SKIPPED).then(owlery::iggy_server::locate);
+    let iggy = (!IGGY_SKIPPED).then(owlery_testkit::iggy::locate);
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_owlery"));
     command.args(["bench", "--quick", "--clients", "20"]);
     if let Some(binary) = &iggy {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::support::{Host, event, shipped};
-use owlery::iggy_server::IggyServer;
+use owlery_testkit::IggyServer;
 
 const WAIT: Duration = Duration::from_secs(60);
 

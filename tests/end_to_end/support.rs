@@ -1,22 +1,21 @@
-//! Test glue: a real `owlery` process on a free port with its own temp directories, real
-//! plugins copied into its plugins directory, an HTTP client and WebSocket clients.
+//! Test glue: a real `owlery` process on a free port with its own temp directories (started
+//! through `owlery_testkit`'s harness, which `owlery bench` shares), real plugins copied into
+//! its plugins directory, an HTTP client and WebSocket clients.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use owlery_testkit::{HostProcess, IggyServer};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
 pub use owlery_test_guests as guests;
 
 pub struct Host {
+    /// Declared before `dir`: the process goes before its directory does.
+    process: HostProcess,
     pub dir: tempfile::TempDir,
-    /// Extra environment for the binary (e.g. the Iggy backend's settings).
-    env: Vec<(String, String)>,
-    child: Option<Child>,
     pub base: String,
     pub http: reqwest::Client,
 }
@@ -24,11 +23,7 @@ pub struct Host {
 impl Host {
     /// A host with an empty plugins directory.
     pub fn empty() -> Host {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
-        let mut host = Host { dir, env: Vec::new(), child: None, base: String::new(), http: reqwest::Client::new() };
-        host.start();
-        host
+        Host::with_files(&[], Vec::new(), None)
     }
 
     /// A host running the three shipped plugins with their shipped manifests.
@@ -42,15 +37,8 @@ impl Host {
     }
 
     /// A host on an Iggy server instead of the embedded log.
-    pub fn on_iggy(iggy: &owlery::iggy_server::IggyServer, plugins: &[(String, PathBuf, String)]) -> Host {
-        let env = vec![
-            ("OWLERY_LOG".to_owned(), "iggy".to_owned()),
-            ("IGGY_HOST".to_owned(), "127.0.0.1".to_owned()),
-            ("IGGY_PORT".to_owned(), iggy.tcp_port.to_string()),
-            ("IGGY_USERNAME".to_owned(), "iggy".to_owned()),
-            ("IGGY_PASSWORD".to_owned(), "iggy".to_owned()),
-        ];
-        Host::with_env(plugins, env)
+    pub fn on_iggy(iggy: &IggyServer, plugins: &[(String, PathBuf, String)]) -> Host {
+        Host::with_env(plugins, iggy.host_env())
     }
 
     /// A host whose working directory holds `owlery.toml` with this text.
@@ -68,88 +56,37 @@ impl Host {
         owlery_toml: Option<&str>,
     ) -> Host {
         let dir = tempfile::tempdir().unwrap();
+        let process = HostProcess::new(env!("CARGO_BIN_EXE_owlery"), dir.path()).unwrap().env(env);
         if let Some(text) = owlery_toml {
-            std::fs::write(dir.path().join("owlery.toml"), text).unwrap();
+            process.write_config(text).unwrap();
         }
-        let plugin_dir = dir.path().join("plugins");
-        std::fs::create_dir_all(&plugin_dir).unwrap();
         for (name, wasm, manifest) in plugins {
-            std::fs::copy(wasm, plugin_dir.join(format!("{name}.wasm"))).unwrap();
-            std::fs::write(plugin_dir.join(format!("{name}.toml")), manifest).unwrap();
+            process.add_plugin(name, wasm, Some(manifest)).unwrap();
         }
-        let mut host = Host { dir, env, child: None, base: String::new(), http: reqwest::Client::new() };
+        let mut host = Host { process, dir, base: String::new(), http: reqwest::Client::new() };
         host.start();
         host
     }
 
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
     /// Start the binary (again) on the same directories; waits until it listens.
     pub fn start(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("owlery.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_owlery"))
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--plugins-dir")
-            .arg(self.dir.path().join("plugins"))
-            .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
-            .env_remove("OWLERY_CONFIG")
-            .env_remove("OWLERY_LOG")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(self.dir.path())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("starting owlery");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(address) = line.strip_prefix("owlery listening on ") {
-                    let _ = tx.send(address.to_owned());
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(address) => self.base = address,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("owlery did not start; its log:\n{}", self.log());
-            }
-        }
-        self.child = Some(child);
+        self.base = self.process.start().unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// `kill -9`: no shutdown, no flush.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
+        self.process.kill9().unwrap();
     }
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = child.id() as i32;
-            // SAFETY-free: libc::kill with a pid we own.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-            let status = child.wait().unwrap();
+        if let Some(status) = self.process.stop().unwrap() {
             assert!(status.success(), "owlery exited with {status} on SIGTERM; log:\n{}", self.log());
         }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("owlery.log")).unwrap_or_default()
+        self.process.log()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -260,10 +197,7 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = self.process.kill9();
         if std::thread::panicking() {
             eprintln!("--- owlery log ---\n{}", self.log());
         }

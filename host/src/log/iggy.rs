@@ -1058,7 +1058,7 @@ mod tests {
     use std::path::Path;
     use std::sync::Arc;
 
-    use crate::iggy_server::IggyServer;
+    use owlery_testkit::IggyServer;
 
     use super::{IggyLog, IggySettings};
     use crate::log::{EventLog, contract};

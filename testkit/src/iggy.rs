@@ -1,16 +1,20 @@
-//! A real Iggy server as a child process, for `owlery bench` and the tests: started on free
-//! ports in a temp directory, with the settings Owlery expects (root `iggy`/`iggy`,
-//! TCP_NODELAY; optionally saving and fsyncing every batch), stopped on drop.
+//! A real Iggy server as a child process: started on free ports in a temp directory, with
+//! the settings Owlery expects (root `iggy`/`iggy`, TCP_NODELAY; optionally saving and
+//! fsyncing every batch), stopped on drop.
 //!
 //! The binary is found through `IGGY_SERVER_BIN`, then `../shared/iggy/iggy-server` beside
 //! the checkout (or beside the working directory), then `PATH`.
 
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use crate::Error;
+
+/// The root user Owlery and the tests log in as.
+const USERNAME: &str = "iggy";
+const PASSWORD: &str = "iggy";
 
 pub struct IggyServer {
     binary: PathBuf,
@@ -46,16 +50,13 @@ pub fn locate() -> PathBuf {
     })
 }
 
-/// Whether the Iggy tests are skipped (`OWLERY_SKIP_IGGY=1` when the tests were built).
-pub const SKIPPED: bool = cfg!(owlery_skip_iggy);
-
-fn free_port() -> anyhow::Result<u16> {
+fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl IggyServer {
     /// Start `binary`; ready when both its TCP and HTTP ports accept connections.
-    pub fn start_binary(binary: &Path, durable: bool) -> anyhow::Result<IggyServer> {
+    pub fn start_binary(binary: &Path, durable: bool) -> Result<IggyServer, Error> {
         let mut server = IggyServer {
             binary: binary.to_owned(),
             dir: tempfile::tempdir()?,
@@ -70,22 +71,55 @@ impl IggyServer {
 
     /// For tests: start the server `locate` finds; panics when there is none.
     pub fn start(durable: bool) -> IggyServer {
-        IggyServer::start_binary(&locate(), durable).unwrap_or_else(|e| panic!("{e:#}"))
+        IggyServer::start_binary(&locate(), durable).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.tcp_port)
     }
 
-    /// (Re)start on the same ports and data; waits until it accepts connections.
-    pub fn restart(&mut self) {
-        self.try_restart().unwrap_or_else(|e| panic!("{e:#}"));
+    /// The environment that puts `owlery serve` on this server instead of the embedded log.
+    pub fn host_env(&self) -> Vec<(String, String)> {
+        [
+            ("OWLERY_LOG", "iggy".to_owned()),
+            ("IGGY_HOST", "127.0.0.1".to_owned()),
+            ("IGGY_PORT", self.tcp_port.to_string()),
+            ("IGGY_USERNAME", USERNAME.to_owned()),
+            ("IGGY_PASSWORD", PASSWORD.to_owned()),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect()
     }
 
-    fn try_restart(&mut self) -> anyhow::Result<()> {
+    /// (Re)start on the same ports and data; waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.try_restart().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn try_restart(&mut self) -> Result<(), Error> {
         if self.child.is_some() {
-            bail!("iggy-server is already running");
+            return Err(Error::AlreadyRunning("iggy-server"));
         }
+        let child = self.command()?.spawn().map_err(|source| Error::Spawn { binary: self.binary.clone(), source })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(self.address()).is_err() || TcpStream::connect(("127.0.0.1", self.http_port)).is_err()
+        {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().transpose()).transpose()? {
+                self.child = None;
+                return Err(Error::IggyExited { status, log: self.log() });
+            }
+            if Instant::now() > deadline {
+                return Err(Error::IggyTimedOut { log: self.log() });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// The server's command: its data, ports and users, its output into `server.log`.
+    fn command(&self) -> std::io::Result<Command> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log"))?;
         let mut command = Command::new(&self.binary);
         command
@@ -94,8 +128,8 @@ impl IggyServer {
             .env("IGGY_HTTP_ADDRESS", format!("127.0.0.1:{}", self.http_port))
             .env("IGGY_QUIC_ENABLED", "false")
             .env("IGGY_WEBSOCKET_ENABLED", "false")
-            .env("IGGY_ROOT_USERNAME", "iggy")
-            .env("IGGY_ROOT_PASSWORD", "iggy")
+            .env("IGGY_ROOT_USERNAME", USERNAME)
+            .env("IGGY_ROOT_PASSWORD", PASSWORD)
             .env("IGGY_TCP_SOCKET_OVERRIDE_DEFAULTS", "true")
             .env("IGGY_TCP_SOCKET_NODELAY", "true")
             .current_dir(self.dir.path())
@@ -107,22 +141,7 @@ impl IggyServer {
                 .env("IGGY_SYSTEM_PARTITION_MESSAGES_REQUIRED_TO_SAVE", "1")
                 .env("IGGY_SYSTEM_PARTITION_ENFORCE_FSYNC", "true");
         }
-        let child = command.spawn().with_context(|| format!("starting {}", self.binary.display()))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(self.address()).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_err()
-        {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().transpose()).transpose()? {
-                self.child = None;
-                bail!("iggy-server exited with {status}:\n{}", self.log());
-            }
-            if Instant::now() > deadline {
-                bail!("iggy-server did not start within 30 s:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        Ok(command)
     }
 
     /// `kill -9`.

@@ -1,0 +1,86 @@
+//! Case 4: replaying a log through analytics from offset 0; 100 events to a resuming client.
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use super::BenchArgs;
+use super::clients::{bench_event, connect_ws, frame_id};
+use super::host::BenchHost;
+use super::report::Report;
+
+pub(super) async fn replay(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
+    let events: u64 = if args.quick { 10_000 } else { 1_000_000 };
+    let host = BenchHost::start(args, &["ws-broadcast"], None)?;
+    let http = reqwest::Client::new();
+    prefill(&http, &host, events).await?;
+    let wasm = super::read_wasm(args, "analytics")?;
+    let manifest = std::fs::read_to_string(args.manifest_dir.join("analytics.toml")).unwrap_or_default();
+    let started = Instant::now();
+    let response = http
+        .put(format!("{}/api/plugins/analytics", host.base))
+        .query(&[("manifest", manifest)])
+        .body(wasm)
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("uploading analytics: {}", response.text().await?);
+    }
+    host.wait_caught_up(&http, "analytics", events).await?;
+    let secs = started.elapsed().as_secs_f64();
+    report.add(
+        "replay.analytics_seconds",
+        &format!("replay {events} events through analytics"),
+        secs,
+        "s",
+        format!("{:.0} events/s", events as f64 / secs),
+    );
+
+    // 100 broadcasts missed by a client, then it resumes.
+    let batch: Vec<Value> = (0..101).map(bench_event).collect();
+    http.post(format!("{}/api/events", host.base)).json(&batch).send().await?;
+    host.wait_caught_up(&http, "ws-broadcast", 101).await?;
+    let started = Instant::now();
+    resume_100(&host).await?;
+    report.add(
+        "replay.resume_100_ms",
+        "resume: 100 missed events to a WebSocket client",
+        started.elapsed().as_secs_f64() * 1000.0,
+        "ms",
+        String::new(),
+    );
+    Ok(())
+}
+
+/// Fill the log with `events` events, 5,000 per request.
+async fn prefill(http: &reqwest::Client, host: &BenchHost, events: u64) -> anyhow::Result<()> {
+    let chunk = 5_000;
+    let mut next = 0;
+    while next < events {
+        let batch: Vec<Value> = (next..(next + chunk).min(events))
+            .map(|i| json!({"eventType": "user.connected", "userId": format!("u{}", i % 1000), "data": {"n": i}}))
+            .collect();
+        let response = http.post(format!("{}/api/events", host.base)).json(&batch).send().await?;
+        if response.status().as_u16() != 201 {
+            bail!("prefill answered {}", response.status());
+        }
+        next += chunk;
+    }
+    Ok(())
+}
+
+/// A client resuming from offset 0, until it has 100 broadcasts.
+async fn resume_100(host: &BenchHost) -> anyhow::Result<()> {
+    let mut ws = connect_ws(&host.base, "?since=0").await?;
+    let mut got = 0;
+    while got < 100 {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(message))) if frame_id(&message).is_some() => got += 1,
+            Ok(Some(Ok(_))) => {}
+            _ => bail!("the resuming client got {got} of 100"),
+        }
+    }
+    Ok(())
+}
