@@ -127,6 +127,7 @@ impl Config {
             password: i.password.unwrap_or(d.iggy.password),
             stream: i.stream.unwrap_or(d.iggy.stream),
             partitions: i.partitions.unwrap_or(d.iggy.partitions),
+            single_partition_topics: d.iggy.single_partition_topics,
             dedup_window: i.dedup_window.unwrap_or(d.iggy.dedup_window),
         };
         Config {

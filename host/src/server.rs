@@ -15,7 +15,7 @@ use crate::fanout::{FANOUT_TOPIC, Hub};
 use crate::http::{AppState, router};
 use crate::log::EventLog;
 use crate::log::embedded::EmbeddedLog;
-use crate::log::iggy::IggyLog;
+use crate::log::iggy::{IggyLog, IggySettings};
 use crate::plugins::runner::DEAD_LETTER_TOPIC;
 use crate::plugins::{Plugins, RunnerDeps};
 use crate::runtime::Runtime;
@@ -41,14 +41,16 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
                  IGGY_SYSTEM_PARTITION_MESSAGES_REQUIRED_TO_SAVE=1 and IGGY_SYSTEM_PARTITION_ENFORCE_FSYNC=true \
                  (Owlery cannot read the server's settings to check)"
             );
-            let log = IggyLog::open(&config.data_dir.join("iggy"), config.iggy.clone())
+            // The shared fan-out log keeps one order: one partition.
+            let iggy = IggySettings { single_partition_topics: vec![FANOUT_TOPIC.to_owned()], ..config.iggy.clone() };
+            let log = IggyLog::open(&config.data_dir.join("iggy"), iggy)
                 .with_context(|| format!("opening the Iggy spool in {}", config.data_dir.display()))?;
             (Arc::new(log), "iggy")
         }
     };
     let mut topics = routing.topics();
     topics.push(DEAD_LETTER_TOPIC.to_owned());
-    let shared_fanout = log.shares_fanout();
+    let shared_fanout = log.is_shared();
     if shared_fanout {
         topics.push(FANOUT_TOPIC.to_owned());
     }
