@@ -216,19 +216,8 @@ impl Remote {
         Ok(())
     }
 
-    /// Fail fast while Iggy is known to be down: every request made then would sit in the
-    /// client's own reconnect loop, and many of them at once (one per runner and partition)
-    /// race each other's reconnects; the forwarder and the health probe reconnect.
-    pub(super) fn need_connection(&self) -> Result<(), LogError> {
-        match self.health.down_because() {
-            None => Ok(()),
-            Some(Some(error)) => Err(Unavailable::Disconnected(error).into()),
-            Some(None) => Err(Unavailable::NotConnectedYet.into()),
-        }
-    }
-
     pub(super) async fn topic_details(&self, topic: &str) -> Result<TopicDetails, LogError> {
-        self.need_connection()?;
+        self.health.need_connection()?;
         answered(self.reader.get_topic(&self.stream, &ident(topic)?))
             .await?
             .ok_or_else(|| LogError::NoSuchTopic(topic.to_owned()))

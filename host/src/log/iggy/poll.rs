@@ -89,7 +89,7 @@ impl Remote {
 
     /// One poll request of `count` messages from `from`.
     async fn poll_once(&self, topic: &str, partition: u32, from: u64, count: u32) -> Result<Vec<Record>, PollError> {
-        self.need_connection()?;
+        self.health.need_connection().map_err(LogError::from)?;
         let consumer = Consumer::new(ident("owlery")?);
         let topic_id = ident(topic)?;
         let strategy = PollingStrategy::offset(from);

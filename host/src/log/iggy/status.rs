@@ -5,8 +5,9 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use super::client::Remote;
+use super::client::{Remote, end_of};
 use super::spool::Spool;
+use crate::log::Unavailable;
 
 #[derive(Debug, Default, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -63,10 +64,15 @@ impl Health {
         h.last_error_at = Some(crate::envelope::now_rfc3339());
     }
 
-    /// Why the connection is down, while it is.
-    pub(super) fn down_because(&self) -> Option<Option<String>> {
+    /// Fail fast while Iggy is known to be down: every request made then would sit in the
+    /// client's own reconnect loop, and many of them at once (one per runner and partition)
+    /// race each other's reconnects; the forwarder and the tailer reconnect.
+    pub(super) fn need_connection(&self) -> Result<(), Unavailable> {
         let state = self.state();
-        (!state.connected).then(|| state.last_error.clone())
+        if state.connected {
+            return Ok(());
+        }
+        Err(state.last_error.clone().map_or(Unavailable::NotConnectedYet, Unavailable::Disconnected))
     }
 }
 
@@ -78,7 +84,7 @@ pub(super) async fn status(remote: &Remote, spool: &Spool) -> serde_json::Value 
         for name in remote.topic_names() {
             if let Ok(details) = remote.topic_details(&name).await {
                 let partitions: serde_json::Map<String, serde_json::Value> =
-                    details.partitions.iter().map(|p| (p.id.to_string(), super::client::end_of(p).into())).collect();
+                    details.partitions.iter().map(|p| (p.id.to_string(), end_of(p).into())).collect();
                 topics.insert(name, partitions.into());
             }
         }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use iggy::prelude::{Identifier, IggyError, StreamClient, TopicClient, TopicDetails};
+use iggy::prelude::{Identifier, IggyError, StreamClient, TopicClient};
 use tokio::sync::watch;
 
 use super::client::{Remote, connect_signed_in, end_of};
@@ -65,7 +65,6 @@ async fn read_ends(remote: &Remote, topic: &str, partitions: u32) -> bool {
     };
     let looked = tokio::time::timeout(LOOK_TIMEOUT, remote.reader.get_topic(&remote.stream, &id)).await;
     let Ok(Ok(Some(details))) = looked else { return false };
-    let details: TopicDetails = details;
     let mut ends = remote.ends();
     let mut moved = false;
     for partition in &details.partitions {
