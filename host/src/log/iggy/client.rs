@@ -11,8 +11,8 @@ use iggy::prelude::{
 };
 
 use super::ends::Ends;
+use super::health::Health;
 use super::settings::IggySettings;
-use super::status::Health;
 use crate::log::{LogError, StorageError, Unavailable, partition_for};
 
 /// How long one request to Iggy may take. The client reconnects forever in the background,

@@ -11,6 +11,7 @@ mod client;
 mod consumer_offsets;
 mod ends;
 mod forwarder;
+mod health;
 mod poll;
 mod settings;
 mod spool;
