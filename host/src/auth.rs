@@ -6,6 +6,9 @@ use serde::Deserialize;
 
 use crate::envelope::Pattern;
 
+/// The room every client is in, whatever its token allows.
+pub const ROOM_ALL: &str = "all";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
@@ -39,7 +42,7 @@ impl Grant {
 
     /// Room `all` is everyone's; others must match one of the token's patterns.
     pub fn may_join(&self, room: &str) -> bool {
-        room == crate::fanout::ROOM_ALL || self.rooms.is_empty() || self.rooms.iter().any(|p| p.matches(room))
+        room == ROOM_ALL || self.rooms.is_empty() || self.rooms.iter().any(|p| p.matches(room))
     }
 }
 

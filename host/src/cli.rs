@@ -1,11 +1,12 @@
 //! The command line: `owlery serve`, and `owlery plugins ...` against a running host.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
+use serde::Serialize;
 
-use crate::config::{Config, ConfigFile, LogBackend};
+use crate::config::{Config, ConfigError, LogBackend};
 
 #[derive(Debug, Parser)]
 #[command(name = "owlery", version, about = "Runs WebAssembly consumer plugins over an event log")]
@@ -88,90 +89,73 @@ pub enum PluginAction {
     },
 }
 
-#[derive(Debug, clap::Args)]
+/// `owlery serve`'s flags: one overlay over `owlery.toml`, in the file's shape (a flag's
+/// key is the file's key; unset flags leave the file's value).
+#[derive(Debug, clap::Args, Serialize)]
 pub struct ServeArgs {
     /// Configuration file (default: ./owlery.toml if present).
     #[arg(long, env = "OWLERY_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "OWLERY_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     /// Where the log, plugin state and compiled plugins live [default: data].
     #[arg(long, env = "OWLERY_DATA_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     /// Directory of NAME.wasm plugins and their NAME.toml manifests [default: plugins].
     #[arg(long, env = "OWLERY_PLUGINS_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub plugins_dir: Option<PathBuf>,
     /// Partitions per topic for new topics of the embedded log [default: 4].
     #[arg(long, env = "OWLERY_PARTITIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partitions: Option<u32>,
     /// Which log to use [default: embedded].
     #[arg(long, env = "OWLERY_LOG", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<LogBackend>,
+    #[command(flatten)]
+    pub iggy: IggyArgs,
+}
+
+/// The `[iggy]` part of the overlay.
+#[derive(Debug, clap::Args, Serialize)]
+pub struct IggyArgs {
     /// Iggy server host [default: 127.0.0.1].
-    #[arg(long, env = "IGGY_HOST")]
-    pub iggy_host: Option<String>,
+    #[arg(id = "iggy_host", long = "iggy-host", env = "IGGY_HOST")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// Iggy server TCP port [default: 8090].
-    #[arg(long, env = "IGGY_PORT")]
-    pub iggy_port: Option<u16>,
-    #[arg(long, env = "IGGY_USERNAME")]
-    pub iggy_username: Option<String>,
-    #[arg(long, env = "IGGY_PASSWORD", hide_env_values = true)]
-    pub iggy_password: Option<String>,
+    #[arg(id = "iggy_port", long = "iggy-port", env = "IGGY_PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[arg(id = "iggy_username", long = "iggy-username", env = "IGGY_USERNAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[arg(id = "iggy_password", long = "iggy-password", env = "IGGY_PASSWORD", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
     /// Iggy stream holding Owlery's topics [default: owlery].
-    #[arg(long, env = "OWLERY_IGGY_STREAM")]
-    pub iggy_stream: Option<String>,
+    #[arg(id = "iggy_stream", long = "iggy-stream", env = "OWLERY_IGGY_STREAM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
     /// Partitions of each topic Owlery creates in Iggy [default: 8].
-    #[arg(long, env = "OWLERY_IGGY_PARTITIONS")]
-    pub iggy_partitions: Option<u32>,
+    #[arg(id = "iggy_partitions", long = "iggy-partitions", env = "OWLERY_IGGY_PARTITIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
 }
 
 impl ServeArgs {
     /// Defaults, then the file, then environment and flags.
-    pub fn config(&self) -> anyhow::Result<Config> {
-        let file = match &self.config {
-            Some(path) => ConfigFile::load(path, true)?,
-            None => ConfigFile::load(std::path::Path::new("owlery.toml"), false)?,
-        };
-        let mut config = Config::from_file(file);
-        if let Some(listen) = self.listen {
-            config.listen = listen;
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let overlay = toml::Table::try_from(self)?;
+        match &self.config {
+            Some(path) => Config::load(path, true, overlay),
+            None => Config::load(Path::new("owlery.toml"), false, overlay),
         }
-        if let Some(dir) = &self.data_dir {
-            config.data_dir = dir.clone();
-        }
-        if let Some(dir) = &self.plugins_dir {
-            config.plugins_dir = dir.clone();
-        }
-        if let Some(partitions) = self.partitions {
-            config.partitions = partitions;
-        }
-        if let Some(log) = self.log {
-            config.log = log;
-        }
-        if self.iggy_host.is_some() || self.iggy_port.is_some() {
-            let (host, port) =
-                config.iggy.address.rsplit_once(':').map(|(h, p)| (h.to_owned(), p.to_owned())).unwrap_or_default();
-            config.iggy.address = format!(
-                "{}:{}",
-                self.iggy_host.clone().unwrap_or(host),
-                self.iggy_port.map_or(port, |p| p.to_string())
-            );
-        }
-        if let Some(user) = &self.iggy_username {
-            config.iggy.username = user.clone();
-        }
-        if let Some(password) = &self.iggy_password {
-            config.iggy.password = password.clone();
-        }
-        if let Some(stream) = &self.iggy_stream {
-            config.iggy.stream = stream.clone();
-        }
-        if let Some(partitions) = self.iggy_partitions {
-            config.iggy.partitions = partitions;
-        }
-        config.validate()?;
-        Ok(config)
     }
 }
 
@@ -238,4 +222,31 @@ pub async fn run_plugins(args: PluginsArgs) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&body)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn flags_are_one_overlay_in_the_files_shape() {
+        let cli = Cli::try_parse_from([
+            "owlery",
+            "serve",
+            "--config",
+            "/nonexistent/owlery.toml",
+            "--partitions",
+            "2",
+            "--iggy-port",
+            "9100",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else { panic!("serve") };
+        let overlay = toml::Table::try_from(&args).unwrap();
+        assert_eq!(overlay.to_string(), "partitions = 2\n\n[iggy]\nport = 9100\n");
+        let error = args.config().unwrap_err().to_string();
+        assert!(error.contains("/nonexistent/owlery.toml"), "an explicit file must exist: {error}");
+    }
 }

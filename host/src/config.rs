@@ -1,16 +1,18 @@
-//! Configuration: `owlery.toml`, overridden by `OWLERY_*` environment variables, overridden
-//! by command-line flags. No configuration at all serves 127.0.0.1:8080 on the embedded
-//! log with plugins from `plugins/` and data in `data/`.
+//! Configuration: one serde `Config` whose defaults serve 127.0.0.1:8080 on the embedded log
+//! with plugins from `plugins/` and data in `data/`. `owlery.toml` is layered over the
+//! defaults, and the command line (flags and their `OWLERY_*`/`IGGY_*` environment
+//! variables, see `cli`) is one overlay over that, in the same shape as the file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::auth::AuthConfig;
 use crate::log::iggy::IggySettings;
 
 /// Which log the host reads and writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogBackend {
     /// Durable on local disk; no server needed.
@@ -19,11 +21,13 @@ pub enum LogBackend {
     Iggy,
 }
 
-#[derive(Debug, Clone)]
+/// Everything `owlery serve` can be told; every key of `owlery.toml` is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
-    pub auth: crate::auth::AuthConfig,
+    pub auth: AuthConfig,
     pub log: LogBackend,
-    pub iggy: IggySettings,
+    pub iggy: IggyConfig,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub plugins_dir: PathBuf,
@@ -44,9 +48,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            auth: crate::auth::AuthConfig::default(),
+            auth: AuthConfig::default(),
             log: LogBackend::Embedded,
-            iggy: IggySettings::default(),
+            iggy: IggyConfig::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("data"),
             plugins_dir: PathBuf::from("plugins"),
@@ -59,117 +63,157 @@ impl Default for Config {
     }
 }
 
-/// The keys `owlery.toml` may hold (all optional).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigFile {
-    pub auth: Option<crate::auth::AuthConfig>,
-    pub log: Option<LogBackend>,
-    pub iggy: Option<IggyFile>,
-    pub listen: Option<SocketAddr>,
-    pub data_dir: Option<PathBuf>,
-    pub plugins_dir: Option<PathBuf>,
-    pub partitions: Option<u32>,
-    pub fanout_retention: Option<u64>,
-    pub fanout_max_age_secs: Option<u64>,
-    pub client_queue: Option<usize>,
-    pub socket_send_buffer: Option<usize>,
+/// The `[iggy]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IggyConfig {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: String,
+    /// The stream holding Owlery's topics.
+    pub stream: String,
+    /// Partitions of each topic Owlery creates.
+    pub partitions: u32,
+    /// Recent `eventId`s remembered for deduplicating publishes.
+    pub dedup_window: u64,
 }
 
-/// The `[iggy]` table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IggyFile {
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub stream: Option<String>,
-    pub partitions: Option<u32>,
-    pub dedup_window: Option<u64>,
+impl Default for IggyConfig {
+    fn default() -> Self {
+        let settings = IggySettings::default();
+        let (host, port) = settings.address.rsplit_once(':').expect("the default address is host:port");
+        IggyConfig {
+            host: host.to_owned(),
+            port: port.parse().expect("the default port is a number"),
+            username: settings.username,
+            password: settings.password,
+            stream: settings.stream,
+            partitions: settings.partitions,
+            dedup_window: settings.dedup_window,
+        }
+    }
+}
+
+impl IggyConfig {
+    /// `host:port` of the server's TCP transport.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// What the Iggy backend is opened with.
+    pub fn settings(&self) -> IggySettings {
+        IggySettings {
+            address: self.address(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            stream: self.stream.clone(),
+            partitions: self.partitions,
+            // The shared fan-out log keeps one order: one partition.
+            single_partition_topics: vec![crate::topics::FANOUT.to_owned()],
+            dedup_window: self.dedup_window,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("the command line: {0}")]
+    Flags(#[from] toml::ser::Error),
     #[error("{0}")]
     Invalid(String),
 }
 
-impl ConfigFile {
-    /// Read `path`; a missing file is an empty configuration only when `required` is false.
-    pub fn load(path: &Path, required: bool) -> Result<ConfigFile, ConfigError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                toml::from_str(&text).map_err(|e| ConfigError::File { path: path.to_owned(), message: e.to_string() })
+impl Config {
+    /// The defaults, then the file at `path` (a missing file is an empty one unless
+    /// `required`), then `overlay` (the command line, as a table shaped like the file).
+    pub fn load(path: &Path, required: bool, overlay: toml::Table) -> Result<Config, ConfigError> {
+        let mut table = match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => toml::Table::new(),
+            Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
+        };
+        merge(&mut table, overlay);
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if !(1..=1024).contains(&self.partitions) {
+            return invalid("partitions must be 1 to 1024".into());
+        }
+        if !(1..=1024).contains(&self.iggy.partitions) {
+            return invalid("iggy.partitions must be 1 to 1024".into());
+        }
+        if let Err(e) = crate::envelope::check_topic(&self.iggy.stream) {
+            return invalid(format!("iggy.stream: {e}"));
+        }
+        if !(1..=1_000_000).contains(&self.client_queue) {
+            return invalid("client_queue must be 1 to 1000000".into());
+        }
+        if self.fanout_retention == 0 {
+            return invalid("fanout_retention must be at least 1".into());
+        }
+        if !self.listen.ip().is_loopback() && !self.auth.enabled {
+            return invalid(format!(
+                "refusing to listen on {} without authentication: turn on [auth] in owlery.toml \
+                 (tokens or a JWT secret), or listen on a loopback address (127.0.0.1 or ::1)",
+                self.listen
+            ));
+        }
+        if self.auth.enabled && self.auth.tokens.is_empty() && self.auth.jwt_secret.is_none() {
+            return invalid("[auth] is enabled but has no tokens and no jwt_secret".into());
+        }
+        Ok(())
+    }
+}
+
+/// `over`'s keys replace `base`'s; tables are merged key by key.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(value)) => merge(inner, value),
+            (_, value) => {
+                base.insert(key, value);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(ConfigFile::default()),
-            Err(e) => Err(ConfigError::File { path: path.to_owned(), message: e.to_string() }),
         }
     }
 }
 
-impl Config {
-    /// Layer the file over the defaults; flags and environment (already merged by the CLI)
-    /// are layered over that by the caller.
-    pub fn from_file(file: ConfigFile) -> Config {
-        let d = Config::default();
-        let i = file.iggy.unwrap_or_default();
-        let (default_host, default_port) = d.iggy.address.rsplit_once(':').expect("host:port");
-        let iggy = IggySettings {
-            address: format!(
-                "{}:{}",
-                i.host.as_deref().unwrap_or(default_host),
-                i.port.map_or_else(|| default_port.to_owned(), |p| p.to_string())
-            ),
-            username: i.username.unwrap_or(d.iggy.username),
-            password: i.password.unwrap_or(d.iggy.password),
-            stream: i.stream.unwrap_or(d.iggy.stream),
-            partitions: i.partitions.unwrap_or(d.iggy.partitions),
-            single_partition_topics: d.iggy.single_partition_topics,
-            dedup_window: i.dedup_window.unwrap_or(d.iggy.dedup_window),
-        };
-        Config {
-            auth: file.auth.unwrap_or(d.auth),
-            log: file.log.unwrap_or(d.log),
-            iggy,
-            listen: file.listen.unwrap_or(d.listen),
-            data_dir: file.data_dir.unwrap_or(d.data_dir),
-            plugins_dir: file.plugins_dir.unwrap_or(d.plugins_dir),
-            partitions: file.partitions.unwrap_or(d.partitions),
-            fanout_retention: file.fanout_retention.unwrap_or(d.fanout_retention),
-            fanout_max_age_secs: file.fanout_max_age_secs.unwrap_or(d.fanout_max_age_secs),
-            client_queue: file.client_queue.unwrap_or(d.client_queue),
-            socket_send_buffer: file.socket_send_buffer.unwrap_or(d.socket_send_buffer),
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overlay_wins_over_the_file_and_the_file_over_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("owlery.toml");
+        std::fs::write(&path, "partitions = 3\nclient_queue = 7\n[iggy]\nhost = \"iggy.local\"\nport = 9000\n")
+            .unwrap();
+        let overlay: toml::Table = toml::from_str("partitions = 5\n[iggy]\nport = 9100\n").unwrap();
+        let config = Config::load(&path, true, overlay).unwrap();
+        assert_eq!(config.partitions, 5);
+        assert_eq!(config.client_queue, 7);
+        assert_eq!(config.iggy.address(), "iggy.local:9100");
+        assert_eq!(config.fanout_retention, Config::default().fanout_retention);
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(1..=1024).contains(&self.partitions) {
-            return Err(ConfigError::Invalid("partitions must be 1 to 1024".into()));
-        }
-        if !(1..=1024).contains(&self.iggy.partitions) {
-            return Err(ConfigError::Invalid("iggy.partitions must be 1 to 1024".into()));
-        }
-        crate::envelope::check_topic(&self.iggy.stream)
-            .map_err(|e| ConfigError::Invalid(format!("iggy.stream: {e}")))?;
-        if !(1..=1_000_000).contains(&self.client_queue) {
-            return Err(ConfigError::Invalid("client_queue must be 1 to 1000000".into()));
-        }
-        if self.fanout_retention == 0 {
-            return Err(ConfigError::Invalid("fanout_retention must be at least 1".into()));
-        }
-        if !self.listen.ip().is_loopback() && !self.auth.enabled {
-            return Err(ConfigError::Invalid(format!(
-                "refusing to listen on {} without authentication: turn on [auth] in owlery.toml \
-                 (tokens or a JWT secret), or listen on a loopback address (127.0.0.1 or ::1)",
-                self.listen
-            )));
-        }
-        if self.auth.enabled && self.auth.tokens.is_empty() && self.auth.jwt_secret.is_none() {
-            return Err(ConfigError::Invalid("[auth] is enabled but has no tokens and no jwt_secret".into()));
-        }
-        Ok(())
+    #[test]
+    fn unknown_keys_and_missing_required_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("owlery.toml");
+        assert!(matches!(Config::load(&path, true, toml::Table::new()), Err(ConfigError::Read { .. })));
+        assert!(Config::load(&path, false, toml::Table::new()).is_ok());
+        std::fs::write(&path, "partitons = 3\n").unwrap();
+        let error = Config::load(&path, true, toml::Table::new()).unwrap_err().to_string();
+        assert!(error.contains("partitons"), "{error}");
     }
 }

@@ -1,73 +1,91 @@
 //! Assembles the host: log, store, runtime, plugins, outbox forwarder and HTTP front, and
 //! shuts them down in order.
+//!
+//! `serve` takes a bound listener and a shutdown future (as in tokio's mini-redis), so a test
+//! or an embedding program can start a host on port 0 in-process; `run` binds the
+//! configured address for the binary. Background tasks get one cancellation token and are
+//! awaited, not aborted, on the way out.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, LogBackend};
+use crate::config::{Config, ConfigError, LogBackend};
 use crate::envelope::Routing;
 use crate::fanout::{FANOUT_TOPIC, Hub};
 use crate::http::{AppState, router};
-use crate::log::EventLog;
 use crate::log::embedded::EmbeddedLog;
-use crate::log::iggy::{IggyLog, IggySettings};
-use crate::plugins::runner::DEAD_LETTER_TOPIC;
+use crate::log::iggy::IggyLog;
+use crate::log::{EventLog, LogError};
 use crate::plugins::{Plugins, RunnerDeps};
-use crate::runtime::Runtime;
-use crate::store::Store;
+use crate::runtime::{Runtime, RuntimeError};
+use crate::store::{Store, StoreError};
 
-/// Run the host until `shutdown` resolves.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+/// Why the host could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("opening the log in {dir}: {source}")]
+    OpenLog { dir: PathBuf, source: LogError },
+    #[error("creating topics: {0}")]
+    Topics(LogError),
+    #[error("opening the store in {dir}: {source}")]
+    OpenStore { dir: PathBuf, source: StoreError },
+    #[error("starting the wasm runtime: {0}")]
+    Runtime(#[from] RuntimeError),
+    #[error("the plugins directory {dir}: {source}")]
+    PluginsDir { dir: PathBuf, source: std::io::Error },
+    #[error("watching {dir}: {source}")]
+    Watch { dir: PathBuf, source: notify::Error },
+    #[error("binding {address}: {source}")]
+    Bind { address: SocketAddr, source: std::io::Error },
+    #[error("serving HTTP: {0}")]
+    Http(std::io::Error),
+    #[error("a host task panicked: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Bind the configured address and serve until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    config.validate()?;
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|source| ServeError::Bind { address: config.listen, source })?;
+    serve(config, listener, shutdown).await
+}
+
+/// Serve on `listener` until `shutdown` resolves, then stop everything in order.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     config.validate()?;
     let routing = Arc::new(Routing::default());
-    let (log, backend): (Arc<dyn EventLog>, &'static str) = match config.log {
-        LogBackend::Embedded => (
-            Arc::new(
-                EmbeddedLog::open(&config.data_dir.join("log"), config.partitions)
-                    .with_context(|| format!("opening the log in {}", config.data_dir.display()))?,
-            ),
-            "embedded",
-        ),
-        LogBackend::Iggy => {
-            tracing::info!(
-                address = %config.iggy.address,
-                stream = %config.iggy.stream,
-                "using Iggy. Zero loss across an Iggy crash needs the server to save every batch: \
-                 IGGY_SYSTEM_PARTITION_MESSAGES_REQUIRED_TO_SAVE=1 and IGGY_SYSTEM_PARTITION_ENFORCE_FSYNC=true \
-                 (Owlery cannot read the server's settings to check)"
-            );
-            // The shared fan-out log keeps one order: one partition.
-            let iggy = IggySettings { single_partition_topics: vec![FANOUT_TOPIC.to_owned()], ..config.iggy.clone() };
-            let log = IggyLog::open(&config.data_dir.join("iggy"), iggy)
-                .with_context(|| format!("opening the Iggy spool in {}", config.data_dir.display()))?;
-            (Arc::new(log), "iggy")
-        }
-    };
-    let mut topics = routing.topics();
-    topics.push(DEAD_LETTER_TOPIC.to_owned());
+    let (log, backend) = open_log(&config)?;
     let shared_fanout = log.is_shared();
+    let mut topics = routing.topics();
+    topics.push(crate::topics::DEAD_LETTERS.to_owned());
     if shared_fanout {
         topics.push(FANOUT_TOPIC.to_owned());
     }
-    log.ensure_topics(&topics).await.context("creating topics")?;
-    let mut store =
-        Store::open(&config.data_dir, config.fanout_retention, Duration::from_secs(config.fanout_max_age_secs))
-            .context("opening the store")?;
-    if shared_fanout {
-        store.share_fanout(FANOUT_TOPIC);
-    }
-    let store = Arc::new(store);
-    let runtime = Arc::new(Runtime::new(&config.data_dir.join("cache")).context("starting the wasm runtime")?);
+    log.ensure_topics(&topics).await.map_err(ServeError::Topics)?;
+    let store = open_store(&config, shared_fanout)?;
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
     let hub = Hub::new(store.clone(), crate::fanout::ClientLimits { queue: config.client_queue }, shared_fanout);
-    let mirror = shared_fanout.then(|| tokio::spawn(crate::fanout::mirror(log.clone(), store.clone(), hub.clone())));
+    if shared_fanout {
+        tasks.spawn(until(stop.clone(), crate::fanout::mirror::mirror(log.clone(), store.clone(), hub.clone())));
+    }
     let outbox = Arc::new(Notify::new());
     let deps = Arc::new(RunnerDeps {
-        runtime,
+        runtime: Arc::new(Runtime::new(&config.data_dir.join("cache"))?),
         log: log.clone(),
         store: store.clone(),
         routing: routing.clone(),
@@ -75,86 +93,106 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         outbox: outbox.clone(),
         tokio: tokio::runtime::Handle::current(),
     });
-    std::fs::create_dir_all(&config.plugins_dir)
-        .with_context(|| format!("creating the plugins directory {}", config.plugins_dir.display()))?;
-    let plugins = Arc::new(Plugins::new(deps, config.plugins_dir.clone()));
-    // Watch first, so that nothing written while the directory is read is missed.
-    let watcher = crate::plugins::watcher::watch(plugins.clone())
-        .with_context(|| format!("watching {}", config.plugins_dir.display()))?;
-    {
-        let plugins = plugins.clone();
-        tokio::task::spawn_blocking(move || plugins.load_dir())
-            .await?
-            .with_context(|| format!("reading {}", config.plugins_dir.display()))?;
-    }
-    let forwarder = tokio::spawn(forward_outbox(store.clone(), log.clone(), outbox.clone()));
+    let (plugins, watcher) = start_plugins(deps, &config).await?;
+    tasks.spawn(crate::outbox::forward(store.clone(), log.clone(), outbox, stop.clone()));
 
-    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-    let address = listener.local_addr()?;
-    let send_buffer = config.socket_send_buffer;
-    let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-        if send_buffer > 0 {
-            let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(send_buffer);
-        }
-    });
+    let address = listener.local_addr().map_err(ServeError::Http)?;
     tracing::info!(%address, plugins = %config.plugins_dir.display(), data = %config.data_dir.display(), "owlery serving");
     // Tests and scripts read this line to find the port.
     println!("owlery listening on http://{address}");
-
     if config.auth.enabled {
         tracing::info!("authentication is on");
     }
     let auth = Arc::new(crate::auth::Auth::new(config.auth.clone()));
-    let (socketio, io) = crate::socketio::layer(auth.clone(), store.clone());
-    let bridge = tokio::spawn(crate::socketio::bridge(io, hub.subscribe()));
+    let (socketio, io) = crate::fanout::socketio::layer(auth.clone(), hub.clone());
+    tasks.spawn(until(stop.clone(), crate::fanout::socketio::bridge(io, hub.subscribe())));
     let state = AppState { auth, log, plugins: plugins.clone(), hub, routing, backend };
-    axum::serve(listener, router(state).layer(socketio)).with_graceful_shutdown(shutdown).await?;
-    bridge.abort();
+    axum::serve(tuned(listener, config.socket_send_buffer), router(state).layer(socketio))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServeError::Http)?;
+
     drop(watcher);
     tracing::info!("stopping plugins");
     tokio::task::spawn_blocking(move || plugins.stop_all()).await?;
-    forwarder.abort();
-    if let Some(mirror) = mirror {
-        mirror.abort();
+    stop.cancel();
+    while let Some(done) = tasks.join_next().await {
+        done?;
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Append outbox entries (plugin publishes, dead letters) to the log in order, then drop
-/// them from the outbox. A crash in between appends them again with the same ids, which
-/// the log deduplicates.
-async fn forward_outbox(store: Arc<Store>, log: Arc<dyn EventLog>, wake: Arc<Notify>) {
-    loop {
-        let entries = match store.outbox_peek(256) {
-            Ok(entries) => entries,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the outbox failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        let Some(last) = entries.last().map(|(seq, _)| *seq) else {
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            continue;
-        };
-        let items = entries.into_iter().map(|(_, item)| item).collect();
-        match log.append(items).await {
-            Ok(_) => {
-                if let Err(e) = store.outbox_remove_through(last) {
-                    tracing::error!(error = %e, "clearing the outbox failed");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "forwarding the outbox to the log failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+/// Run `task` until it ends or `stop` is cancelled.
+async fn until(stop: CancellationToken, task: impl Future<Output = ()>) {
+    tokio::select! {
+        _ = task => {}
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// The configured log backend, and its name for the status endpoint.
+fn open_log(config: &Config) -> Result<(Arc<dyn EventLog>, &'static str), ServeError> {
+    match config.log {
+        LogBackend::Embedded => {
+            let dir = config.data_dir.join("log");
+            let log =
+                EmbeddedLog::open(&dir, config.partitions).map_err(|source| ServeError::OpenLog { dir, source })?;
+            Ok((Arc::new(log), "embedded"))
+        }
+        LogBackend::Iggy => {
+            tracing::info!(
+                address = %config.iggy.address(),
+                stream = %config.iggy.stream,
+                "using Iggy. Zero loss across an Iggy crash needs the server to save every batch: \
+                 IGGY_SYSTEM_PARTITION_MESSAGES_REQUIRED_TO_SAVE=1 and IGGY_SYSTEM_PARTITION_ENFORCE_FSYNC=true \
+                 (Owlery cannot read the server's settings to check)"
+            );
+            let dir = config.data_dir.join("iggy");
+            let log =
+                IggyLog::open(&dir, config.iggy.settings()).map_err(|source| ServeError::OpenLog { dir, source })?;
+            Ok((Arc::new(log), "iggy"))
         }
     }
+}
+
+fn open_store(config: &Config, shared_fanout: bool) -> Result<Arc<Store>, ServeError> {
+    let max_age = Duration::from_secs(config.fanout_max_age_secs);
+    let mut store = Store::open(&config.data_dir, config.fanout_retention, max_age)
+        .map_err(|source| ServeError::OpenStore { dir: config.data_dir.clone(), source })?;
+    if shared_fanout {
+        store.share_fanout(crate::fanout::mirror::encoder());
+    }
+    Ok(Arc::new(store))
+}
+
+/// Watch the plugins directory, then load what is in it (watching first, so that nothing
+/// written while the directory is read is missed).
+async fn start_plugins(
+    deps: Arc<RunnerDeps>,
+    config: &Config,
+) -> Result<(Arc<Plugins>, notify::RecommendedWatcher), ServeError> {
+    let dir = config.plugins_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|source| ServeError::PluginsDir { dir: dir.clone(), source })?;
+    let plugins = Arc::new(Plugins::new(deps, dir.clone()));
+    let watcher = crate::plugins::watcher::watch(plugins.clone())
+        .map_err(|source| ServeError::Watch { dir: dir.clone(), source })?;
+    let loading = plugins.clone();
+    tokio::task::spawn_blocking(move || loading.load_dir())
+        .await?
+        .map_err(|source| ServeError::PluginsDir { dir, source })?;
+    Ok((plugins, watcher))
+}
+
+/// Every accepted connection without Nagle's delay and, if configured, with a smaller send
+/// buffer (a client that stops reading is noticed sooner).
+fn tuned(listener: TcpListener, send_buffer: usize) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    axum::serve::ListenerExt::tap_io(listener, move |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+        if send_buffer > 0 {
+            let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(send_buffer);
+        }
+    })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

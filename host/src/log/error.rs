@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use iggy::prelude::IggyError;
 
+/// The causes are boxed: they are large (an `IggyError` is 80 bytes) and rare, and every
+/// `Result` of the log (and of its callers' errors) would carry their size.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("log storage failed: {0}")]
-    Storage(#[from] StorageError),
+    Storage(#[source] Box<StorageError>),
     #[error("log is unavailable: {0}")]
-    Unavailable(#[from] Unavailable),
+    Unavailable(#[source] Box<Unavailable>),
     #[error("no topic {0:?}")]
     NoSuchTopic(String),
     #[error("topic {topic:?} has no partition {partition}")]
@@ -61,12 +63,23 @@ pub enum Unavailable {
     WriterStopped(&'static str),
 }
 
+macro_rules! from_boxed {
+    ($($cause:ident => $variant:ident),*) => {$(
+        impl From<$cause> for LogError {
+            fn from(e: $cause) -> Self {
+                LogError::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+from_boxed!(StorageError => Storage, Unavailable => Unavailable);
+
 /// redb has one error type per operation; each converts through `redb::Error`.
 macro_rules! from_redb {
     ($($error:ident),*) => {$(
         impl From<redb::$error> for LogError {
             fn from(e: redb::$error) -> Self {
-                LogError::Storage(StorageError::Redb(e.into()))
+                StorageError::Redb(e.into()).into()
             }
         }
     )*};
@@ -75,6 +88,6 @@ from_redb!(Error, DatabaseError, TransactionError, TableError, StorageError, Com
 
 impl From<IggyError> for LogError {
     fn from(e: IggyError) -> Self {
-        LogError::Unavailable(Unavailable::Iggy(e))
+        Unavailable::Iggy(e).into()
     }
 }

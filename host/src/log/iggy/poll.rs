@@ -3,7 +3,7 @@
 
 use iggy::prelude::{Consumer, IggyError, MessageClient, PollingStrategy};
 
-use super::client::{Remote, answered, end_of, ident};
+use super::client::{REQUEST_TIMEOUT, Remote, end_of, ident};
 use crate::log::{LogError, Record, Unavailable};
 
 /// Why one poll request failed.
@@ -95,10 +95,10 @@ impl Remote {
         let strategy = PollingStrategy::offset(from);
         let request =
             self.reader.poll_messages(&self.stream, &topic_id, Some(partition), &consumer, &strategy, count, false);
-        let polled = match answered(request).await {
-            Ok(polled) => polled,
-            Err(LogError::Unavailable(Unavailable::Iggy(e))) => return Err(self.poll_failed(e, topic, partition)),
-            Err(e) => return Err(e.into()),
+        let polled = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+            Ok(Ok(polled)) => polled,
+            Ok(Err(e)) => return Err(self.poll_failed(e, topic, partition)),
+            Err(_) => return Err(LogError::from(Unavailable::NoAnswer(REQUEST_TIMEOUT)).into()),
         };
         Ok(polled
             .messages

@@ -1,0 +1,165 @@
+//! The shared fan-out log (on Iggy): how a broadcast is written to it (an `owlery.broadcast`
+//! envelope in topic `owlery-fanout`), and the task that keeps the store's fan-out table a
+//! mirror of it and hands new records to the connected clients.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{FANOUT_TOPIC, Hub};
+use crate::envelope::Envelope;
+use crate::log::{AppendItem, EventLog, LogError, Record};
+use crate::store::{Broadcast, BroadcastEncoder, FanoutRecord, Store};
+
+/// Event type of the envelopes that carry broadcasts in the shared fan-out topic.
+pub const BROADCAST_TYPE: &str = "owlery.broadcast";
+/// Records read from the shared fan-out topic per poll.
+const PAGE: usize = 1000;
+/// How often the mirror looks at the topic's epoch again (it may have been reset).
+const RECHECK_EPOCH: Duration = Duration::from_secs(10);
+
+/// How the store writes broadcasts to the shared fan-out topic (see `Store::share_fanout`).
+pub fn encoder() -> BroadcastEncoder {
+    Box::new(|plugin: &str, broadcast: &Broadcast, at_ms: u64| AppendItem {
+        topic: FANOUT_TOPIC.to_owned(),
+        key: String::new(),
+        envelope: envelope(plugin, broadcast, at_ms),
+    })
+}
+
+/// The envelope that carries a broadcast in the shared fan-out topic.
+fn envelope(plugin: &str, broadcast: &Broadcast, at_ms: u64) -> Envelope {
+    let payload = serde_json::from_str(&broadcast.payload).unwrap_or(serde_json::Value::Null);
+    Envelope {
+        event_id: broadcast.id,
+        event_type: BROADCAST_TYPE.to_owned(),
+        timestamp: crate::envelope::now_rfc3339(),
+        source: format!("plugin:{plugin}"),
+        user_id: None,
+        metadata: serde_json::Map::new(),
+        data: serde_json::json!({"room": broadcast.room, "plugin": plugin, "atMs": at_ms, "payload": payload}),
+        extra: serde_json::Map::new(),
+    }
+}
+
+/// Keep the store's fan-out table a mirror of the shared fan-out topic, and hand new records
+/// to the connected clients. Runs for the life of the host.
+pub async fn mirror(log: Arc<dyn EventLog>, store: Arc<Store>, hub: Hub) {
+    let mut changes = log.changes();
+    loop {
+        meet_the_log(log.as_ref(), &store).await;
+        hub.mirroring.store(true, Ordering::Release);
+        let checked = tokio::time::Instant::now();
+        loop {
+            let from = match store.fanout_next() {
+                Ok(from) => from,
+                Err(error) => {
+                    tracing::error!(%error, "reading the fan-out mirror failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            match log.poll(FANOUT_TOPIC, 0, from, PAGE).await {
+                Ok(records) if records.is_empty() => {
+                    if checked.elapsed() > RECHECK_EPOCH {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = changes.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                }
+                Ok(records) => mirror_page(&store, &hub, &records, from).await,
+                Err(LogError::NoSuchTopic(_) | LogError::NoSuchPartition { .. }) => break,
+                Err(error) => {
+                    tracing::debug!(%error, "reading the shared fan-out log failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Wait until the topic's epoch is known; a new one (the topic was deleted and made again,
+/// or this host is new to it) starts the mirror afresh, one window back before the
+/// retained part so that it knows which ids that part repeats.
+async fn meet_the_log(log: &dyn EventLog, store: &Store) {
+    let mut warned = false;
+    loop {
+        let epoch = match log.topic_epoch(FANOUT_TOPIC).await {
+            Ok(epoch) => epoch,
+            Err(error) => {
+                if !warned {
+                    tracing::warn!(%error, topic = FANOUT_TOPIC, "cannot read the shared fan-out log yet; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if store.epoch().ok() == Some(epoch) {
+            return;
+        }
+        let Ok(end) = log.high_watermark(FANOUT_TOPIC, 0).await else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let from = end.saturating_sub(store.fanout_window().saturating_mul(2));
+        tracing::info!(epoch, from, end, "mirroring the shared fan-out log");
+        match store.reset_fanout(epoch, from) {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::error!(%error, "resetting the fan-out mirror failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Mirror one page read from the topic and hand what is kept to the clients.
+async fn mirror_page(store: &Store, hub: &Hub, records: &[Record], from: u64) {
+    let next = records.last().map_or(from, |r| r.offset + 1);
+    let decoded = records.iter().filter_map(decode).collect();
+    match store.mirror_fanout(decoded, next) {
+        Ok(kept) => {
+            tracing::debug!(read = records.len(), kept = kept.len(), next, "mirrored the shared fan-out log");
+            hub.publish(kept)
+        }
+        Err(error) => {
+            tracing::error!(%error, "writing the fan-out mirror failed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// The fan-out record a record of the shared fan-out topic carries; `None` (logged) for
+/// anything else.
+fn decode(record: &Record) -> Option<FanoutRecord> {
+    let skip = |why: &str| {
+        tracing::warn!(topic = FANOUT_TOPIC, offset = record.offset, "skipping a record of the fan-out topic: {why}")
+    };
+    let envelope = match Envelope::from_bytes(&record.payload) {
+        Ok(envelope) if envelope.event_type == BROADCAST_TYPE => envelope,
+        Ok(envelope) => {
+            skip(&format!("not a broadcast but {:?}", envelope.event_type));
+            return None;
+        }
+        Err(error) => {
+            skip(&format!("not an envelope: {error}"));
+            return None;
+        }
+    };
+    let text = |key: &str| envelope.data.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+    let (Some(room), Some(plugin), Some(payload)) = (text("room"), text("plugin"), envelope.data.get("payload")) else {
+        skip("a broadcast without room, plugin or payload");
+        return None;
+    };
+    Some(FanoutRecord {
+        offset: record.offset,
+        id: envelope.event_id,
+        room,
+        plugin,
+        payload: payload.to_string(),
+        at_ms: envelope.data.get("atMs").and_then(|v| v.as_u64()).unwrap_or_else(crate::envelope::now_millis),
+    })
+}

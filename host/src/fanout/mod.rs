@@ -1,0 +1,127 @@
+//! Fan-out: broadcasts committed by plugins, delivered to browsers by room.
+//!
+//! Every broadcast has an offset in the fan-out table (see `store`). A client that connects
+//! with `since=<offset>` first gets what it missed (`catch_up`), then live records, with no
+//! gap and no duplicate; if that offset is no longer retained, or is from another log, it is
+//! told so. Two transports sit on top of the one hub: `/ws` (`ws`) and Socket.IO
+//! (`socketio`).
+//!
+//! On a shared log (Iggy) the fan-out log is shared too: broadcasts are committed to the
+//! outbox for the `owlery-fanout` topic, and every host mirrors that topic into its store
+//! (`mirror`), so every host on the same Iggy serves the same records at the same offsets.
+
+mod catch_up;
+pub mod mirror;
+pub mod socketio;
+mod ws;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::broadcast;
+
+pub use crate::auth::ROOM_ALL;
+use crate::store::{FanoutRecord, Store};
+pub use crate::topics::FANOUT as FANOUT_TOPIC;
+pub use catch_up::Start;
+
+/// How long a client resuming from an offset this host has not mirrored yet waits for it.
+const MIRROR_CATCH_UP: Duration = Duration::from_secs(3);
+
+/// How much a client may fall behind.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    /// Frames queued for one client; a client this far behind is disconnected.
+    pub queue: usize,
+}
+
+/// A committed record and its frame, made once for all the clients that get it.
+pub struct Live {
+    pub record: FanoutRecord,
+    pub frame: Utf8Bytes,
+}
+
+#[derive(Clone)]
+pub struct Hub {
+    live: broadcast::Sender<Arc<Live>>,
+    store: Arc<Store>,
+    limits: ClientLimits,
+    /// The fan-out log is a mirror of a shared one, which may be a little ahead of it.
+    shared: bool,
+    /// The mirror knows which shared log it mirrors (its epoch is that log's).
+    mirroring: Arc<AtomicBool>,
+}
+
+/// Where a client starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Resume {
+    /// Live broadcasts only.
+    Live,
+    /// Everything after this offset, then live ones; `epoch` is the log the offset is from.
+    After { offset: u64, epoch: Option<u64> },
+    /// Everything retained, then live ones.
+    All,
+}
+
+impl Hub {
+    /// `shared`: the store's fan-out table mirrors a shared log (see `mirror`).
+    pub fn new(store: Arc<Store>, limits: ClientLimits, shared: bool) -> Hub {
+        // The shared channel is only a hand-off to each client's own loop, which keeps up
+        // unless the host is starved; each client's own queue bounds how far it may lag.
+        Hub { live: broadcast::channel(limits.queue.max(1024) * 4).0, store, limits, shared, mirroring: Arc::default() }
+    }
+
+    /// Every committed record from now on, in offset order.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Live>> {
+        self.live.subscribe()
+    }
+
+    /// Hand committed records to the connected clients.
+    pub fn publish(&self, records: Vec<FanoutRecord>) {
+        for record in records {
+            // No receivers is fine: nobody is connected.
+            let frame = Utf8Bytes::from(Hub::frame(&record));
+            let _ = self.live.send(Arc::new(Live { record, frame }));
+        }
+    }
+
+    /// The frame a `/ws` client receives: `{"room", "offset", "plugin", "event"}`; `event`
+    /// is the payload.
+    pub fn frame(record: &FanoutRecord) -> String {
+        format!(
+            r#"{{"room":{},"offset":{},"plugin":{},"event":{}}}"#,
+            serde_json::Value::String(record.room.clone()),
+            record.offset,
+            serde_json::Value::String(record.plugin.clone()),
+            record.payload
+        )
+    }
+
+    /// Where a client asking for `resume` starts: subscribed to live records first (so
+    /// nothing committed meanwhile is missed), then told the log's end and epoch. On a
+    /// shared log this first waits (a little) for the mirror to meet the log and, for an
+    /// offset another host served, to reach it.
+    pub async fn start(&self, resume: Resume) -> (broadcast::Receiver<Arc<Live>>, Start) {
+        let deadline = tokio::time::Instant::now() + MIRROR_CATCH_UP;
+        let waiting = |next: u64| match resume {
+            Resume::After { offset, .. } => next <= offset,
+            _ => false,
+        };
+        while self.shared && !self.mirroring.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let live = self.live.subscribe();
+        let mut next = self.store.fanout_next().unwrap_or(0);
+        while self.shared && waiting(next) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            next = self.store.fanout_next().unwrap_or(0);
+        }
+        (live, Start::new(resume, next, self.store.epoch().unwrap_or(0)))
+    }
+
+    fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+}

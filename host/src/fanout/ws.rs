@@ -1,0 +1,255 @@
+//! The `/ws` transport: one WebSocket client. Frames go through a bounded queue to a writer
+//! of their own, so a client that does not read is cut off with a reason instead of holding
+//! anything up.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::catch_up::{CatchUp, Item};
+use super::{Hub, Live, ROOM_ALL, Resume};
+use crate::auth::Grant;
+
+/// A ping this often; a client silent for three of these is gone.
+const KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// How long one frame may wait for a client that is catching up before it counts as dead.
+const CATCH_UP_STALL: Duration = Duration::from_secs(30);
+/// Frames written before a flush.
+const WRITE_BATCH: usize = 64;
+
+/// Why a client's connection ends.
+enum Ending {
+    Gone,
+    TooSlow(Option<u64>),
+    Silent,
+}
+
+/// One client's side of the hub: its rooms and its queue.
+struct Client<'a> {
+    queue: &'a mpsc::Sender<Message>,
+    rooms: HashSet<String>,
+    grant: Grant,
+    /// Everything up to here has been delivered (or was not for this client).
+    sent: Option<u64>,
+}
+
+impl Hub {
+    /// Serve one WebSocket client in `rooms` (plus `all`), resuming as `since` asks.
+    pub async fn serve(self, socket: WebSocket, grant: Grant, rooms: Vec<String>, since: Resume) {
+        let (sink, mut incoming) = socket.split();
+        let (queue, outgoing) = mpsc::channel::<Message>(self.limits.queue.max(1));
+        let (close_tx, close_rx) = oneshot::channel::<CloseFrame>();
+        let writer = tokio::spawn(write_frames(sink, outgoing, close_rx));
+        let mut rooms: HashSet<String> = rooms.into_iter().filter(|r| !r.is_empty()).collect();
+        rooms.insert(ROOM_ALL.to_owned());
+        let mut client = Client { queue: &queue, rooms, grant, sent: None };
+        let close = match self.client_loop(&mut client, &mut incoming, since).await {
+            Ending::Gone => None,
+            Ending::TooSlow(sent) => {
+                let resume = sent.map_or(String::new(), |s| format!(" since={s}"));
+                tracing::info!(last_offset = ?sent, "disconnecting a WebSocket client that fell too far behind");
+                Some(CloseFrame { code: 4008, reason: Utf8Bytes::from(format!("too slow: reconnect with{resume}")) })
+            }
+            Ending::Silent => Some(CloseFrame { code: 4000, reason: Utf8Bytes::from("no answer to pings") }),
+        };
+        if let Some(frame) = close {
+            let _ = close_tx.send(frame);
+        }
+        drop(queue);
+        let _ = writer.await;
+    }
+
+    async fn client_loop(
+        &self,
+        client: &mut Client<'_>,
+        incoming: &mut SplitStream<WebSocket>,
+        resume: Resume,
+    ) -> Ending {
+        let (live, start) = self.start(resume).await;
+        let welcome = start.welcome(&sorted(&client.rooms));
+        if client.queue.send(Message::Text(welcome.to_string().into())).await.is_err() {
+            return Ending::Gone;
+        }
+        if let Some(notice) = &start.reset
+            && client.queue.send(Message::Text(notice.to_string().into())).await.is_err()
+        {
+            return Ending::Gone;
+        }
+        if let Some(after) = start.after
+            && let Err(ending) = self.catch_up(client, after).await
+        {
+            return ending;
+        }
+        client.pump(live, incoming).await
+    }
+
+    /// Queue the stored records after `since` (`None`: from offset zero) for the client's
+    /// rooms, waiting (up to a limit) for a slow reader rather than dropping anything.
+    async fn catch_up(&self, client: &mut Client<'_>, since: Option<u64>) -> Result<(), Ending> {
+        let mut pages = CatchUp::new(since);
+        let queue = client.queue;
+        let send = |text: String| async move {
+            match tokio::time::timeout(CATCH_UP_STALL, queue.send(Message::Text(text.into()))).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(Ending::Gone),
+                Err(_) => Err(Ending::TooSlow(since)),
+            }
+        };
+        let rooms = &client.rooms;
+        while let Some(page) = pages.next_page(self.store(), |room| rooms.contains(room)).map_err(|_| Ending::Gone)? {
+            for item in page {
+                send(match item {
+                    Item::Notice(notice) => notice.to_string(),
+                    Item::Record(record) => Hub::frame(&record),
+                })
+                .await?;
+            }
+        }
+        client.sent = pages.covered();
+        Ok(())
+    }
+}
+
+impl Client<'_> {
+    /// Live records, the client's messages and keep-alive pings, until the client goes.
+    async fn pump(
+        &mut self,
+        mut live: broadcast::Receiver<Arc<Live>>,
+        incoming: &mut SplitStream<WebSocket>,
+    ) -> Ending {
+        let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
+        let mut heard = tokio::time::Instant::now();
+        loop {
+            let step = tokio::select! {
+                record = live.recv() => match record {
+                    Ok(record) => self.deliver(&record),
+                    Err(broadcast::error::RecvError::Lagged(_)) => Err(Ending::TooSlow(self.sent)),
+                    Err(broadcast::error::RecvError::Closed) => Err(Ending::Gone),
+                },
+                message = incoming.next() => {
+                    heard = tokio::time::Instant::now();
+                    match message {
+                        Some(Ok(Message::Text(text))) => {
+                            let reply = handle_client_message(&mut self.rooms, &self.grant, text.as_str());
+                            self.queue.try_send(Message::Text(reply.into())).map_err(|_| Ending::TooSlow(self.sent))
+                        }
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Err(Ending::Gone),
+                        Some(Ok(_)) => Ok(()),
+                    }
+                }
+                _ = keep_alive.tick() => {
+                    if heard.elapsed() > KEEP_ALIVE * 3 {
+                        Err(Ending::Silent)
+                    } else {
+                        self.queue.try_send(Message::Ping(Default::default())).map_err(|_| Ending::TooSlow(self.sent))
+                    }
+                }
+            };
+            if let Err(ending) = step {
+                return ending;
+            }
+        }
+    }
+
+    /// Queue a live record if it is new to the client and in one of its rooms.
+    fn deliver(&mut self, live: &Live) -> Result<(), Ending> {
+        let record = &live.record;
+        if self.sent.is_some_and(|s| record.offset <= s) {
+            return Ok(());
+        }
+        if self.rooms.contains(&record.room) {
+            match self.queue.try_send(Message::Text(live.frame.clone())) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => return Err(Ending::TooSlow(self.sent)),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Ending::Gone),
+            }
+        }
+        self.sent = Some(record.offset);
+        Ok(())
+    }
+}
+
+/// Drain a client's queue into its socket; on a close request, send the close frame (if
+/// the socket takes it within a second) and stop. Frames already queued go out together,
+/// with one flush (one write) for the lot rather than one per frame.
+async fn write_frames(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut outgoing: mpsc::Receiver<Message>,
+    mut close: oneshot::Receiver<CloseFrame>,
+) {
+    loop {
+        let message = tokio::select! {
+            biased;
+            frame = &mut close => return send_close(&mut sink, frame.ok()).await,
+            message = outgoing.recv() => match message {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        let write = async {
+            sink.feed(message).await?;
+            for _ in 1..WRITE_BATCH {
+                match outgoing.try_recv() {
+                    Ok(message) => sink.feed(message).await?,
+                    Err(_) => break,
+                }
+            }
+            sink.flush().await
+        };
+        tokio::select! {
+            biased;
+            frame = &mut close => return send_close(&mut sink, frame.ok()).await,
+            written = write => if written.is_err() { return },
+        }
+    }
+}
+
+async fn send_close(sink: &mut SplitSink<WebSocket, Message>, frame: Option<CloseFrame>) {
+    if let Some(frame) = frame {
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+fn sorted(rooms: &HashSet<String>) -> Vec<&String> {
+    let mut v: Vec<&String> = rooms.iter().collect();
+    v.sort();
+    v
+}
+
+/// `{"subscribe": [..]}` / `{"unsubscribe": [..]}` from a client; returns the reply frame.
+fn handle_client_message(rooms: &mut HashSet<String>, grant: &Grant, text: &str) -> String {
+    let Ok(serde_json::Value::Object(message)) = serde_json::from_str::<serde_json::Value>(text) else {
+        return serde_json::json!({"type": "error", "error": "expected a JSON object like {\"subscribe\": [\"incident:1\"]}"}).to_string();
+    };
+    let names = |key: &str| -> Vec<String> {
+        message
+            .get(key)
+            .and_then(|v| v.as_array())
+            .map_or_else(Vec::new, |a| a.iter().filter_map(|r| r.as_str().map(str::to_owned)).collect())
+    };
+    if message.contains_key("subscribe") {
+        let wanted = names("subscribe");
+        if let Some(denied) = wanted.iter().find(|r| !grant.may_join(r)) {
+            return serde_json::json!({"type": "error", "error": format!("the token may not join room {denied:?}")})
+                .to_string();
+        }
+        rooms.extend(wanted.into_iter().filter(|r| !r.is_empty()));
+    } else if message.contains_key("unsubscribe") {
+        for room in names("unsubscribe") {
+            if room != ROOM_ALL {
+                rooms.remove(&room);
+            }
+        }
+    } else if message.contains_key("ping") {
+        return serde_json::json!({"type": "pong"}).to_string();
+    } else {
+        return serde_json::json!({"type": "error", "error": "unknown message; use subscribe or unsubscribe"})
+            .to_string();
+    }
+    serde_json::json!({"type": "rooms", "rooms": sorted(rooms)}).to_string()
+}

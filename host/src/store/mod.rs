@@ -1,0 +1,120 @@
+//! The host's own durable store: plugin state, plugin offsets, the fan-out table and the
+//! outbox of entries waiting for the log, all in one redb file so that a plugin's batch
+//! commits its state writes, new offsets, broadcasts and publishes in one transaction.
+//!
+//! One file per part: `state` (plugin key spaces and offsets), `fanout` (the table of
+//! broadcasts clients resume from, and the mirror of a shared one), `outbox`, `commit` (a
+//! batch's one transaction).
+
+mod commit;
+mod fanout;
+mod outbox;
+mod state;
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+pub use commit::{BatchCommit, Broadcast, BroadcastEncoder};
+pub use fanout::FanoutRecord;
+
+/// (plugin, key) → value
+const STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("plugin_state");
+/// (plugin, topic, partition) → next offset to read
+const OFFSETS: TableDefinition<(&str, &str, u32), u64> = TableDefinition::new("plugin_offsets");
+/// fan-out offset → FanoutRecord JSON
+const FANOUT: TableDefinition<u64, &[u8]> = TableDefinition::new("fanout");
+/// outbox sequence → OutboxEntry JSON
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// counters: "fanout_next", "outbox_next", and "epoch" (random, fixed when the store is made;
+/// with a shared fan-out log, that log's)
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// broadcast id → fan-out offset, for the records mirrored from a shared fan-out log
+const FANOUT_IDS: TableDefinition<u128, u64> = TableDefinition::new("fanout_ids");
+/// fan-out offset → broadcast id, to forget the oldest ids
+const FANOUT_ID_AT: TableDefinition<u64, u128> = TableDefinition::new("fanout_id_at");
+
+/// What can go wrong in the store; every redb error converts with `?`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: creating {path}: {source}")]
+    Create { path: PathBuf, source: std::io::Error },
+    #[error("store: {0}")]
+    Database(#[from] redb::DatabaseError),
+    #[error("store: {0}")]
+    Transaction(#[from] redb::TransactionError),
+    #[error("store: {0}")]
+    Table(#[from] redb::TableError),
+    #[error("store: {0}")]
+    Storage(#[from] redb::StorageError),
+    #[error("store: {0}")]
+    Commit(#[from] redb::CommitError),
+    #[error("store: a stored record cannot be read back: {0}")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+pub struct Store {
+    db: Database,
+    /// Held from a batch's commit until its fan-out records are handed on, so that they
+    /// reach the hub in offset order.
+    commit_order: std::sync::Mutex<()>,
+    /// Fan-out records kept; older ones are trimmed (a resuming client is told).
+    fanout_retention: u64,
+    /// Fan-out records older than this are trimmed too (0: no age limit).
+    fanout_max_age_ms: u64,
+    /// With a shared fan-out log (see `share_fanout`): how a broadcast becomes the outbox
+    /// entry that carries it there; the fan-out table then mirrors that log.
+    shared: Option<BroadcastEncoder>,
+}
+
+impl Store {
+    /// `fanout_retention` broadcasts are kept for resuming clients, none older than
+    /// `fanout_max_age` (zero: no age limit).
+    pub fn open(dir: &Path, fanout_retention: u64, fanout_max_age: std::time::Duration) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Create { path: dir.to_owned(), source })?;
+        let db = Database::create(dir.join("store.redb"))?;
+        let txn = db.begin_write()?;
+        txn.open_table(STATE)?;
+        txn.open_table(OFFSETS)?;
+        txn.open_table(FANOUT)?;
+        txn.open_table(OUTBOX)?;
+        txn.open_table(FANOUT_IDS)?;
+        txn.open_table(FANOUT_ID_AT)?;
+        {
+            let mut meta = txn.open_table(META)?;
+            if meta.get("epoch")?.is_none() {
+                // Tells a resuming client that the fan-out log it knew is not this one.
+                let epoch = (uuid::Uuid::new_v4().as_u128() as u64) >> 11;
+                meta.insert("epoch", epoch)?;
+            }
+        }
+        txn.commit()?;
+        Ok(Store {
+            db,
+            commit_order: std::sync::Mutex::new(()),
+            fanout_retention: fanout_retention.max(1),
+            fanout_max_age_ms: fanout_max_age.as_millis() as u64,
+            shared: None,
+        })
+    }
+
+    /// Broadcasts go to the log (as the outbox entries `encode` makes, committed with the
+    /// batch) instead of straight into the fan-out table, which then mirrors that log (see
+    /// `mirror_fanout`): every host on the same log serves the same fan-out offsets.
+    pub fn share_fanout(&mut self, encode: BroadcastEncoder) {
+        self.shared = Some(encode);
+    }
+
+    /// A counter of the `META` table (0 when never set).
+    fn meta(table: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, StoreError> {
+        Ok(table.get(key)?.map_or(0, |v| v.value()))
+    }
+
+    fn lock_order(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.commit_order.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        Ok(self.db.begin_read()?)
+    }
+}
