@@ -99,23 +99,18 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "OWLERY_LISTEN")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     /// Where the log, plugin state and compiled plugins live [default: data].
     #[arg(long, env = "OWLERY_DATA_DIR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     /// Directory of NAME.wasm plugins and their NAME.toml manifests [default: plugins].
     #[arg(long, env = "OWLERY_PLUGINS_DIR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub plugins_dir: Option<PathBuf>,
     /// Partitions per topic for new topics of the embedded log [default: 4].
     #[arg(long, env = "OWLERY_PARTITIONS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub partitions: Option<u32>,
     /// Which log to use [default: embedded].
     #[arg(long, env = "OWLERY_LOG", value_enum)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<LogBackend>,
     #[command(flatten)]
     pub iggy: IggyArgs,
@@ -126,25 +121,19 @@ pub struct ServeArgs {
 pub struct IggyArgs {
     /// Iggy server host [default: 127.0.0.1].
     #[arg(id = "iggy_host", long = "iggy-host", env = "IGGY_HOST")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// Iggy server TCP port [default: 8090].
     #[arg(id = "iggy_port", long = "iggy-port", env = "IGGY_PORT")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     #[arg(id = "iggy_username", long = "iggy-username", env = "IGGY_USERNAME")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     #[arg(id = "iggy_password", long = "iggy-password", env = "IGGY_PASSWORD", hide_env_values = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     /// Iggy stream holding Owlery's topics [default: owlery].
     #[arg(id = "iggy_stream", long = "iggy-stream", env = "OWLERY_IGGY_STREAM")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub stream: Option<String>,
     /// Partitions of each topic Owlery creates in Iggy [default: 8].
     #[arg(id = "iggy_partitions", long = "iggy-partitions", env = "OWLERY_IGGY_PARTITIONS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub partitions: Option<u32>,
 }
 
@@ -159,12 +148,24 @@ impl ServeArgs {
     }
 }
 
-fn read_manifest(explicit: Option<&PathBuf>, wasm: &std::path::Path) -> anyhow::Result<Option<String>> {
+/// The request with the component as its body and its manifest (the one named, else the
+/// `.toml` beside the `.wasm`, if any) as `?manifest=`.
+fn with_component(
+    request: reqwest::RequestBuilder,
+    wasm: &Path,
+    manifest: Option<&PathBuf>,
+) -> anyhow::Result<reqwest::RequestBuilder> {
     use anyhow::Context;
-    match explicit {
-        Some(path) => Ok(Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)),
-        None => Ok(std::fs::read_to_string(wasm.with_extension("toml")).ok()),
-    }
+    let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
+    let manifest = match manifest {
+        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?),
+        None => std::fs::read_to_string(wasm.with_extension("toml")).ok(),
+    };
+    let request = request.body(bytes);
+    Ok(match manifest {
+        Some(text) => request.query(&[("manifest", text)]),
+        None => request,
+    })
 }
 
 /// Run a `plugins` subcommand against a host; prints the host's JSON answer.
@@ -185,12 +186,7 @@ pub async fn run_plugins(args: PluginsArgs) -> anyhow::Result<()> {
                     .context("cannot tell the plugin's name; use --name")?
                     .to_owned(),
             };
-            let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
-            let mut request = http.put(url(format!("/{name}"))).body(bytes);
-            if let Some(text) = read_manifest(manifest.as_ref(), wasm)? {
-                request = request.query(&[("manifest", text)]);
-            }
-            request
+            with_component(http.put(url(format!("/{name}"))), wasm, manifest.as_ref())?
         }
         PluginAction::Remove { name, purge } => http.delete(url(format!("/{name}"))).query(&[("purge", purge)]),
         PluginAction::Pause { name } => http.post(url(format!("/{name}/pause"))),
@@ -203,12 +199,7 @@ pub async fn run_plugins(args: PluginsArgs) -> anyhow::Result<()> {
             http.post(url(format!("/{name}/replay"))).json(&body)
         }
         PluginAction::Shadow { name, wasm, manifest } => {
-            let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
-            let mut request = http.post(url(format!("/{name}/shadow"))).body(bytes);
-            if let Some(text) = read_manifest(manifest.as_ref(), wasm)? {
-                request = request.query(&[("manifest", text)]);
-            }
-            request
+            with_component(http.post(url(format!("/{name}/shadow"))), wasm, manifest.as_ref())?
         }
         PluginAction::Promote { name, force } => http.post(url(format!("/{name}/promote"))).query(&[("force", force)]),
         PluginAction::Discard { name } => http.delete(url(format!("/{name}/shadow"))),

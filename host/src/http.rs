@@ -158,10 +158,10 @@ impl From<PluginError> for ApiError {
             PluginError::NotFound(_) => StatusCode::NOT_FOUND,
             PluginError::NotRunning(_) => StatusCode::SERVICE_UNAVAILABLE,
             PluginError::Failed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            PluginError::Conflict(_) => StatusCode::CONFLICT,
-            PluginError::Invalid(ref message) => {
-                let field = if message.starts_with("manifest") { "manifest" } else { "wasm" };
-                return ApiError::bad_request(message.clone()).with("field", field);
+            PluginError::NoShadow(_) | PluginError::ShadowBehind { .. } => StatusCode::CONFLICT,
+            PluginError::BadManifest(_) => return ApiError::bad_request(e.to_string()).with("field", "manifest"),
+            PluginError::BadName(_) | PluginError::BadComponent(_) | PluginError::NotStarted(_) => {
+                return ApiError::bad_request(e.to_string()).with("field", "wasm");
             }
         };
         ApiError::new(status, e.to_string())
@@ -260,10 +260,15 @@ async fn replay(
 }
 
 /// Run a blocking plugin operation (compiling, joining a runner) off the async workers.
-async fn blocking<T: Send + 'static>(
-    operation: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
+/// Run a registry change of plugin `name` off the async workers (it compiles, starts and
+/// stops runners, and touches files).
+async fn change<T: Send + 'static>(
+    state: &AppState,
+    name: &str,
+    operation: impl FnOnce(&Plugins, &str) -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let outcome = tokio::task::spawn_blocking(operation)
+    let (plugins, name) = (state.plugins.clone(), name.to_owned());
+    let outcome = tokio::task::spawn_blocking(move || operation(&plugins, &name))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(outcome?)
@@ -271,11 +276,9 @@ async fn blocking<T: Send + 'static>(
 
 async fn lag(state: &AppState, status: &PluginStatus) -> u64 {
     let mut lag = 0u64;
-    for (topic, partitions) in &status.offsets {
-        for (partition, next) in partitions {
-            if let Ok(high) = state.log.high_watermark(topic, *partition).await {
-                lag += high.saturating_sub(*next);
-            }
+    for (tp, next) in status.offsets.iter() {
+        if let Ok(high) = state.log.high_watermark(&tp.topic, tp.partition).await {
+            lag += high.saturating_sub(next);
         }
     }
     lag
@@ -323,9 +326,7 @@ async fn upload_plugin(
     Query(params): Query<UploadParams>,
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
-    let plugins = state.plugins.clone();
-    let plugin = name.clone();
-    let installed = blocking(move || plugins.upload(&plugin, &body, params.manifest.as_deref())).await?;
+    let installed = change(&state, &name, move |p, name| p.upload(name, &body, params.manifest.as_deref())).await?;
     let (code, word) = match installed {
         Installed::Started => (StatusCode::CREATED, "started"),
         Installed::Swapped => (StatusCode::OK, "swapped"),
@@ -348,9 +349,7 @@ async fn delete_plugin(
     Path(name): Path<String>,
     Query(params): Query<DeleteParams>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let plugins = state.plugins.clone();
-    let plugin = name.clone();
-    blocking(move || plugins.delete(&plugin, params.purge)).await?;
+    change(&state, &name, move |p, name| p.delete(name, params.purge)).await?;
     Ok(axum::Json(json!({"removed": name, "purged": params.purge})))
 }
 
@@ -401,7 +400,7 @@ fn replay_from(request: &Value) -> Result<ReplayFrom, ApiError> {
             ApiError::bad_request(format!("offsets: expected {{\"topic\": {{\"partition\": offset}}}}: {e}"))
                 .with("field", "offsets")
         })?;
-        return Ok(ReplayFrom::Offsets(parsed));
+        return Ok(ReplayFrom::Offsets(parsed.into()));
     }
     if let Some(at) = request.get("timestamp") {
         let text = at
@@ -423,9 +422,7 @@ async fn start_shadow(
     Query(params): Query<UploadParams>,
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
-    let plugins = state.plugins.clone();
-    let plugin = name.clone();
-    blocking(move || plugins.start_shadow(&plugin, &body, params.manifest.as_deref())).await?;
+    change(&state, &name, move |p, name| p.start_shadow(name, &body, params.manifest.as_deref())).await?;
     Ok((StatusCode::CREATED, axum::Json(plugin_json(&state, state.plugins.status(&name)?).await)))
 }
 
@@ -433,9 +430,7 @@ async fn discard_shadow(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let plugins = state.plugins.clone();
-    let plugin = name.clone();
-    blocking(move || plugins.discard_shadow(&plugin)).await?;
+    change(&state, &name, |p, name| p.discard_shadow(name)).await?;
     Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
 }
 

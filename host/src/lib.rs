@@ -10,6 +10,7 @@ pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod effects;
 pub mod envelope;
 pub mod fanout;
 pub mod http;

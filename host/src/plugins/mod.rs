@@ -10,52 +10,69 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::envelope::Routing;
-use crate::fanout::Hub;
-use crate::log::EventLog;
-use crate::runtime::{LoadedComponent, Runtime};
-use crate::store::Store;
-use manifest::Manifest;
-use runner::{Command, Mode, PluginStatus, ReplayFrom, RunState, Runner};
+use crate::runtime::{LoadedComponent, RuntimeError};
+use crate::store::StoreError;
+use manifest::{Manifest, ManifestError};
+use runner::{
+    Command, Mode, PluginStatus, ReplayFrom, RunState, Runner, RunnerError, RunnerHandle, RunnerSpec, SharedStatus,
+};
 
-/// What every runner shares.
-pub struct RunnerDeps {
-    pub runtime: Arc<Runtime>,
-    pub log: Arc<dyn EventLog>,
-    pub store: Arc<Store>,
-    pub routing: Arc<Routing>,
-    pub hub: Hub,
-    /// Poked after a commit that put events in the outbox.
-    pub outbox: Arc<Notify>,
-    pub tokio: tokio::runtime::Handle,
-}
-
-impl RunnerDeps {
-    /// Runners are plain threads; they reach the async log through this.
-    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.tokio.block_on(future)
-    }
-}
+pub use runner::RunnerDeps;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     #[error("no plugin named {0:?}")]
     NotFound(String),
-    #[error("plugin {name:?}: {message}")]
-    Failed { name: String, message: String },
+    #[error("plugin {name:?}: {cause}")]
+    Failed {
+        name: String,
+        #[source]
+        cause: Failure,
+    },
     #[error("plugin {0:?} is not running")]
     NotRunning(String),
-    /// The component or manifest offered is not acceptable; nothing was replaced.
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
-    Conflict(String),
+    // What was offered is not acceptable: nothing was replaced.
+    #[error(transparent)]
+    BadName(#[from] BadName),
+    #[error("manifest: {0}")]
+    BadManifest(#[from] ManifestError),
+    #[error(transparent)]
+    BadComponent(#[from] RuntimeError),
+    /// The new version did not start; the old one keeps running.
+    #[error(transparent)]
+    NotStarted(RunnerError),
+    #[error("plugin {0:?} has no shadow")]
+    NoShadow(String),
+    #[error("the shadow of {name:?} is {lag} events behind; wait until it has caught up or use force")]
+    ShadowBehind { name: String, lag: u64 },
 }
 
+/// Why an operation on a plugin that exists failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The version runs, but its files could not be written: a restart loses it.
+    #[error("{done}, but not saved: {source}")]
+    NotSaved { done: &'static str, source: std::io::Error },
+}
+
+fn failed(name: &str, cause: impl Into<Failure>) -> PluginError {
+    PluginError::Failed { name: name.to_owned(), cause: cause.into() }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a plugin name (1 to 64 letters, digits, '-' or '_')")]
+pub struct BadName(String);
+
 struct Running {
-    status: Arc<Mutex<PluginStatus>>,
+    status: SharedStatus,
     commands: mpsc::UnboundedSender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// What the plugin runs now (absent when it never loaded).
@@ -91,9 +108,9 @@ pub struct Plugins {
 }
 
 /// Plugin names: the file stem; letters, digits, `-` and `_`.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), BadName> {
     if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(format!("{name:?} is not a plugin name (1 to 64 letters, digits, '-' or '_')"));
+        return Err(BadName(name.to_owned()));
     }
     Ok(())
 }
@@ -177,11 +194,7 @@ impl Plugins {
         tracing::error!(plugin = name, error = %message, "plugin not loaded");
         let mut running = self.lock();
         match running.get(name) {
-            Some(r) => {
-                let mut status = r.status.lock().expect("status lock");
-                status.errors += 1;
-                status.last_error = Some(format!("load failed: {message}"));
-            }
+            Some(r) => r.status.note_error(format!("load failed: {message}")),
             None => {
                 let mut status = PluginStatus::new(name, "");
                 status.state = RunState::Failed;
@@ -190,7 +203,7 @@ impl Plugins {
                 running.insert(
                     name.to_owned(),
                     Running {
-                        status: Arc::new(Mutex::new(status)),
+                        status: SharedStatus::new(status),
                         commands,
                         thread: None,
                         hash: None,
@@ -204,7 +217,7 @@ impl Plugins {
 
     fn parse_manifest(text: Option<&str>) -> Result<Manifest, PluginError> {
         match text {
-            Some(text) => Manifest::parse(text).map_err(|e| PluginError::Invalid(format!("manifest: {e}"))),
+            Some(text) => Ok(Manifest::parse(text)?),
             None => Ok(Manifest::default()),
         }
     }
@@ -213,10 +226,10 @@ impl Plugins {
     /// swaps to it at a batch boundary, keeping offsets and state. Nothing is replaced
     /// unless the component compiles, implements the world and starts. Blocking.
     pub fn install(&self, name: &str, wasm: &[u8], manifest_text: Option<&str>) -> Result<Installed, PluginError> {
-        check_name(name).map_err(PluginError::Invalid)?;
+        check_name(name)?;
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
         let manifest = Self::parse_manifest(manifest_text)?;
-        let component = self.deps.runtime.load(wasm).map_err(|e| PluginError::Invalid(e.to_string()))?;
+        let component = self.deps.runtime.load(wasm)?;
         let commands = {
             let running = self.lock();
             match running.get(name) {
@@ -239,7 +252,10 @@ impl Plugins {
         commands
             .send(Command::Swap { component, manifest: Box::new(manifest), reply })
             .map_err(|_| PluginError::NotRunning(name.to_owned()))?;
-        answer.blocking_recv().map_err(|_| PluginError::NotRunning(name.to_owned()))?.map_err(PluginError::Invalid)?;
+        answer
+            .blocking_recv()
+            .map_err(|_| PluginError::NotRunning(name.to_owned()))?
+            .map_err(PluginError::NotStarted)?;
         if let Some(r) = self.lock().get_mut(name) {
             r.hash = Some(hash);
             r.manifest_text = manifest_text.map(str::to_owned);
@@ -247,27 +263,17 @@ impl Plugins {
         Ok(Installed::Swapped)
     }
 
-    fn spawn(
-        &self,
-        name: &str,
-        namespace: &str,
-        mode: Mode,
-        component: LoadedComponent,
-        manifest: Manifest,
-    ) -> Result<Running, PluginError> {
-        let status = Arc::new(Mutex::new(PluginStatus::new(name, &component.hash)));
-        let hash = component.hash.clone();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let runner = Runner::new(name, namespace, mode, manifest, component, self.deps.clone(), status.clone(), rx);
-        let label = if mode == Mode::Shadow { format!("shadow-{name}") } else { format!("plugin-{name}") };
+    fn spawn(&self, spec: RunnerSpec) -> Result<Running, PluginError> {
+        let name = spec.name.clone();
+        let hash = spec.component.hash.clone();
+        let label = if spec.mode == Mode::Shadow { format!("shadow-{name}") } else { format!("plugin-{name}") };
+        let (runner, RunnerHandle { status, commands }) = Runner::new(spec, self.deps.clone());
         let (ready, started) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name(label)
-            .spawn(move || runner.run(ready))
-            .map_err(|e| PluginError::Failed { name: name.to_owned(), message: e.to_string() })?;
+        let thread =
+            std::thread::Builder::new().name(label).spawn(move || runner.run(ready)).map_err(|e| failed(&name, e))?;
         // Its status is meaningful from here on.
         let _ = started.blocking_recv();
-        Ok(Running { status, commands: tx, thread: Some(thread), hash: Some(hash), manifest_text: None, shadow: None })
+        Ok(Running { status, commands, thread: Some(thread), hash: Some(hash), manifest_text: None, shadow: None })
     }
 
     fn spawn_live(
@@ -277,7 +283,9 @@ impl Plugins {
         manifest: Manifest,
         manifest_text: Option<&str>,
     ) -> Result<(), PluginError> {
-        let mut running = self.spawn(name, name, Mode::Live, component, manifest)?;
+        let spec =
+            RunnerSpec { name: name.to_owned(), namespace: name.to_owned(), mode: Mode::Live, component, manifest };
+        let mut running = self.spawn(spec)?;
         running.manifest_text = manifest_text.map(str::to_owned);
         let previous = self.lock().insert(name.to_owned(), running);
         if let Some(previous) = previous {
@@ -305,10 +313,7 @@ impl Plugins {
 
     fn purge(&self, name: &str) -> Result<(), PluginError> {
         for namespace in [name.to_owned(), shadow_namespace(name)] {
-            self.deps
-                .store
-                .reset_plugin(&namespace)
-                .map_err(|e| PluginError::Failed { name: name.to_owned(), message: e.to_string() })?;
+            self.deps.store.reset_plugin(&namespace).map_err(|e| failed(name, e))?;
         }
         Ok(())
     }
@@ -322,17 +327,15 @@ impl Plugins {
         r.commands.send(command).map_err(|_| PluginError::NotRunning(name.to_owned()))
     }
 
-    async fn ask(
+    /// Send the command `make` builds and wait for the runner's answer.
+    async fn ask<T>(
         &self,
         name: &str,
-        make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Command,
-    ) -> Result<(), PluginError> {
+        make: impl FnOnce(oneshot::Sender<Result<T, RunnerError>>) -> Command,
+    ) -> Result<T, PluginError> {
         let (reply, answer) = oneshot::channel();
         self.send(name, make(reply))?;
-        answer
-            .await
-            .map_err(|_| PluginError::NotRunning(name.to_owned()))?
-            .map_err(|message| PluginError::Failed { name: name.to_owned(), message })
+        answer.await.map_err(|_| PluginError::NotRunning(name.to_owned()))?.map_err(|e| failed(name, e))
     }
 
     pub async fn pause(&self, name: &str) -> Result<(), PluginError> {
@@ -356,12 +359,18 @@ impl Plugins {
             None => self.lock().get(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?.manifest_text.clone(),
         };
         let manifest = Self::parse_manifest(manifest_text.as_deref())?;
-        let component = self.deps.runtime.load(wasm).map_err(|e| PluginError::Invalid(e.to_string()))?;
+        let component = self.deps.runtime.load(wasm)?;
         if self.lock().get(name).is_none_or(|r| r.thread.is_none()) {
             return Err(PluginError::NotFound(name.to_owned()));
         }
         self.discard_shadow(name).ok();
-        let running = self.spawn(name, &shadow_namespace(name), Mode::Shadow, component.clone(), manifest.clone())?;
+        let running = self.spawn(RunnerSpec {
+            name: name.to_owned(),
+            namespace: shadow_namespace(name),
+            mode: Mode::Shadow,
+            component: component.clone(),
+            manifest: manifest.clone(),
+        })?;
         let mut plugins = self.lock();
         match plugins.get_mut(name) {
             Some(live) => {
@@ -378,31 +387,25 @@ impl Plugins {
     }
 
     pub fn discard_shadow(&self, name: &str) -> Result<(), PluginError> {
-        let shadow = {
-            let mut plugins = self.lock();
-            let live = plugins.get_mut(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
-            live.shadow.take().ok_or_else(|| PluginError::Conflict(format!("plugin {name:?} has no shadow")))?
-        };
+        let shadow = self.take_shadow(name)?;
         stop(shadow.running);
-        self.deps
-            .store
-            .reset_plugin(&shadow_namespace(name))
-            .map_err(|e| PluginError::Failed { name: name.to_owned(), message: e.to_string() })
+        self.deps.store.reset_plugin(&shadow_namespace(name)).map_err(|e| failed(name, e))
+    }
+
+    /// The shadow of `name`, no longer listed with it.
+    fn take_shadow(&self, name: &str) -> Result<Box<Shadow>, PluginError> {
+        let mut plugins = self.lock();
+        let live = plugins.get_mut(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
+        live.shadow.take().ok_or_else(|| PluginError::NoShadow(name.to_owned()))
     }
 
     /// Swap the shadow in: the live plugin takes its version, state and offsets in one
     /// step between two batches. Refused while the shadow still lags, unless `force`.
     pub async fn promote(&self, name: &str, force: bool, shadow_lag: u64) -> Result<(), PluginError> {
         if shadow_lag > 0 && !force {
-            return Err(PluginError::Conflict(format!(
-                "the shadow of {name:?} is {shadow_lag} events behind; wait until it has caught up or use force"
-            )));
+            return Err(PluginError::ShadowBehind { name: name.to_owned(), lag: shadow_lag });
         }
-        let shadow = {
-            let mut plugins = self.lock();
-            let live = plugins.get_mut(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
-            live.shadow.take().ok_or_else(|| PluginError::Conflict(format!("plugin {name:?} has no shadow")))?
-        };
+        let shadow = self.take_shadow(name)?;
         let Shadow { running, component, manifest, wasm, manifest_text } = *shadow;
         let hash = component.hash.clone();
         tokio::task::block_in_place(|| stop(running));
@@ -417,10 +420,8 @@ impl Plugins {
             live.hash = Some(hash);
             live.manifest_text.clone_from(&manifest_text);
         }
-        self.write_files(name, &wasm, manifest_text.as_deref()).map_err(|e| PluginError::Failed {
-            name: name.to_owned(),
-            message: format!("promoted, but not saved: {e}"),
-        })
+        self.write_files(name, &wasm, manifest_text.as_deref())
+            .map_err(|source| failed(name, Failure::NotSaved { done: "promoted", source }))
     }
 
     /// `install`, then keep the files in the plugins directory so the version outlives a
@@ -433,10 +434,8 @@ impl Plugins {
         };
         let manifest_text = manifest_text.as_deref();
         let installed = self.install(name, wasm, manifest_text)?;
-        self.write_files(name, wasm, manifest_text).map_err(|e| PluginError::Failed {
-            name: name.to_owned(),
-            message: format!("installed, but not saved: {e}"),
-        })?;
+        self.write_files(name, wasm, manifest_text)
+            .map_err(|source| failed(name, Failure::NotSaved { done: "installed", source }))?;
         Ok(installed)
     }
 
@@ -445,9 +444,7 @@ impl Plugins {
         let removed = self.remove(name, purge);
         for ext in ["wasm", "toml"] {
             match std::fs::remove_file(self.dir.join(format!("{name}.{ext}"))) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(PluginError::Failed { name: name.to_owned(), message: e.to_string() });
-                }
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(failed(name, e)),
                 _ => {}
             }
         }
@@ -467,10 +464,7 @@ impl Plugins {
 
     /// Run the plugin's `query` with `request` (JSON) on its runner, between batches.
     pub async fn query(&self, name: &str, request: String) -> Result<String, PluginError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(name, Command::Query { request, reply })?;
-        let answer = answer.await.map_err(|_| PluginError::NotRunning(name.to_owned()))?;
-        answer.map_err(|message| PluginError::Failed { name: name.to_owned(), message })
+        self.ask(name, |reply| Command::Query { request, reply }).await
     }
 
     /// Stop every runner and wait for it to finish its batch.
@@ -494,8 +488,8 @@ impl Plugins {
 }
 
 fn snapshot(r: &Running) -> (PluginStatus, Option<PluginStatus>) {
-    let status = r.status.lock().expect("status lock").clone();
-    let shadow = r.shadow.as_ref().map(|s| s.running.status.lock().expect("status lock").clone());
+    let status = r.status.snapshot();
+    let shadow = r.shadow.as_ref().map(|s| s.running.status.snapshot());
     (status, shadow)
 }
 

@@ -5,17 +5,8 @@ use std::collections::BTreeMap;
 
 use super::fanout::FanoutRecord;
 use super::{FANOUT, META, OFFSETS, OUTBOX, STATE, Store, StoreError};
+pub use crate::effects::Broadcast;
 use crate::log::AppendItem;
-
-/// A broadcast made by a plugin: `id` is derived from the plugin, its cause and a counter,
-/// so the same broadcast made again (a redelivered batch, another host) has the same id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Broadcast {
-    pub id: uuid::Uuid,
-    pub room: String,
-    /// JSON text
-    pub payload: String,
-}
 
 /// Makes the log entry that carries a plugin's broadcast (committed at `at_ms`) to a shared
 /// fan-out log: `(plugin, broadcast, at_ms)`.

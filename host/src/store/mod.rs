@@ -40,18 +40,22 @@ pub enum StoreError {
     #[error("store: creating {path}: {source}")]
     Create { path: PathBuf, source: std::io::Error },
     #[error("store: {0}")]
-    Database(#[from] redb::DatabaseError),
-    #[error("store: {0}")]
-    Transaction(#[from] redb::TransactionError),
-    #[error("store: {0}")]
-    Table(#[from] redb::TableError),
-    #[error("store: {0}")]
-    Storage(#[from] redb::StorageError),
-    #[error("store: {0}")]
-    Commit(#[from] redb::CommitError),
+    Db(#[from] redb::Error),
     #[error("store: a stored record cannot be read back: {0}")]
     Corrupt(#[from] serde_json::Error),
 }
+
+/// Every redb error type converts (through `redb::Error`), so `?` works on each call.
+macro_rules! from_redb {
+    ($($error:ident),*) => {$(
+        impl From<redb::$error> for StoreError {
+            fn from(error: redb::$error) -> StoreError {
+                StoreError::Db(error.into())
+            }
+        }
+    )*};
+}
+from_redb!(DatabaseError, TransactionError, TableError, StorageError, CommitError);
 
 pub struct Store {
     db: Database,

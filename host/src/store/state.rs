@@ -89,3 +89,14 @@ impl Store {
         Ok(txn.commit()?)
     }
 }
+
+/// The runtime reads a plugin's committed state through this (it never names the store).
+impl crate::runtime::StateView for Store {
+    fn get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, crate::runtime::StateError> {
+        self.state_get(namespace, key).map_err(crate::runtime::StateError::new)
+    }
+
+    fn scan(&self, namespace: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, crate::runtime::StateError> {
+        self.state_scan(namespace, prefix).map_err(crate::runtime::StateError::new)
+    }
+}

@@ -1,0 +1,41 @@
+//! Dead letters: an event the plugin could not handle (or a record that is not an event)
+//! goes to the dead-letter topic with the error, and the plugin moves on. Too many in a
+//! row and the plugin is stopped as failed.
+
+use super::poll::Polled;
+use crate::envelope::Envelope;
+use crate::log::AppendItem;
+
+pub use crate::topics::{DEAD_LETTER_TYPE, DEAD_LETTERS as DEAD_LETTER_TOPIC};
+
+/// Consecutive dead letters after which a plugin is marked failed and stops.
+pub const FAIL_AFTER_DEAD_LETTERS: u32 = 100;
+
+/// The dead letter of plugin `plugin` for `polled`. Its event id is derived from where the
+/// record stands, so the same failure written again (a batch retried after a crash) is
+/// accepted once.
+pub fn dead_letter(plugin: &str, polled: &Polled, error: &str) -> AppendItem {
+    let record = &polled.record;
+    let original = serde_json::from_slice::<serde_json::Value>(&record.payload)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&record.payload).into_owned()));
+    let at = format!("owlery/dead-letter/{plugin}/{}", polled.at());
+    let event_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, at.as_bytes());
+    let envelope = Envelope {
+        event_id,
+        event_type: DEAD_LETTER_TYPE.to_owned(),
+        timestamp: crate::envelope::now_rfc3339(),
+        source: format!("plugin:{plugin}"),
+        user_id: None,
+        metadata: serde_json::Map::new(),
+        data: serde_json::json!({
+            "plugin": plugin,
+            "error": error,
+            "topic": polled.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "event": original,
+        }),
+        extra: serde_json::Map::new(),
+    };
+    AppendItem { topic: DEAD_LETTER_TOPIC.to_owned(), key: event_id.to_string(), envelope }
+}

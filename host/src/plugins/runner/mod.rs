@@ -1,0 +1,395 @@
+//! The plugin runner: one thread per plugin that polls its subscribed partitions from its
+//! own offsets, calls `handle` with batches, and commits the batch's state writes, new
+//! offsets, broadcasts and publishes in one transaction. Failures are retried on a fresh
+//! instance; an event that still fails goes to the dead-letter topic and the plugin moves on.
+//!
+//! Here: the thread loop and the commands it takes between batches. `poll` reads a batch,
+//! `batch` handles and commits it, `versions` swaps and promotes, `replay` replays; the
+//! types they share (`offsets`, `seen`, `lifecycle`, `status`) and the one door to the log
+//! (`log_access`) each have their own file.
+
+mod batch;
+mod dead_letter;
+mod error;
+mod lifecycle;
+mod log_access;
+mod offsets;
+mod poll;
+mod replay;
+mod seen;
+mod status;
+mod versions;
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+use super::manifest::{Manifest, Start};
+use crate::envelope::Routing;
+use crate::fanout::Hub;
+use crate::log::{EventLog, LogError};
+use crate::runtime::{CallError, Instance, InstanceContext, LoadedComponent, Runtime};
+use crate::store::Store;
+use dead_letter::FAIL_AFTER_DEAD_LETTERS;
+use lifecycle::Lifecycle;
+use log_access::{LogAccess, Wake};
+use seen::SeenIds;
+use status::Rate;
+use versions::Version;
+
+pub use dead_letter::{DEAD_LETTER_TOPIC, DEAD_LETTER_TYPE};
+pub use error::RunnerError;
+pub use offsets::{Offsets, TopicPartition};
+pub use poll::{NotAnEnvelope, guest_from_record};
+pub use replay::ReplayFrom;
+pub use status::{PluginStatus, ReplayProgress, RunState, SharedStatus};
+
+/// How long an idle runner waits before looking again (new partitions, commands).
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+/// How long a runner waits before polling again after the log failed it.
+const POLL_RETRY: Duration = Duration::from_secs(1);
+/// How long a runner waits before reading a batch again after the store failed to commit it.
+const COMMIT_RETRY: Duration = Duration::from_millis(500);
+
+/// Where a command's outcome goes.
+pub type Reply = oneshot::Sender<Result<(), RunnerError>>;
+
+/// What a runner is asked to do; it acts between batches.
+pub enum Command {
+    Query {
+        request: String,
+        reply: oneshot::Sender<Result<String, RunnerError>>,
+    },
+    Pause(Reply),
+    Resume(Reply),
+    /// Replace the component and manifest, keeping offsets and state.
+    Swap {
+        component: LoadedComponent,
+        manifest: Box<Manifest>,
+        reply: Reply,
+    },
+    /// Drop state and offsets and read again from `from`.
+    Replay {
+        from: ReplayFrom,
+        reply: Reply,
+    },
+    /// Take over a shadow's state and offsets, and its component and manifest.
+    Promote {
+        shadow_namespace: String,
+        component: LoadedComponent,
+        manifest: Box<Manifest>,
+        reply: Reply,
+    },
+    Stop,
+}
+
+/// A live runner commits what the plugin does; a shadow runner keeps only its own state
+/// and offsets, and drops its broadcasts and publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Live,
+    Shadow,
+}
+
+/// What every runner shares.
+pub struct RunnerDeps {
+    pub runtime: Arc<Runtime>,
+    pub log: Arc<dyn EventLog>,
+    pub store: Arc<Store>,
+    pub routing: Arc<Routing>,
+    pub hub: Hub,
+    /// Poked after a commit that put events in the outbox.
+    pub outbox: Arc<Notify>,
+    /// Runners are plain threads; they reach the async log through this runtime.
+    pub tokio: tokio::runtime::Handle,
+}
+
+/// What a runner runs, and as whom.
+pub struct RunnerSpec {
+    pub name: String,
+    /// Whose state and offsets: the name, or the shadow's own key space.
+    pub namespace: String,
+    pub mode: Mode,
+    pub component: LoadedComponent,
+    pub manifest: Manifest,
+}
+
+/// The registry's side of a runner: the status it shows, and where commands go.
+pub struct RunnerHandle {
+    pub status: SharedStatus,
+    pub commands: mpsc::UnboundedSender<Command>,
+}
+
+pub struct Runner {
+    name: Arc<str>,
+    namespace: Arc<str>,
+    mode: Mode,
+    version: Version,
+    deps: Arc<RunnerDeps>,
+    log: LogAccess,
+    status: SharedStatus,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Absent after a failed call, until the next call makes a fresh one.
+    instance: Option<Instance>,
+    /// The next offset to read, per partition.
+    positions: Offsets,
+    lifecycle: Lifecycle,
+    /// Events sent to the dead-letter topic in a row.
+    dead_letter_streak: u32,
+    rate: Rate,
+    seen: SeenIds,
+}
+
+impl Runner {
+    pub fn new(spec: RunnerSpec, deps: Arc<RunnerDeps>) -> (Runner, RunnerHandle) {
+        let RunnerSpec { name, namespace, mode, component, manifest } = spec;
+        let status = SharedStatus::new(PluginStatus::new(&name, &component.hash));
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let runner = Runner {
+            name: name.into(),
+            namespace: namespace.into(),
+            mode,
+            version: Version::new(component, manifest),
+            log: LogAccess::new(deps.log.clone(), deps.tokio.clone()),
+            deps,
+            status: status.clone(),
+            commands: receiver,
+            instance: None,
+            positions: Offsets::default(),
+            lifecycle: Lifecycle::Running,
+            dead_letter_streak: 0,
+            rate: Rate::default(),
+            seen: SeenIds::default(),
+        };
+        (runner, RunnerHandle { status, commands })
+    }
+
+    fn publish_state(&self) {
+        let state = self.lifecycle.state();
+        self.status.update(|s| s.state = state);
+    }
+
+    fn show_offsets(&self) {
+        let offsets = self.positions.clone();
+        self.status.update(|s| s.offsets = offsets);
+    }
+
+    /// The runner's thread body: returns when told to stop. `ready` is told once the
+    /// plugin has started (or failed to), with its offsets known.
+    pub fn run(mut self, ready: oneshot::Sender<()>) {
+        let span = tracing::info_span!("plugin", plugin = &*self.name, shadow = self.mode == Mode::Shadow);
+        let _guard = span.enter();
+        match self.start() {
+            Ok(()) => tracing::info!(version = %&self.version.component.hash[..12], "plugin running"),
+            Err(error) => {
+                tracing::error!(%error, "plugin failed to start");
+                self.lifecycle.fail();
+                self.status.update(|s| s.last_error = Some(error.to_string()));
+            }
+        }
+        self.publish_state();
+        let _ = ready.send(());
+        let mut changes = self.log.changes();
+        while self.step(&mut changes).is_continue() {}
+        self.status.update(|s| s.state = RunState::Stopped);
+        tracing::info!("plugin stopped");
+    }
+
+    /// One turn of the loop: the commands that came, then one batch or a wait for one.
+    /// `Break` when told to stop.
+    fn step(&mut self, changes: &mut watch::Receiver<u64>) -> ControlFlow<()> {
+        self.drain_commands()?;
+        if !self.lifecycle.is_reading() {
+            // Paused or failed: only a command can change that.
+            return match self.commands.blocking_recv() {
+                Some(command) => self.command(command),
+                None => ControlFlow::Break(()),
+            };
+        }
+        self.rate.tick(&self.status);
+        changes.borrow_and_update();
+        let polled = match self.poll_batch() {
+            Ok(polled) => polled,
+            Err(error) => {
+                tracing::warn!(%error, "polling the log failed; retrying");
+                return self.wait(changes, POLL_RETRY);
+            }
+        };
+        if polled.is_empty() {
+            if self.lifecycle.replaying().is_some() {
+                self.finish_replay_if_done();
+                return ControlFlow::Continue(());
+            }
+            self.refresh_partitions();
+            return self.wait(changes, IDLE_WAIT);
+        }
+        if let Err(error) = self.process(polled) {
+            // Only the store can fail here: nothing was committed, so the batch will be
+            // read again.
+            tracing::error!(%error, "committing a batch failed; retrying");
+            self.status.note_error(error.to_string());
+            std::thread::sleep(COMMIT_RETRY);
+            self.reload_positions();
+        }
+        self.finish_replay_if_done();
+        if self.dead_letter_streak >= FAIL_AFTER_DEAD_LETTERS {
+            let message = format!("{FAIL_AFTER_DEAD_LETTERS} events in a row failed; plugin stopped");
+            tracing::error!("{message}");
+            self.lifecycle.fail();
+            self.status.update(|s| s.last_error = Some(message));
+            self.publish_state();
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn start(&mut self) -> Result<(), RunnerError> {
+        if self.mode == Mode::Shadow {
+            self.deps.store.reset_plugin(&self.namespace)?;
+        }
+        self.instance = Some(self.new_instance().map_err(RunnerError::Init)?);
+        let topics = self.subscribed_topics()?;
+        self.log.ensure_topics(&topics)?;
+        self.reload_positions();
+        Ok(())
+    }
+
+    fn new_instance(&self) -> Result<Instance, CallError> {
+        let manifest = &self.version.manifest;
+        let cx = InstanceContext {
+            plugin: self.name.clone(),
+            namespace: self.namespace.clone(),
+            caps: Arc::new(manifest.capabilities()),
+            store: self.deps.store.clone(),
+            routing: self.deps.routing.clone(),
+        };
+        let mut instance = self.version.component.instantiate(&self.deps.runtime, &cx)?;
+        instance.init(&manifest.config_json(), self.version.timeout)?;
+        Ok(instance)
+    }
+
+    /// The instance to call, made afresh if the last one was dropped.
+    fn instance(&mut self) -> Result<&mut Instance, RunnerError> {
+        let instance = match self.instance.take() {
+            Some(instance) => instance,
+            None => self.new_instance().map_err(RunnerError::Instantiate)?,
+        };
+        Ok(self.instance.insert(instance))
+    }
+
+    fn subscribed_topics(&self) -> Result<Vec<String>, LogError> {
+        let named = &self.version.manifest.subscribe.topics;
+        if !named.is_empty() {
+            return Ok(named.clone());
+        }
+        let mut topics = self.log.topics()?;
+        topics.retain(|t| !crate::topics::is_internal(t));
+        Ok(topics)
+    }
+
+    /// Positions from the store; partitions never read start per the manifest.
+    fn reload_positions(&mut self) {
+        let stored = match self.deps.store.offsets(&self.namespace) {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::error!(%error, "reading offsets failed");
+                return;
+            }
+        };
+        let topics = self.subscribed_topics().unwrap_or_default();
+        self.positions = Offsets::from(stored);
+        self.positions.retain(|tp| topics.contains(&tp.topic));
+        self.refresh_partitions();
+        self.seen.forget();
+    }
+
+    /// Pick up topics and partitions that appeared since the last look.
+    fn refresh_partitions(&mut self) {
+        let Ok(topics) = self.subscribed_topics() else { return };
+        let start = if self.mode == Mode::Shadow { Start::Earliest } else { self.version.manifest.subscribe.start };
+        for topic in topics {
+            let Ok(partitions) = self.log.partitions(&topic) else { continue };
+            for partition in 0..partitions {
+                let tp = TopicPartition::new(topic.clone(), partition);
+                if self.positions.contains(&tp) {
+                    continue;
+                }
+                let first = match start {
+                    Start::Earliest => 0,
+                    Start::Latest => self.log.high_watermark(&tp).unwrap_or(0),
+                };
+                self.positions.insert(tp, first);
+            }
+        }
+        self.show_offsets();
+    }
+
+    /// Wait for the log to change, a command or `timeout`; `Break` when told to stop.
+    fn wait(&mut self, changes: &mut watch::Receiver<u64>, timeout: Duration) -> ControlFlow<()> {
+        match self.log.wait(changes, &mut self.commands, timeout) {
+            Wake::Look => ControlFlow::Continue(()),
+            Wake::Command(command) => self.command(command),
+            Wake::Closed => ControlFlow::Break(()),
+        }
+    }
+
+    /// Act on every command waiting; `Break` if one of them was to stop.
+    fn drain_commands(&mut self) -> ControlFlow<()> {
+        let mut flow = ControlFlow::Continue(());
+        while let Ok(command) = self.commands.try_recv() {
+            if self.command(command).is_break() {
+                flow = ControlFlow::Break(());
+            }
+        }
+        flow
+    }
+
+    fn command(&mut self, command: Command) -> ControlFlow<()> {
+        match command {
+            Command::Stop => return ControlFlow::Break(()),
+            Command::Query { request, reply } => {
+                let _ = reply.send(self.query(&request));
+            }
+            Command::Pause(reply) => {
+                self.lifecycle.pause();
+                tracing::info!("paused");
+                self.publish_state();
+                let _ = reply.send(Ok(()));
+            }
+            Command::Resume(reply) => {
+                self.lifecycle.resume();
+                tracing::info!("resumed");
+                self.publish_state();
+                let _ = reply.send(Ok(()));
+            }
+            Command::Swap { component, manifest, reply } => {
+                let started = Instant::now();
+                let result = self.swap(component, *manifest);
+                let micros = started.elapsed().as_micros() as u64;
+                self.status.update(|s| s.last_swap_micros = Some(micros));
+                let _ = reply.send(result);
+                self.publish_state();
+            }
+            Command::Replay { from, reply } => {
+                let _ = reply.send(self.start_replay(from));
+                self.publish_state();
+            }
+            Command::Promote { shadow_namespace, component, manifest, reply } => {
+                let _ = reply.send(self.promote(&shadow_namespace, component, *manifest));
+                self.publish_state();
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn query(&mut self, request: &str) -> Result<String, RunnerError> {
+        let timeout = self.version.timeout;
+        let answer = self.instance()?.query(request, timeout);
+        if let Err(CallError::Trap(message)) = &answer {
+            tracing::warn!(error = %message, "query trapped; replacing the instance");
+            self.instance = self.new_instance().ok();
+        }
+        Ok(answer?)
+    }
+}

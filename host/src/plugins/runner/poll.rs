@@ -1,0 +1,105 @@
+//! Reading a batch: up to `max_batch` records across the subscribed partitions, each
+//! decoded into what the plugin gets (or kept with the reason it is not an event).
+
+use super::Runner;
+use super::offsets::TopicPartition;
+use crate::log::{LogError, Record};
+use crate::runtime::GuestEnvelope;
+
+/// A stored record that is not a valid envelope.
+#[derive(Debug, thiserror::Error)]
+#[error("not a valid envelope: {0}")]
+pub struct NotAnEnvelope(String);
+
+/// One record of a polled batch, decoded (or not).
+pub struct Polled {
+    pub topic: String,
+    pub record: Record,
+    /// The event id and what the plugin gets. The guest envelope is taken out when the
+    /// event is delivered.
+    pub event: Result<(u128, Option<GuestEnvelope>), NotAnEnvelope>,
+}
+
+impl Polled {
+    fn new(topic: &str, record: Record) -> Self {
+        let event = guest_from_record(topic, &record).map(|(id, guest)| (id, Some(guest)));
+        Polled { topic: topic.to_owned(), record, event }
+    }
+
+    /// Where it stands: `topic/partition/offset`.
+    pub fn at(&self) -> String {
+        format!("{}/{}/{}", self.topic, self.record.partition, self.record.offset)
+    }
+
+    pub fn topic_partition(&self) -> TopicPartition {
+        TopicPartition::new(self.topic.clone(), self.record.partition)
+    }
+}
+
+/// What a plugin gets for a stored record, and the event's id. Reads the stored JSON once,
+/// keeping `data` and `metadata` as their text.
+pub fn guest_from_record(topic: &str, record: &Record) -> Result<(u128, GuestEnvelope), NotAnEnvelope> {
+    let (id, e) = crate::envelope::StoredEnvelope::parse(&record.payload).map_err(NotAnEnvelope)?;
+    let guest = GuestEnvelope {
+        event_id: id.to_string(),
+        event_type: e.event_type.into_owned(),
+        timestamp: e.timestamp.into_owned(),
+        source: e.source.into_owned(),
+        user_id: e.user_id.map(std::borrow::Cow::into_owned),
+        metadata: e.metadata.map_or_else(|| "{}".to_owned(), |m| m.get().to_owned()),
+        data: e.data.map_or_else(|| "null".to_owned(), |d| d.get().to_owned()),
+        topic: topic.to_owned(),
+        partition: record.partition,
+        offset: record.offset,
+    };
+    Ok((id.as_u128(), guest))
+}
+
+impl Runner {
+    /// Read up to `max_batch` records across the subscribed partitions.
+    pub(super) fn poll_batch(&mut self) -> Result<Vec<Polled>, LogError> {
+        self.seen.prime(&self.log, &self.positions)?;
+        let max = self.version.manifest.limits.max_batch;
+        // While replaying, read only up to where the replay began.
+        let replay = self.lifecycle.replaying();
+        let mut open: Vec<(TopicPartition, u64, u64)> = self
+            .positions
+            .iter()
+            .filter_map(|(tp, from)| {
+                let until = match replay {
+                    Some(replay) => replay.read_until(tp, from)?,
+                    None => u64::MAX,
+                };
+                Some((tp.clone(), from, until))
+            })
+            .collect();
+        // All partitions at once (one round trip, not one per partition, on a remote log),
+        // a fair share each; then the partitions that filled their share split what is left.
+        let mut polled: Vec<Polled> = Vec::new();
+        for _round in 0..2 {
+            let budget = max.saturating_sub(polled.len());
+            if open.is_empty() || budget == 0 {
+                break;
+            }
+            let share = (budget / open.len()).max(1);
+            let wants: Vec<usize> = open
+                .iter()
+                .map(|(_, from, until)| share.min(usize::try_from(until - from).unwrap_or(usize::MAX)))
+                .collect();
+            let reads: Vec<_> = open.iter().zip(&wants).map(|((tp, from, _), want)| (tp, *from, *want)).collect();
+            let results = self.log.poll_many(&reads);
+            let mut still_open = Vec::new();
+            for (((tp, from, until), want), records) in open.into_iter().zip(wants).zip(results) {
+                let records = records?;
+                let full = records.len() == want;
+                let next = records.last().map_or(from, |r| r.offset + 1);
+                polled.extend(records.into_iter().map(|record| Polled::new(&tp.topic, record)));
+                if full && next < until {
+                    still_open.push((tp, next, until));
+                }
+            }
+            open = still_open;
+        }
+        Ok(polled)
+    }
+}

@@ -1,0 +1,144 @@
+//! What a runner shows of itself: `PluginStatus` (the body of `GET /api/plugins`), shared
+//! between the runner thread, which writes it, and the registry, which reads it; and the
+//! metrics the runner keeps in it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::offsets::Offsets;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Starting,
+    Running,
+    Paused,
+    Replaying,
+    Failed,
+    Stopped,
+}
+
+/// How far a replay has come: records read since it started, of those it must read.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayProgress {
+    pub done: u64,
+    pub total: u64,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// What `GET /api/plugins` shows of a plugin.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginStatus {
+    pub name: String,
+    pub version: String,
+    pub state: RunState,
+    pub loaded_at: String,
+    /// The next offset to read, per partition.
+    pub offsets: Offsets,
+    pub processed: u64,
+    pub errors: u64,
+    pub dead_letters: u64,
+    pub last_error: Option<String>,
+    /// Time spent inside the plugin, all batches.
+    pub busy_micros: u64,
+    pub batches: u64,
+    pub avg_batch_micros: u64,
+    pub events_per_second: f64,
+    pub replay: Option<ReplayProgress>,
+    /// How long processing stood still for the last version swap.
+    pub last_swap_micros: Option<u64>,
+}
+
+impl PluginStatus {
+    pub fn new(name: &str, version: &str) -> Self {
+        PluginStatus {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            state: RunState::Starting,
+            loaded_at: crate::envelope::now_rfc3339(),
+            offsets: Offsets::default(),
+            processed: 0,
+            errors: 0,
+            dead_letters: 0,
+            last_error: None,
+            busy_micros: 0,
+            batches: 0,
+            avg_batch_micros: 0,
+            events_per_second: 0.0,
+            replay: None,
+            last_swap_micros: None,
+        }
+    }
+}
+
+/// A plugin's status, written by its runner and read by the registry.
+#[derive(Clone)]
+pub struct SharedStatus(Arc<Mutex<PluginStatus>>);
+
+impl SharedStatus {
+    pub fn new(status: PluginStatus) -> Self {
+        SharedStatus(Arc::new(Mutex::new(status)))
+    }
+
+    pub fn snapshot(&self) -> PluginStatus {
+        self.lock().clone()
+    }
+
+    pub fn update<R>(&self, f: impl FnOnce(&mut PluginStatus) -> R) -> R {
+        f(&mut self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PluginStatus> {
+        self.0.lock().expect("status lock")
+    }
+
+    pub fn note_error(&self, message: impl Into<String>) {
+        self.update(|s| {
+            s.errors += 1;
+            s.last_error = Some(message.into());
+        });
+    }
+
+    /// One call of the plugin's `handle`, however it ended.
+    pub fn note_call(&self, took: Duration) {
+        let micros = took.as_micros() as u64;
+        self.update(|s| {
+            s.busy_micros += micros;
+            s.batches += 1;
+            s.avg_batch_micros = s.busy_micros / s.batches;
+        });
+    }
+}
+
+/// Events per second, measured over about a second at a time.
+pub struct Rate {
+    since: Instant,
+    processed: u64,
+}
+
+impl Default for Rate {
+    fn default() -> Self {
+        Rate { since: Instant::now(), processed: 0 }
+    }
+}
+
+impl Rate {
+    /// Update `events_per_second` if a second has passed since the last update.
+    pub fn tick(&mut self, status: &SharedStatus) {
+        let elapsed = self.since.elapsed();
+        if elapsed < Duration::from_secs(1) {
+            return;
+        }
+        status.update(|s| {
+            let rate = (s.processed - self.processed.min(s.processed)) as f64 / elapsed.as_secs_f64();
+            self.since = Instant::now();
+            self.processed = s.processed;
+            s.events_per_second = (rate * 10.0).round() / 10.0;
+        });
+    }
+}

@@ -1,0 +1,200 @@
+//! The `broadcast` and `publish` capabilities: what a plugin emits because of an event of
+//! its batch, checked against its manifest and buffered until the call succeeds. Each gets
+//! an id derived from the plugin, the cause and a counter, so the same batch handled again
+//! (a retry, a redelivery, another host) emits the same ids.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::GuestEnvelope;
+use crate::effects::Broadcast;
+use crate::envelope::{Envelope, Routing, check_event_type};
+use crate::log::AppendItem;
+use crate::runtime::capabilities::{Capabilities, Refusal};
+
+/// An event of the batch being handled, as a `cause` of publishes and broadcasts.
+struct Cause {
+    timestamp: String,
+    /// Events published for it so far.
+    published: u32,
+    /// Broadcasts made for it so far.
+    broadcast: u32,
+}
+
+/// What a plugin made because of an event of its batch.
+#[derive(Clone, Copy)]
+enum Effect {
+    Publish,
+    Broadcast,
+}
+
+/// One instance's broadcasts and publishes for the call being served.
+pub(super) struct Emitter {
+    plugin: Arc<str>,
+    routing: Arc<Routing>,
+    /// The batch being handled (empty outside `handle`).
+    batch: Arc<[GuestEnvelope]>,
+    /// eventId → what was published and broadcast for it, for the batch being handled;
+    /// made on the first publish or broadcast (most batches of most plugins make none).
+    causes: HashMap<String, Cause>,
+    broadcasts: Vec<Broadcast>,
+    publishes: Vec<AppendItem>,
+}
+
+impl Emitter {
+    pub(super) fn new(plugin: Arc<str>, routing: Arc<Routing>) -> Emitter {
+        Emitter {
+            plugin,
+            routing,
+            batch: Arc::new([]),
+            causes: HashMap::new(),
+            broadcasts: Vec::new(),
+            publishes: Vec::new(),
+        }
+    }
+
+    /// A `handle` of `batch` starts: nothing emitted yet.
+    pub(super) fn begin(&mut self, batch: Arc<[GuestEnvelope]>) {
+        self.batch = batch;
+        self.causes.clear();
+        self.broadcasts.clear();
+        self.publishes.clear();
+    }
+
+    /// The call is over: what it emitted, and the batch forgotten.
+    pub(super) fn finish(&mut self) -> (Vec<Broadcast>, Vec<AppendItem>) {
+        self.batch = Arc::new([]);
+        (std::mem::take(&mut self.broadcasts), std::mem::take(&mut self.publishes))
+    }
+
+    pub(super) fn broadcast(
+        &mut self,
+        caps: &Capabilities,
+        cause: String,
+        room: String,
+        payload: String,
+    ) -> Result<(), Refusal> {
+        caps.need_broadcast()?;
+        if room.is_empty() || room.len() > 256 {
+            return Err(Refusal::RoomName);
+        }
+        if serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_err() {
+            return Err(Refusal::NotJson("broadcast payload"));
+        }
+        let (id, _) = self.derive_id(&cause, Effect::Broadcast)?;
+        self.broadcasts.push(Broadcast { id, room, payload });
+        Ok(())
+    }
+
+    pub(super) fn publish(
+        &mut self,
+        caps: &Capabilities,
+        cause: String,
+        event_type: String,
+        data: String,
+    ) -> Result<(), Refusal> {
+        caps.need_publish(&event_type)?;
+        check_event_type(&event_type).map_err(|e| Refusal::EventType(e.to_string()))?;
+        let data = serde_json::from_str::<serde_json::Value>(&data).map_err(|_| Refusal::NotJson("publish data"))?;
+        let (event_id, timestamp) = self.derive_id(&cause, Effect::Publish)?;
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("causationId".into(), cause.into());
+        metadata.insert("plugin".into(), self.plugin.to_string().into());
+        let envelope = Envelope {
+            event_id,
+            event_type,
+            timestamp,
+            source: format!("plugin:{}", self.plugin),
+            user_id: None,
+            metadata,
+            data,
+            extra: serde_json::Map::new(),
+        };
+        let topic = self.routing.topic_for(&envelope.event_type).to_owned();
+        self.publishes.push(AppendItem { topic, key: event_id.to_string(), envelope });
+        Ok(())
+    }
+
+    /// The id of the next publish or broadcast caused by event `cause`, derived from the
+    /// plugin, the cause and how many of that kind it already made (stable whatever the
+    /// batch boundaries); and the cause's timestamp.
+    fn derive_id(&mut self, cause: &str, effect: Effect) -> Result<(uuid::Uuid, String), Refusal> {
+        let plugin = self.plugin.clone();
+        let Some(counts) = self.cause(cause) else {
+            return Err(Refusal::UnknownCause(cause.to_owned()));
+        };
+        let (name, count) = match effect {
+            Effect::Publish => (format!("owlery/{plugin}/{cause}/{}", counts.published), &mut counts.published),
+            Effect::Broadcast => {
+                (format!("owlery/{plugin}/{cause}/broadcast/{}", counts.broadcast), &mut counts.broadcast)
+            }
+        };
+        *count += 1;
+        Ok((uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()), counts.timestamp.clone()))
+    }
+
+    /// What was published and broadcast so far for the event `id` of the current batch.
+    fn cause(&mut self, id: &str) -> Option<&mut Cause> {
+        if self.causes.is_empty() {
+            self.causes = self
+                .batch
+                .iter()
+                .map(|e| (e.event_id.clone(), Cause { timestamp: e.timestamp.clone(), published: 0, broadcast: 0 }))
+                .collect();
+        }
+        self.causes.get_mut(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{Emitter, GuestEnvelope, Refusal};
+    use crate::runtime::capabilities::Capabilities;
+
+    fn event(id: &str) -> GuestEnvelope {
+        GuestEnvelope {
+            event_id: id.into(),
+            event_type: "order.placed".into(),
+            timestamp: "2024-01-01T00:00:00Z".into(),
+            source: "test".into(),
+            user_id: None,
+            metadata: "{}".into(),
+            data: "null".into(),
+            topic: "orders".into(),
+            partition: 0,
+            offset: 0,
+        }
+    }
+
+    fn broadcast_ids(batch: &[&str], causes: &[&str]) -> Vec<uuid::Uuid> {
+        let caps = Capabilities { broadcast: true, ..Capabilities::default() };
+        let mut emitter = Emitter::new("p".into(), Arc::default());
+        emitter.begin(batch.iter().map(|id| event(id)).collect());
+        for cause in causes {
+            emitter.broadcast(&caps, cause.to_string(), "all".into(), "{}".into()).unwrap();
+        }
+        emitter.finish().0.into_iter().map(|b| b.id).collect()
+    }
+
+    #[test]
+    fn broadcast_ids_depend_on_the_cause_not_on_the_batch() {
+        let alone = broadcast_ids(&["e2"], &["e2", "e2"]);
+        let batched = broadcast_ids(&["e1", "e2"], &["e1", "e2", "e2"]);
+        assert_eq!(batched[1..], alone[..]);
+        assert_ne!(alone[0], alone[1], "a second broadcast for one cause gets its own id");
+    }
+
+    #[test]
+    fn a_cause_outside_the_batch_or_the_manifest_is_refused() {
+        let mut emitter = Emitter::new("p".into(), Arc::default());
+        emitter.begin(Arc::new([event("e1")]));
+        let no_caps = Capabilities::default();
+        let refused = emitter.broadcast(&no_caps, "e1".into(), "all".into(), "{}".into());
+        assert!(matches!(refused, Err(Refusal::NoBroadcast)));
+        let caps = Capabilities { broadcast: true, ..Capabilities::default() };
+        let refused = emitter.broadcast(&caps, "e9".into(), "all".into(), "{}".into());
+        assert!(matches!(refused, Err(Refusal::UnknownCause(_))));
+    }
+}

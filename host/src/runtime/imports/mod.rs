@@ -1,0 +1,142 @@
+//! The host functions plugins import, one module per capability as Spin gives each its own
+//! factor: `state` (reads and buffered writes through a `StateView`), `emit` (broadcast and
+//! publish), `log` (log, now, and the guest's stdout/stderr). `HostState` is the data wasmtime
+//! hands each of them; this module only routes a call to its factor.
+
+mod emit;
+mod log;
+mod state;
+
+use std::sync::Arc;
+
+use wasmtime::StoreLimits;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+pub use state::{StateError, StateView};
+
+use super::bindings::{GuestEnvelope, LogLevel, host, types};
+use super::capabilities::{Capabilities, Refusal};
+use super::instance::InstanceContext;
+use crate::effects::Effects;
+use emit::Emitter;
+use state::StateAccess;
+
+/// The per-instance data wasmtime hands to host functions.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// The instance's memory and table caps (see `instance`).
+    pub(super) limits: StoreLimits,
+    plugin: Arc<str>,
+    caps: Arc<Capabilities>,
+    /// true while serving `init` or `query`: nothing may be written
+    read_only: bool,
+    state: StateAccess,
+    emit: Emitter,
+}
+
+/// Which guest export is being called, and with what batch: what the imports may do then.
+pub(super) enum Call<'a> {
+    /// `init` or `query`: reads only.
+    ReadOnly,
+    /// `handle` of this batch: writes, broadcasts and publishes are buffered.
+    Handle(&'a Arc<[GuestEnvelope]>),
+}
+
+impl HostState {
+    pub(super) fn new(cx: &InstanceContext, limits: StoreLimits) -> HostState {
+        HostState {
+            wasi: log::guest_wasi_ctx(&cx.plugin),
+            table: ResourceTable::new(),
+            limits,
+            plugin: cx.plugin.clone(),
+            caps: cx.caps.clone(),
+            read_only: false,
+            state: StateAccess::new(cx.namespace.clone(), cx.store.clone()),
+            emit: Emitter::new(cx.plugin.clone(), cx.routing.clone()),
+        }
+    }
+
+    /// Get ready for a call: a `handle` starts with nothing buffered and its batch known to
+    /// `emit`; a read-only call may buffer nothing.
+    pub(super) fn begin(&mut self, call: Call<'_>) {
+        match call {
+            Call::ReadOnly => self.read_only = true,
+            Call::Handle(batch) => {
+                self.state.discard_writes();
+                self.emit.begin(batch.clone());
+            }
+        }
+    }
+
+    /// After a call: what it buffered (for the runner to commit if the call succeeded).
+    pub(super) fn finish(&mut self) -> Effects {
+        self.read_only = false;
+        let (broadcasts, publishes) = self.emit.finish();
+        Effects { state_writes: self.state.take_writes(), broadcasts, publishes }
+    }
+
+    fn need_state(&self) -> Result<(), Refusal> {
+        self.caps.need_state(&self.plugin)
+    }
+
+    fn need_writable(&self, what: &'static str) -> Result<(), Refusal> {
+        if self.read_only { Err(Refusal::ReadOnly(what)) } else { Ok(()) }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl types::Host for HostState {}
+
+/// Refusals returned here trap (the call fails, the instance is discarded); those the guest
+/// is told about come back as `Ok(Err(message))`.
+impl host::Host for HostState {
+    fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
+        log::guest_log(&self.plugin, level, &message);
+        Ok(())
+    }
+
+    fn now(&mut self) -> wasmtime::Result<u64> {
+        Ok(crate::envelope::now_millis())
+    }
+
+    fn state_get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        self.need_state()?;
+        Ok(self.state.get(&key)?)
+    }
+
+    fn state_set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
+        self.need_state()?;
+        self.need_writable("state-set")?;
+        self.state.write(key, Some(value));
+        Ok(())
+    }
+
+    fn state_delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.need_state()?;
+        self.need_writable("state-delete")?;
+        self.state.write(key, None);
+        Ok(())
+    }
+
+    fn state_scan(&mut self, prefix: String) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
+        self.need_state()?;
+        Ok(self.state.scan(&prefix)?)
+    }
+
+    fn broadcast(&mut self, cause: String, room: String, payload: String) -> wasmtime::Result<Result<(), String>> {
+        self.need_writable("broadcast")?;
+        Ok(self.emit.broadcast(&self.caps, cause, room, payload).map_err(|refusal| refusal.to_string()))
+    }
+
+    fn publish(&mut self, cause: String, event_type: String, data: String) -> wasmtime::Result<Result<(), String>> {
+        self.need_writable("publish")?;
+        Ok(self.emit.publish(&self.caps, cause, event_type, data).map_err(|refusal| refusal.to_string()))
+    }
+}
