@@ -109,6 +109,8 @@ impl IggyConfig {
             password: self.password.clone(),
             stream: self.stream.clone(),
             partitions: self.partitions,
+            // The shared fan-out log keeps one order: one partition.
+            single_partition_topics: vec![crate::topics::FANOUT.to_owned()],
             dedup_window: self.dedup_window,
         }
     }

@@ -69,7 +69,7 @@ pub async fn serve(
     config.validate()?;
     let routing = Arc::new(Routing::default());
     let (log, backend) = open_log(&config)?;
-    let shared_fanout = log.shares_fanout();
+    let shared_fanout = log.is_shared();
     let mut topics = routing.topics();
     topics.push(crate::topics::DEAD_LETTERS.to_owned());
     if shared_fanout {

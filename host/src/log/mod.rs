@@ -5,8 +5,13 @@
 
 #[cfg(test)]
 pub(crate) mod contract;
+mod dedup;
 pub mod embedded;
+mod error;
+mod group_commit;
 pub mod iggy;
+
+pub use error::{LogError, StorageError, Unavailable};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -44,18 +49,6 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    #[error("log storage failed: {0}")]
-    Storage(String),
-    #[error("log is unavailable: {0}")]
-    Unavailable(String),
-    #[error("no topic {0:?}")]
-    NoSuchTopic(String),
-    #[error("topic {topic:?} has no partition {partition}")]
-    NoSuchPartition { topic: String, partition: u32 },
-}
-
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
     /// Create the topics that are missing (idempotent).
@@ -76,9 +69,9 @@ pub trait EventLog: Send + Sync + 'static {
     /// Every topic, sorted.
     async fn topics(&self) -> Result<Vec<String>, LogError>;
 
-    /// Whether every host on this log shares one fan-out log in it (topic
-    /// `fanout::FANOUT_TOPIC`) instead of keeping its own in its store.
-    fn shares_fanout(&self) -> bool {
+    /// Whether other hosts may read and write this log too (a remote server), so a topic
+    /// in it is a way for hosts to see each other's events.
+    fn is_shared(&self) -> bool {
         false
     }
 

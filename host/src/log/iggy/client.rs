@@ -1,0 +1,225 @@
+//! The connections to Iggy and what every request over them shares: sign-in, a time limit
+//! per request, failing fast while Iggy is known to be down, and the topics known to exist.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use iggy::prelude::{
+    Client, CompressionAlgorithm, Identifier, IggyClient, IggyError, IggyExpiry, MaxTopicSize, Partition, StreamClient,
+    TopicClient, TopicDetails, UserClient,
+};
+
+use super::ends::Ends;
+use super::health::Health;
+use super::settings::IggySettings;
+use crate::log::{LogError, StorageError, Unavailable, partition_for};
+
+/// How long one request to Iggy may take. The client reconnects forever in the background,
+/// so a request made while the server is down would otherwise wait until it is back, and
+/// anything waiting on it (a status page, a replay, a runner) would hang with it.
+pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections the forwarder sends over (see `Remote::senders`).
+const SEND_CONNECTIONS: usize = 4;
+
+/// Why connecting, creating topics or forwarding failed (shown as the last error).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RemoteError {
+    #[error("connecting: {0}")]
+    Connect(IggyError),
+    #[error("signing in as {user}: {source}")]
+    SignIn { user: String, source: LogError },
+    #[error("creating stream {stream}: {source}")]
+    CreateStream { stream: String, source: IggyError },
+    #[error("creating topic {topic}: {source}")]
+    CreateTopic { topic: String, source: IggyError },
+    #[error("topic {0} vanished")]
+    Vanished(String),
+    #[error("topic {0} has no partitions")]
+    NoPartitions(String),
+    #[error("sending to {topic}/{partition}: {source}")]
+    Send { topic: String, partition: u32, source: LogError },
+    #[error(transparent)]
+    Iggy(#[from] IggyError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// `request`, or `Unavailable` if Iggy does not answer within `REQUEST_TIMEOUT`.
+pub(super) async fn answered<T>(request: impl Future<Output = Result<T, IggyError>>) -> Result<T, LogError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(Unavailable::NoAnswer(REQUEST_TIMEOUT).into()),
+    }
+}
+
+pub(super) fn ident(name: &str) -> Result<Identifier, LogError> {
+    Identifier::named(name).map_err(|source| StorageError::Name { name: name.to_owned(), source }.into())
+}
+
+/// The offset the next message of the partition will get.
+pub(super) fn end_of(partition: &Partition) -> u64 {
+    if partition.messages_count == 0 { 0 } else { partition.current_offset + 1 }
+}
+
+/// Connect `client` (a no-op when it is), and sign in again: the client's own reconnect
+/// after a server restart was seen to leave a connection up but signed out (every request
+/// then answered Unauthenticated).
+pub(super) async fn connect_signed_in(client: &IggyClient, settings: &IggySettings) -> Result<(), RemoteError> {
+    client.connect().await.map_err(RemoteError::Connect)?;
+    answered(client.login_user(&settings.username, &settings.password))
+        .await
+        .map(drop)
+        .map_err(|source| RemoteError::SignIn { user: settings.username.clone(), source })
+}
+
+/// The Iggy server as the backend's tasks share it.
+pub(super) struct Remote {
+    pub(super) settings: IggySettings,
+    /// Writes: the forwarder's sends, topic creation, consumer offsets.
+    pub(super) client: Arc<IggyClient>,
+    /// Reads, on a connection of their own, so that they do not queue behind sends that
+    /// wait for Iggy's fsync.
+    pub(super) reader: IggyClient,
+    /// More connections for the forwarder's sends: each waits for its partition's fsync, so
+    /// sends to different partitions go over different connections at once.
+    senders: Vec<Arc<IggyClient>>,
+    pub(super) stream: Identifier,
+    /// topic → partitions, as created or as found on the server
+    topics: Mutex<BTreeMap<String, u32>>,
+    pub(super) health: Health,
+    pub(super) ends: Mutex<Ends>,
+}
+
+impl Remote {
+    /// The connections, not connected yet (see `prepare`).
+    pub(super) fn new(settings: IggySettings) -> Result<Remote, LogError> {
+        let url = settings.connection_string();
+        let connect = || IggyClient::from_connection_string(&url).map_err(StorageError::Connection);
+        let client = Arc::new(connect()?);
+        let reader = connect()?;
+        let mut senders = vec![client.clone()];
+        for _ in 1..SEND_CONNECTIONS {
+            senders.push(Arc::new(connect()?));
+        }
+        let stream = ident(&settings.stream)?;
+        Ok(Remote {
+            settings,
+            client,
+            reader,
+            senders,
+            stream,
+            topics: Mutex::default(),
+            health: Health::default(),
+            ends: Mutex::default(),
+        })
+    }
+
+    fn topics(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u32>> {
+        self.topics.lock().expect("topics lock")
+    }
+
+    pub(super) fn ends(&self) -> std::sync::MutexGuard<'_, Ends> {
+        self.ends.lock().expect("ends lock")
+    }
+
+    pub(super) fn topic_names(&self) -> Vec<String> {
+        self.topics().keys().cloned().collect()
+    }
+
+    pub(super) fn known_partitions(&self, topic: &str) -> Option<u32> {
+        self.topics().get(topic).copied()
+    }
+
+    pub(super) fn found_partitions(&self, topic: &str, partitions: u32) {
+        self.topics().insert(topic.to_owned(), partitions);
+    }
+
+    /// The partitions of `topic`; a topic not known yet is planned with the settings'
+    /// count, and created in Iggy when the forwarder next connects or sends.
+    pub(super) fn plan_topic(&self, topic: &str) -> u32 {
+        *self.topics().entry(topic.to_owned()).or_insert_with(|| self.settings.partitions_of(topic))
+    }
+
+    /// Plans the `wanted` topics not known yet; returns them.
+    pub(super) fn plan_topics(&self, wanted: &[String]) -> Result<Vec<String>, LogError> {
+        let mut topics = self.topics();
+        let mut new = Vec::new();
+        for topic in wanted {
+            crate::envelope::check_topic(topic)
+                .map_err(|reason| StorageError::Topic { topic: topic.clone(), reason })?;
+            if !topics.contains_key(topic) {
+                topics.insert(topic.clone(), self.settings.partitions_of(topic));
+                new.push(topic.clone());
+            }
+        }
+        Ok(new)
+    }
+
+    /// The connection each partition's sends go over, so that one partition stays in order.
+    pub(super) fn sender_for(&self, topic: &str, partition: u32) -> &IggyClient {
+        &self.senders[partition_for(&format!("{topic}/{partition}"), self.senders.len() as u32) as usize]
+    }
+
+    /// Connect, then create the stream and the known topics if missing. Idempotent, and
+    /// safe when another host does the same at the same moment.
+    pub(super) async fn prepare(&self) -> Result<(), RemoteError> {
+        connect_signed_in(&self.client, &self.settings).await?;
+        connect_signed_in(&self.reader, &self.settings).await?;
+        for sender in &self.senders[1..] {
+            connect_signed_in(sender, &self.settings).await?;
+        }
+        if self.client.get_stream(&self.stream).await?.is_none() {
+            match self.client.create_stream(&self.settings.stream).await {
+                Ok(_) | Err(IggyError::StreamNameAlreadyExists(_)) => {}
+                Err(source) => return Err(RemoteError::CreateStream { stream: self.settings.stream.clone(), source }),
+            }
+        }
+        for topic in self.topic_names() {
+            self.ensure_topic(&topic).await?;
+        }
+        if self.health.up() {
+            tracing::info!("connected to Iggy");
+        }
+        Ok(())
+    }
+
+    pub(super) async fn ensure_topic(&self, topic: &str) -> Result<(), RemoteError> {
+        let id = Identifier::named(topic)?;
+        if self.client.get_topic(&self.stream, &id).await?.is_none() {
+            let created = self
+                .client
+                .create_topic(
+                    &self.stream,
+                    topic,
+                    self.settings.partitions_of(topic),
+                    CompressionAlgorithm::None,
+                    None,
+                    IggyExpiry::NeverExpire,
+                    MaxTopicSize::ServerDefault,
+                )
+                .await;
+            match created {
+                Ok(_) | Err(IggyError::TopicNameAlreadyExists(..)) => {}
+                Err(source) => return Err(RemoteError::CreateTopic { topic: topic.to_owned(), source }),
+            }
+        }
+        // Ask again rather than trust the creation's answer: that is what the server holds
+        // (another host may have created it first, with another partition count).
+        let details =
+            self.client.get_topic(&self.stream, &id).await?.ok_or_else(|| RemoteError::Vanished(topic.to_owned()))?;
+        if details.partitions_count == 0 {
+            return Err(RemoteError::NoPartitions(topic.to_owned()));
+        }
+        self.found_partitions(topic, details.partitions_count);
+        Ok(())
+    }
+
+    pub(super) async fn topic_details(&self, topic: &str) -> Result<TopicDetails, LogError> {
+        self.health.need_connection()?;
+        answered(self.reader.get_topic(&self.stream, &ident(topic)?))
+            .await?
+            .ok_or_else(|| LogError::NoSuchTopic(topic.to_owned()))
+    }
+}

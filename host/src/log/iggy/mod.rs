@@ -1,0 +1,184 @@
+//! The Apache Iggy backend: the same `EventLog` contract on an Iggy server over TCP.
+//!
+//! Every accepted publish is first written to a durable local spool (`spool`), and a
+//! forwarder (`forwarder`) sends the spool to Iggy in order, removing what Iggy
+//! acknowledged. So `POST /api/events` keeps answering while Iggy is down, and nothing
+//! accepted is lost: it is forwarded when Iggy is back. A resend after a lost
+//! acknowledgement can put an event in Iggy twice; runners skip an `eventId` they have
+//! already applied. Other clients' writes are noticed by the `tailer`.
+
+mod client;
+mod consumer_offsets;
+mod ends;
+mod forwarder;
+mod health;
+mod poll;
+mod settings;
+mod spool;
+mod status;
+mod tailer;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use iggy::prelude::StreamClient;
+use tokio::sync::{Notify, watch};
+
+use self::client::{REQUEST_TIMEOUT, Remote, answered};
+use self::consumer_offsets::ConsumerOffsets;
+pub use self::forwarder::FORWARD_BATCH;
+use self::forwarder::{Forwarder, RESEND_AFTER_LOSS};
+pub use self::settings::IggySettings;
+use self::spool::Spool;
+use super::group_commit::GroupCommit;
+use super::{AppendItem, Appended, EventLog, LogError, Record};
+
+pub struct IggyLog {
+    remote: Arc<Remote>,
+    spool: Arc<Spool>,
+    /// Wakes the forwarder: something was spooled, or a topic is wanted.
+    forward: Arc<Notify>,
+    /// Kept so `changes` stays open while the background tasks are replaced or gone.
+    _changes_tx: watch::Sender<u64>,
+    changes: watch::Receiver<u64>,
+    consumer_offsets: Arc<ConsumerOffsets>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    writer: GroupCommit,
+}
+
+impl IggyLog {
+    /// Open the spool in `dir` and start connecting to Iggy in the background; the host
+    /// starts (and accepts publishes) whether or not Iggy is up.
+    pub fn open(dir: &Path, settings: IggySettings) -> Result<IggyLog, LogError> {
+        let spool = Arc::new(Spool::open(dir, RESEND_AFTER_LOSS)?);
+        let remote = Arc::new(Remote::new(settings)?);
+        let (changes_tx, changes) = watch::channel(0);
+        let forward = Arc::new(Notify::new());
+        let writer = {
+            let (spool, remote, forward) = (spool.clone(), remote.clone(), forward.clone());
+            GroupCommit::start("spool writer", move |group: &[Vec<AppendItem>]| {
+                let accepted = spool.accept(group, |topic| remote.plan_topic(topic), remote.settings.dedup_window)?;
+                forward.notify_one();
+                Ok(accepted)
+            })?
+        };
+        let consumer_offsets = Arc::new(ConsumerOffsets::default());
+        let forwarder = Forwarder {
+            remote: remote.clone(),
+            spool: spool.clone(),
+            wake: forward.clone(),
+            changes: changes_tx.clone(),
+        };
+        let tasks = vec![
+            tokio::spawn(forwarder.run()),
+            tokio::spawn(tailer::run(remote.clone(), changes_tx.clone())),
+            tokio::spawn(consumer_offsets::record(remote.clone(), consumer_offsets.clone())),
+        ];
+        Ok(IggyLog { remote, spool, forward, _changes_tx: changes_tx, changes, consumer_offsets, tasks, writer })
+    }
+}
+
+impl Drop for IggyLog {
+    /// Stop the background tasks; then the writer (a field) finishes what is queued.
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl EventLog for IggyLog {
+    /// Creates the topics now when Iggy is reachable; otherwise they are created as soon as
+    /// it is (the host does not wait for Iggy to start).
+    async fn ensure_topics(&self, wanted: &[String]) -> Result<(), LogError> {
+        let new = self.remote.plan_topics(wanted)?;
+        if !new.is_empty() && self.remote.health.connected() {
+            for topic in &new {
+                let error = match tokio::time::timeout(REQUEST_TIMEOUT, self.remote.ensure_topic(topic)).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "Iggy did not answer in time".to_owned(),
+                };
+                tracing::warn!(%topic, %error, "creating the topic in Iggy failed; will retry");
+                self.forward.notify_one();
+            }
+        } else if !new.is_empty() {
+            self.forward.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn append(&self, items: Vec<AppendItem>) -> Result<Vec<Appended>, LogError> {
+        self.writer.append(items).await
+    }
+
+    async fn poll(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError> {
+        self.remote.poll(topic, partition, from, max).await
+    }
+
+    async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
+        if let Some(n) = self.remote.known_partitions(topic) {
+            return Ok(n);
+        }
+        let details = self.remote.topic_details(topic).await?;
+        self.remote.found_partitions(topic, details.partitions_count);
+        Ok(details.partitions_count)
+    }
+
+    async fn high_watermark(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        self.remote.high_watermark(topic, partition).await
+    }
+
+    async fn topics(&self) -> Result<Vec<String>, LogError> {
+        let mut names: BTreeSet<String> = self.remote.topic_names().into_iter().collect();
+        if let Ok(Some(stream)) = answered(self.remote.reader.get_stream(&self.remote.stream)).await {
+            names.extend(stream.topics.into_iter().map(|t| t.name));
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    async fn topic_epoch(&self, topic: &str) -> Result<u64, LogError> {
+        // Microseconds fit in 53 bits (a JSON number) until the year 2255.
+        Ok(self.remote.topic_details(topic).await?.created_at.as_micros())
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    fn note_consumer_offset(&self, consumer: &str, topic: &str, partition: u32, next: u64) {
+        self.consumer_offsets.note(consumer, topic, partition, next);
+    }
+
+    async fn status(&self) -> serde_json::Value {
+        status::status(&self.remote, &self.spool).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use owlery_testkit::IggyServer;
+
+    use super::{IggyLog, IggySettings};
+    use crate::log::{EventLog, contract};
+
+    contract::contract_suite!(skip_if: owlery_skip_iggy, {
+        let server = IggyServer::start(false);
+        let address = server.address();
+        let open = move |dir: &Path| -> Arc<dyn EventLog> {
+            let settings = IggySettings { address: address.clone(), partitions: 3, ..IggySettings::default() };
+            Arc::new(IggyLog::open(dir, settings).unwrap())
+        };
+        (server, open)
+    });
+}

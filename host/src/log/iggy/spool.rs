@@ -1,0 +1,158 @@
+//! The local durable spool: every accepted publish is written here first (group commit,
+//! deduplicated by `eventId` over a window), and leaves once Iggy acknowledged it. The last
+//! acknowledged entries stay a while (`recent`), to be sent again after a lost connection.
+
+use std::path::Path;
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::log::dedup::{Ids, IdsByPosition, SeenIds};
+use crate::log::{AppendItem, Appended, LogError, StorageError, partition_for};
+
+/// spool sequence → SpoolEntry JSON, in acceptance order
+const SPOOL: TableDefinition<u64, &[u8]> = TableDefinition::new("spool");
+/// eventId → (topic, partition, sequence) for the deduplication window
+const IDS: Ids = TableDefinition::new("ids");
+/// sequence → eventId, to drop the oldest ids past the window
+const IDS_BY_SEQ: IdsByPosition = TableDefinition::new("ids_by_seq");
+/// "next" → next sequence
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// spool sequence → SpoolEntry JSON: the last `keep_recent` entries Iggy acknowledged
+const RECENT: TableDefinition<u64, &[u8]> = TableDefinition::new("recent");
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct SpoolEntry {
+    pub(super) topic: String,
+    pub(super) partition: u32,
+    pub(super) event_id: u128,
+    pub(super) payload: String,
+}
+
+pub(super) struct Spool {
+    db: Database,
+    /// Acknowledged entries kept in `recent`.
+    keep_recent: u64,
+}
+
+impl Spool {
+    /// Open (or create) the spool in `dir/spool.redb`.
+    pub(super) fn open(dir: &Path, keep_recent: u64) -> Result<Spool, LogError> {
+        std::fs::create_dir_all(dir).map_err(|source| StorageError::Directory { path: dir.to_owned(), source })?;
+        let db = open_database(&dir.join("spool.redb"))?;
+        let txn = db.begin_write()?;
+        txn.open_table(SPOOL)?;
+        txn.open_table(IDS)?;
+        txn.open_table(IDS_BY_SEQ)?;
+        txn.open_table(META)?;
+        txn.open_table(RECENT)?;
+        txn.commit()?;
+        Ok(Spool { db, keep_recent })
+    }
+
+    /// One durable transaction for a group of publish requests: dedup, spool, window
+    /// upkeep. `partitions` says how many partitions a topic has (or will get).
+    pub(super) fn accept(
+        &self,
+        group: &[Vec<AppendItem>],
+        partitions: impl Fn(&str) -> u32,
+        dedup_window: u64,
+    ) -> Result<Vec<Vec<Appended>>, LogError> {
+        let txn = self.db.begin_write()?;
+        let results = {
+            let mut table = txn.open_table(SPOOL)?;
+            let mut meta = txn.open_table(META)?;
+            let mut next = meta.get("next")?.map_or(0, |v| v.value());
+            let mut seen = SeenIds::windowed(&txn, IDS, IDS_BY_SEQ)?;
+            let results = seen.append_each(group, false, |item| {
+                let partition = partition_for(&item.key, partitions(&item.topic));
+                let entry = SpoolEntry {
+                    topic: item.topic.clone(),
+                    partition,
+                    event_id: item.envelope.event_id.as_u128(),
+                    payload: String::from_utf8(item.envelope.to_bytes()).expect("JSON is UTF-8"),
+                };
+                table.insert(next, serde_json::to_vec(&entry).expect("serialises").as_slice())?;
+                next += 1;
+                Ok((partition, next - 1))
+            })?;
+            meta.insert("next", next)?;
+            if let Some(cut) = next.checked_sub(dedup_window) {
+                seen.forget_before(cut)?;
+            }
+            results
+        };
+        txn.commit()?;
+        Ok(results)
+    }
+
+    /// The oldest `max` entries waiting to be forwarded, in order.
+    pub(super) fn peek(&self, max: usize) -> Result<Vec<(u64, SpoolEntry)>, LogError> {
+        self.entries(SPOOL, max)
+    }
+
+    /// The recently forwarded entries (see `keep_recent`), in order.
+    pub(super) fn recent(&self) -> Result<Vec<(u64, SpoolEntry)>, LogError> {
+        self.entries(RECENT, usize::MAX)
+    }
+
+    fn entries(&self, table: TableDefinition<u64, &[u8]>, max: usize) -> Result<Vec<(u64, SpoolEntry)>, LogError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(table)?;
+        let mut out = Vec::new();
+        for entry in table.iter()?.take(max) {
+            let (seq, value) = entry?;
+            let parsed: SpoolEntry = serde_json::from_slice(value.value()).map_err(StorageError::from)?;
+            out.push((seq.value(), parsed));
+        }
+        Ok(out)
+    }
+
+    /// Iggy acknowledged these: out of the spool, into the recently forwarded entries.
+    pub(super) fn acknowledged(&self, seqs: &[u64]) -> Result<(), LogError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(SPOOL)?;
+            let mut recent = txn.open_table(RECENT)?;
+            for seq in seqs {
+                if let Some(value) = table.remove(*seq)? {
+                    recent.insert(*seq, value.value())?;
+                }
+            }
+            let kept = recent.len()?;
+            if kept > self.keep_recent {
+                let old: Vec<u64> = recent
+                    .iter()?
+                    .take((kept - self.keep_recent) as usize)
+                    .map_while(|e| e.ok().map(|(k, _)| k.value()))
+                    .collect();
+                for seq in old {
+                    recent.remove(seq)?;
+                }
+            }
+        }
+        Ok(txn.commit()?)
+    }
+
+    /// Entries waiting to be forwarded (0 if the spool cannot be read).
+    pub(super) fn depth(&self) -> u64 {
+        let Ok(txn) = self.db.begin_read() else { return 0 };
+        txn.open_table(SPOOL).ok().and_then(|t| t.len().ok()).unwrap_or(0)
+    }
+}
+
+/// Open the spool's file; a previous `IggyLog` of this directory may still be letting go
+/// of it (its background tasks end a moment after it is dropped).
+fn open_database(path: &Path) -> Result<Database, LogError> {
+    let mut tries = 0;
+    loop {
+        match Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < 250 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
