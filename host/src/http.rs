@@ -336,10 +336,13 @@ async fn upload_plugin(
     Ok((code, axum::Json(json!({"installed": word, "plugin": status}))))
 }
 
+/// The yes/no switches of the plugin routes (`?purge=true`, `?force=true`).
 #[derive(Deserialize)]
-struct DeleteParams {
+struct Switches {
     #[serde(default)]
     purge: bool,
+    #[serde(default)]
+    force: bool,
 }
 
 /// `DELETE /api/plugins/{name}[?purge=true]`: stop it and delete its files; its offsets
@@ -347,7 +350,7 @@ struct DeleteParams {
 async fn delete_plugin(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    Query(params): Query<DeleteParams>,
+    Query(params): Query<Switches>,
 ) -> Result<axum::Json<Value>, ApiError> {
     change(&state, &name, move |p, name| p.delete(name, params.purge)).await?;
     Ok(axum::Json(json!({"removed": name, "purged": params.purge})))
@@ -434,18 +437,12 @@ async fn discard_shadow(
     Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
 }
 
-#[derive(Deserialize)]
-struct PromoteParams {
-    #[serde(default)]
-    force: bool,
-}
-
 /// `POST /api/plugins/{name}/promote[?force=true]`: the shadow becomes the live version
 /// with its state and offsets; 409 while it still lags (unless forced).
 async fn promote_shadow(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    Query(params): Query<PromoteParams>,
+    Query(params): Query<Switches>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let (_, shadow) = state.plugins.status(&name)?;
     let shadow = shadow.ok_or_else(|| ApiError::new(StatusCode::CONFLICT, format!("plugin {name:?} has no shadow")))?;

@@ -1,10 +1,13 @@
 //! Owlery: a host that reads event envelopes from a durable log, routes them to sandboxed
-//! WebAssembly consumer plugins, and fans their output out to browsers over WebSocket.
+//! WebAssembly consumer plugins, and fans their output out to browsers.
 //!
-//! One module per concern: `envelope` (the event and its validation), `log` (the
-//! `EventLog` contract and its backends), `runtime` (wasmtime), `plugins` (manifests,
-//! registry, runners), `store` (plugin state, offsets, fan-out log, outbox), `fanout`
-//! (WebSocket hub), `http` (axum routes), `config`, `cli`, `server` (assembly).
+//! The modules follow the data: `envelope` (the event, validation, routing) → `log` (the
+//! `EventLog` contract; embedded and Iggy backends) → `plugins` (manifests, registry, one
+//! runner per plugin) → `runtime` (wasmtime: engine, instances, host imports) → `effects`
+//! (what a batch produced) → `store` (state, offsets, fan-out table, outbox, one commit per
+//! batch) → `outbox` (forwards committed entries to the log) and `fanout` (hub, catch-up,
+//! `/ws` and Socket.IO, the shared-log mirror). Around them: `http` (axum routes), `auth`,
+//! `config`, `cli`, `server` (assembly and shutdown), `topics` (Owlery's own topic names).
 
 pub mod auth;
 // `owlery bench`: tooling, not product; only with the `bench` feature (on by default).

@@ -1,5 +1,5 @@
 //! The outbox: entries committed with a batch (publishes, dead letters, broadcasts for a
-//! shared fan-out log) that the forwarder (`crate::outbox`) appends to the log in order.
+//! shared fan-out log) that the outbox forwarder appends to the log in order.
 
 use serde::{Deserialize, Serialize};
 
