@@ -43,6 +43,10 @@ pub struct Config {
     /// Kernel send buffer of each connection, in bytes (0: the system's default). Smaller
     /// means a client that stops reading is noticed sooner.
     pub socket_send_buffer: usize,
+    /// Largest `.wasm` upload, in MiB (413 beyond it).
+    pub max_upload_mb: usize,
+    /// How long compiling one plugin may take.
+    pub compile_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -59,6 +63,8 @@ impl Default for Config {
             fanout_max_age_secs: 86_400,
             client_queue: 1024,
             socket_send_buffer: 0,
+            max_upload_mb: 64,
+            compile_timeout_ms: 60_000,
         }
     }
 }
@@ -158,6 +164,12 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&self.client_queue) {
             return invalid("client_queue must be 1 to 1000000".into());
+        }
+        if !(1..=1024).contains(&self.max_upload_mb) {
+            return invalid("max_upload_mb must be 1 to 1024".into());
+        }
+        if self.compile_timeout_ms == 0 {
+            return invalid("compile_timeout_ms must be at least 1".into());
         }
         if self.fanout_retention == 0 {
             return invalid("fanout_retention must be at least 1".into());

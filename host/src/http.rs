@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -21,9 +22,6 @@ use crate::log::{AppendItem, EventLog, LogError};
 use crate::plugins::runner::{PluginStatus, ReplayFrom};
 use crate::plugins::{Installed, PluginError, Plugins};
 
-/// Largest plugin upload.
-const MAX_PLUGIN_BYTES: usize = 64 << 20;
-
 /// Events accepted in one request at most.
 pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
 /// Records returned by one replay request at most.
@@ -37,6 +35,8 @@ pub struct AppState {
     pub hub: Hub,
     pub routing: Arc<Routing>,
     pub backend: &'static str,
+    /// Largest `.wasm` upload (`max_upload_mb`).
+    pub max_upload: usize,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -52,14 +52,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/plugins", get(list_plugins))
         .route(
             "/api/plugins/{name}",
-            get(plugin_status).put(upload_plugin).delete(delete_plugin).layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
+            get(plugin_status).put(upload_plugin).delete(delete_plugin).layer(DefaultBodyLimit::max(state.max_upload)),
         )
         .route("/api/plugins/{name}/pause", post(pause_plugin))
         .route("/api/plugins/{name}/resume", post(resume_plugin))
         .route("/api/plugins/{name}/replay", post(replay_plugin))
         .route(
             "/api/plugins/{name}/shadow",
-            post(start_shadow).delete(discard_shadow).layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
+            post(start_shadow).delete(discard_shadow).layer(DefaultBodyLimit::max(state.max_upload)),
         )
         .route("/api/plugins/{name}/promote", post(promote_shadow))
         .route("/api/monitoring/iggy-status", get(log_status))
@@ -155,8 +155,9 @@ impl From<LogError> for ApiError {
 impl From<PluginError> for ApiError {
     fn from(e: PluginError) -> Self {
         let status = match e {
+            _ if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
             PluginError::NotFound(_) => StatusCode::NOT_FOUND,
-            PluginError::NotRunning(_) => StatusCode::SERVICE_UNAVAILABLE,
+            PluginError::NotRunning(_) | PluginError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             PluginError::Failed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             PluginError::NoShadow(_) | PluginError::ShadowBehind { .. } => StatusCode::CONFLICT,
             PluginError::BadManifest(_) => return ApiError::bad_request(e.to_string()).with("field", "manifest"),
@@ -260,6 +261,14 @@ async fn replay(
 }
 
 /// Run a blocking plugin operation (compiling, joining a runner) off the async workers.
+/// A `.wasm` body; one over `max_upload_mb` (or unreadable) is refused with the status
+/// axum gives it (413 for too large) and a JSON error.
+fn component_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        ApiError::new(rejection.status(), format!("the .wasm body: {}", rejection.body_text())).with("field", "wasm")
+    })
+}
+
 /// Run a registry change of plugin `name` off the async workers (it compiles, starts and
 /// stops runners, and touches files).
 async fn change<T: Send + 'static>(
@@ -324,8 +333,9 @@ async fn upload_plugin(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Query(params): Query<UploadParams>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let body = component_body(body)?;
     let installed = change(&state, &name, move |p, name| p.upload(name, &body, params.manifest.as_deref())).await?;
     let (code, word) = match installed {
         Installed::Started => (StatusCode::CREATED, "started"),
@@ -423,8 +433,9 @@ async fn start_shadow(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Query(params): Query<UploadParams>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let body = component_body(body)?;
     change(&state, &name, move |p, name| p.start_shadow(name, &body, params.manifest.as_deref())).await?;
     Ok((StatusCode::CREATED, axum::Json(plugin_json(&state, state.plugins.status(&name)?).await)))
 }

@@ -85,7 +85,10 @@ pub async fn serve(
     }
     let outbox = Arc::new(Notify::new());
     let deps = Arc::new(RunnerDeps {
-        runtime: Arc::new(Runtime::new(&config.data_dir.join("cache"))?),
+        runtime: Arc::new(Runtime::new(
+            &config.data_dir.join("cache"),
+            Duration::from_millis(config.compile_timeout_ms),
+        )?),
         log: log.clone(),
         store: store.clone(),
         routing: routing.clone(),
@@ -106,7 +109,8 @@ pub async fn serve(
     let auth = Arc::new(crate::auth::Auth::new(config.auth.clone()));
     let (socketio, io) = crate::fanout::socketio::layer(auth.clone(), hub.clone());
     tasks.spawn(until(stop.clone(), crate::fanout::socketio::bridge(io, hub.subscribe())));
-    let state = AppState { auth, log, plugins: plugins.clone(), hub, routing, backend };
+    let max_upload = config.max_upload_mb << 20;
+    let state = AppState { auth, log, plugins: plugins.clone(), hub, routing, backend, max_upload };
     axum::serve(tuned(listener, config.socket_send_buffer), router(state).layer(socketio))
         .with_graceful_shutdown(shutdown)
         .await

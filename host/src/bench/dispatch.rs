@@ -12,19 +12,25 @@ use super::report::{Report, ratio};
 use crate::envelope::{Envelope, Routing};
 use crate::log::Record;
 use crate::plugins::runner::guest_from_record;
-use crate::runtime::{Capabilities, InstanceContext, Runtime};
+use crate::runtime::{CallLimits, Capabilities, InstanceContext, Runtime};
 use crate::store::Store;
 
 pub(super) fn dispatch(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let runtime = Runtime::new(&dir.path().join("cache"))?;
+    let runtime = Runtime::new(&dir.path().join("cache"), Duration::from_secs(300))?;
     let store = Arc::new(Store::open(dir.path(), 1000, Duration::ZERO)?);
     let cx = InstanceContext {
         plugin: "bench".into(),
         namespace: "bench".into(),
-        caps: Arc::new(Capabilities { broadcast: true, publish: Vec::new(), state: true, memory_bytes: 256 << 20 }),
+        caps: Arc::new(Capabilities {
+            broadcast: true,
+            publish: Vec::new(),
+            state: true,
+            limits: CallLimits { memory: 256 << 20, ..CallLimits::default() },
+        }),
         store,
         routing: Arc::new(Routing::default()),
+        cancel: tokio_util::sync::CancellationToken::new(),
     };
     let total = if args.quick { 20_000 } else { 1_000_000 };
     let batch = args.batch.max(1);

@@ -65,7 +65,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("{:<58} {:>22}   compared", "case", "figure");
     let wanted = |case: &str| args.only.is_empty() || args.only.iter().any(|c| c == case);
     if wanted("dispatch") {
-        dispatch::dispatch(&args, &mut report)?;
+        // Plugin calls block their thread on the runtime (as runner threads do).
+        tokio::task::block_in_place(|| dispatch::dispatch(&args, &mut report))?;
     }
     let iggy = args.iggy_server.clone().or_else(owlery_testkit::iggy::find_binary);
     if wanted("publish") {

@@ -5,7 +5,7 @@
 use serde::Deserialize;
 
 use crate::envelope::Pattern;
-use crate::runtime::Capabilities;
+use crate::runtime::{CallLimits, Capabilities};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,16 +83,68 @@ impl Default for ManifestCapabilities {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
+    /// Linear memory, all the plugin's memories together.
     pub memory_mb: u64,
+    /// Deadline of one `init` or `handle` call, whatever the plugin does in it.
     pub batch_timeout_ms: u64,
     pub max_batch: usize,
     /// Attempts at a failing batch before its events are tried one by one.
     pub retries: u32,
+    /// Deadline of one `query` call.
+    pub query_timeout_ms: u64,
+    /// Queries waiting for the plugin; more are answered 503.
+    pub max_queued_queries: usize,
+    /// State writes, broadcasts and publishes one call may buffer, together.
+    pub output_bytes_per_batch: usize,
+    pub max_state_value_bytes: usize,
+    pub max_state_key_bytes: usize,
+    /// Log lines and stdout/stderr one call may write; the excess is dropped and counted.
+    pub log_bytes_per_batch: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory_mb: 64, batch_timeout_ms: 1_000, max_batch: 256, retries: 2 }
+        let call = CallLimits::default();
+        Limits {
+            memory_mb: (call.memory >> 20) as u64,
+            batch_timeout_ms: 1_000,
+            max_batch: 256,
+            retries: 2,
+            query_timeout_ms: 1_000,
+            max_queued_queries: 8,
+            output_bytes_per_batch: call.output,
+            max_state_value_bytes: call.state_value,
+            max_state_key_bytes: call.state_key,
+            log_bytes_per_batch: call.log,
+        }
+    }
+}
+
+impl Limits {
+    pub fn call_limits(&self) -> CallLimits {
+        CallLimits {
+            memory: (self.memory_mb as usize) << 20,
+            output: self.output_bytes_per_batch,
+            state_value: self.max_state_value_bytes,
+            state_key: self.max_state_key_bytes,
+            log: self.log_bytes_per_batch,
+        }
+    }
+
+    /// Each limit's allowed range: `(key, value, low, high)`.
+    fn ranges(&self) -> [(&'static str, u64, u64, u64); 10] {
+        [
+            ("memory_mb", self.memory_mb, 1, 4096),
+            ("batch_timeout_ms", self.batch_timeout_ms, 1, 600_000),
+            ("max_batch", self.max_batch as u64, 1, 65_536),
+            ("retries", u64::from(self.retries), 0, 10),
+            ("query_timeout_ms", self.query_timeout_ms, 1, 600_000),
+            ("max_queued_queries", self.max_queued_queries as u64, 1, 1024),
+            ("output_bytes_per_batch", self.output_bytes_per_batch as u64, 1, 1 << 30),
+            ("max_state_value_bytes", self.max_state_value_bytes as u64, 1, 64 << 20),
+            ("max_state_key_bytes", self.max_state_key_bytes as u64, 1, 64 << 10),
+            ("log_bytes_per_batch", self.log_bytes_per_batch as u64, 0, 64 << 20),
+        ]
     }
 }
 
@@ -112,18 +164,10 @@ impl Manifest {
     }
 
     fn validate(&self) -> Result<(), ManifestError> {
-        let l = &self.limits;
-        if !(1..=4096).contains(&l.memory_mb) {
-            return Err(ManifestError::Invalid("limits.memory_mb must be 1 to 4096".into()));
-        }
-        if !(1..=600_000).contains(&l.batch_timeout_ms) {
-            return Err(ManifestError::Invalid("limits.batch_timeout_ms must be 1 to 600000".into()));
-        }
-        if !(1..=65_536).contains(&l.max_batch) {
-            return Err(ManifestError::Invalid("limits.max_batch must be 1 to 65536".into()));
-        }
-        if l.retries > 10 {
-            return Err(ManifestError::Invalid("limits.retries must be at most 10".into()));
+        for (key, value, low, high) in self.limits.ranges() {
+            if !(low..=high).contains(&value) {
+                return Err(ManifestError::Invalid(format!("limits.{key} must be {low} to {high}")));
+            }
         }
         if !self.config.is_table() {
             return Err(ManifestError::Invalid("config must be a table".into()));
@@ -140,7 +184,7 @@ impl Manifest {
             broadcast: self.capabilities.broadcast,
             publish: self.capabilities.publish.iter().map(Pattern::new).collect(),
             state: self.capabilities.state,
-            memory_bytes: (self.limits.memory_mb as usize) << 20,
+            limits: self.limits.call_limits(),
         }
     }
 

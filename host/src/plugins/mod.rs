@@ -12,12 +12,13 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::runtime::{LoadedComponent, RuntimeError};
+use crate::runtime::{CallError, LoadedComponent, RuntimeError};
 use crate::store::StoreError;
 use manifest::{Manifest, ManifestError};
 use runner::{
     Command, Mode, PluginStatus, ReplayFrom, RunState, Runner, RunnerError, RunnerHandle, RunnerSpec, SharedStatus,
 };
+use tokio_util::sync::CancellationToken;
 
 pub use runner::RunnerDeps;
 
@@ -45,6 +46,9 @@ pub enum PluginError {
     NotStarted(RunnerError),
     #[error("plugin {0:?} has no shadow")]
     NoShadow(String),
+    /// Its `max_queued_queries` queries are waiting already.
+    #[error("plugin {0:?} has too many queries waiting; try again later")]
+    Busy(String),
     #[error("the shadow of {name:?} is {lag} events behind; wait until it has caught up or use force")]
     ShadowBehind { name: String, lag: u64 },
 }
@@ -63,6 +67,13 @@ pub enum Failure {
     NotSaved { done: &'static str, source: std::io::Error },
 }
 
+impl PluginError {
+    /// A call into the plugin ran past its deadline.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, PluginError::Failed { cause: Failure::Runner(RunnerError::Call(CallError::Timeout(_))), .. })
+    }
+}
+
 fn failed(name: &str, cause: impl Into<Failure>) -> PluginError {
     PluginError::Failed { name: name.to_owned(), cause: cause.into() }
 }
@@ -74,6 +85,8 @@ pub struct BadName(String);
 struct Running {
     status: SharedStatus,
     commands: mpsc::UnboundedSender<Command>,
+    /// Ends the runner's call in progress when it is stopped.
+    cancel: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
     /// What the plugin runs now (absent when it never loaded).
     hash: Option<String>,
@@ -205,6 +218,7 @@ impl Plugins {
                     Running {
                         status: SharedStatus::new(status),
                         commands,
+                        cancel: CancellationToken::new(),
                         thread: None,
                         hash: None,
                         manifest_text: None,
@@ -227,9 +241,11 @@ impl Plugins {
     /// unless the component compiles, implements the world and starts. Blocking.
     pub fn install(&self, name: &str, wasm: &[u8], manifest_text: Option<&str>) -> Result<Installed, PluginError> {
         check_name(name)?;
-        let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        // Compiled before taking the lock: compiling (up to `compile_timeout_ms`) never
+        // holds up other plugins' changes.
         let manifest = Self::parse_manifest(manifest_text)?;
         let component = self.deps.runtime.load(wasm)?;
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
         let commands = {
             let running = self.lock();
             match running.get(name) {
@@ -267,13 +283,21 @@ impl Plugins {
         let name = spec.name.clone();
         let hash = spec.component.hash.clone();
         let label = if spec.mode == Mode::Shadow { format!("shadow-{name}") } else { format!("plugin-{name}") };
-        let (runner, RunnerHandle { status, commands }) = Runner::new(spec, self.deps.clone());
+        let (runner, RunnerHandle { status, commands, cancel }) = Runner::new(spec, self.deps.clone());
         let (ready, started) = oneshot::channel();
         let thread =
             std::thread::Builder::new().name(label).spawn(move || runner.run(ready)).map_err(|e| failed(&name, e))?;
         // Its status is meaningful from here on.
         let _ = started.blocking_recv();
-        Ok(Running { status, commands, thread: Some(thread), hash: Some(hash), manifest_text: None, shadow: None })
+        Ok(Running {
+            status,
+            commands,
+            cancel,
+            thread: Some(thread),
+            hash: Some(hash),
+            manifest_text: None,
+            shadow: None,
+        })
     }
 
     fn spawn_live(
@@ -463,15 +487,26 @@ impl Plugins {
     }
 
     /// Run the plugin's `query` with `request` (JSON) on its runner, between batches.
+    /// Ask the plugin's `query`; `Busy` when `max_queued_queries` are already waiting.
     pub async fn query(&self, name: &str, request: String) -> Result<String, PluginError> {
-        self.ask(name, |reply| Command::Query { request, reply }).await
+        let slot = {
+            let running = self.lock();
+            let r = running.get(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
+            r.status.query_slot().ok_or_else(|| PluginError::Busy(name.to_owned()))?
+        };
+        self.ask(name, |reply| Command::Query { request, reply, slot }).await
     }
 
-    /// Stop every runner and wait for it to finish its batch.
+    /// Stop every runner and wait for them to finish their batches: all are told first,
+    /// so the wait is the slowest one's, not the sum.
     pub fn stop_all(&self) {
         let all = std::mem::take(&mut *self.lock());
+        let mut threads = Vec::new();
         for (_, r) in all {
-            stop(r);
+            tell_to_stop(r, &mut threads);
+        }
+        for thread in threads {
+            let _ = thread.join();
         }
     }
 
@@ -502,11 +537,19 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn stop(r: Running) {
-    if let Some(shadow) = r.shadow {
-        stop(shadow.running);
-    }
-    let _ = r.commands.send(Command::Stop);
-    if let Some(thread) = r.thread {
+    let mut threads = Vec::new();
+    tell_to_stop(r, &mut threads);
+    for thread in threads {
         let _ = thread.join();
     }
+}
+
+/// Send `Stop` to a runner (and its shadow's), collecting the threads to wait for.
+fn tell_to_stop(r: Running, threads: &mut Vec<std::thread::JoinHandle<()>>) {
+    if let Some(shadow) = r.shadow {
+        tell_to_stop(shadow.running, threads);
+    }
+    let _ = r.commands.send(Command::Stop);
+    r.cancel.cancel();
+    threads.extend(r.thread);
 }

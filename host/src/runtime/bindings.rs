@@ -4,7 +4,8 @@
 wasmtime::component::bindgen!({
     world: "plugin",
     path: "../wit",
-    imports: { default: trappable },
+    imports: { default: async | trappable },
+    exports: { default: async },
 });
 
 // `self::`: the generated `owlery` module shares its name with this crate.

@@ -16,6 +16,7 @@ pub struct CacheError {
 }
 
 /// A directory of `<sha256>.cwasm` files written by `Component::serialize`.
+#[derive(Clone)]
 pub(super) struct ComponentCache {
     dir: PathBuf,
 }

@@ -1,6 +1,7 @@
 //! What a plugin may do, from its manifest, and the refusals a host import gives when a
 //! plugin reaches past it. A plugin can never grant itself anything.
 
+use super::limits::CallLimits;
 use crate::envelope::Pattern;
 
 /// What a plugin may do, from its manifest.
@@ -9,7 +10,8 @@ pub struct Capabilities {
     pub broadcast: bool,
     pub publish: Vec<Pattern>,
     pub state: bool,
-    pub memory_bytes: usize,
+    /// What one call may take from the host.
+    pub limits: CallLimits,
 }
 
 /// Why a host import refused a plugin. `NoState` and `ReadOnly` end the call (the plugin
@@ -20,6 +22,7 @@ pub(super) enum Refusal {
     NoState(String),
     #[error("{0} is not allowed outside `handle`")]
     ReadOnly(&'static str),
+
     #[error("this plugin has no `broadcast` capability in its manifest")]
     NoBroadcast,
     #[error("the manifest does not allow publishing {0:?}")]

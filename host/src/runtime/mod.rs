@@ -13,12 +13,13 @@ mod cache;
 mod capabilities;
 mod imports;
 mod instance;
+mod limits;
 
 use std::path::Path;
 use std::time::Duration;
 
 use wasmtime::Engine;
-use wasmtime::component::Linker;
+use wasmtime::component::{Component, Linker};
 
 pub use crate::effects::Effects;
 pub use bindings::{GuestEnvelope, HandleError};
@@ -26,6 +27,7 @@ pub use cache::CacheError;
 pub use capabilities::Capabilities;
 pub use imports::{StateError, StateView};
 pub use instance::{CallError, Instance, InstanceContext};
+pub use limits::{CallLimits, LimitHit};
 
 use cache::ComponentCache;
 use imports::HostState;
@@ -37,14 +39,18 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 pub enum RuntimeError {
     #[error("engine: {0:#}")]
     Engine(wasmtime::Error),
-    #[error("engine: epoch ticker: {0}")]
+    #[error("engine: starting a thread: {0}")]
     Ticker(std::io::Error),
     #[error("not a valid component: {0:#}")]
     Compile(wasmtime::Error),
+    #[error("compiling took longer than {0:?} (compile_timeout_ms)")]
+    CompileTimeout(Duration),
     #[error("does not implement the owlery:plugin world: {0:#}")]
     World(wasmtime::Error),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("the wasm runtime must be made inside a tokio runtime")]
+    NoTokio,
 }
 
 /// The engine and the linker shared by every plugin.
@@ -52,6 +58,10 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     cache: ComponentCache,
+    /// The host's tokio runtime: guest calls are futures, driven on the calling thread.
+    tokio: tokio::runtime::Handle,
+    /// How long compiling one component may take.
+    compile_timeout: Duration,
 }
 
 /// A compiled, linked component, ready to instantiate cheaply (~15 µs).
@@ -63,8 +73,10 @@ pub struct LoadedComponent {
 
 impl Runtime {
     /// Build the engine (epoch interruption on) and start its epoch ticker. Compiled
-    /// components are cached in `cache_dir` by the SHA-256 of their bytes.
-    pub fn new(cache_dir: &Path) -> Result<Runtime, RuntimeError> {
+    /// components are cached in `cache_dir` by the SHA-256 of their bytes. Call it inside
+    /// the host's tokio runtime. Compiling one component may take `compile_timeout`.
+    pub fn new(cache_dir: &Path, compile_timeout: Duration) -> Result<Runtime, RuntimeError> {
+        let tokio = tokio::runtime::Handle::try_current().map_err(|_| RuntimeError::NoTokio)?;
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
@@ -73,23 +85,45 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         // Guests that touch std I/O import wasi:cli and friends; link them all (the context
         // grants nothing).
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(RuntimeError::Engine)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Engine)?;
         bindings::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
             .map_err(RuntimeError::Engine)?;
         let cache = ComponentCache::open(cache_dir)?;
-        Ok(Runtime { engine, linker, cache })
+        Ok(Runtime { engine, linker, cache, tokio, compile_timeout })
     }
 
     /// Compile (or fetch from the cache), link and type-check a component against the world.
     pub fn load(&self, wasm: &[u8]) -> Result<LoadedComponent, RuntimeError> {
-        let (hash, component) = self.cache.get_or_compile(&self.engine, wasm).map_err(RuntimeError::Compile)?;
+        let (hash, component) = self.compile(wasm)?;
         let pre = self.linker.instantiate_pre(&component).map_err(RuntimeError::World)?;
         let pre = bindings::PluginPre::new(pre).map_err(RuntimeError::World)?;
         Ok(LoadedComponent { hash, pre })
     }
 
+    /// Compile (or fetch from the cache) on a thread of its own, waiting at most
+    /// `compile_timeout`: compiling cannot be cancelled, but no caller waits past it (the
+    /// thread finishes on its own and its result is dropped, or cached for next time).
+    fn compile(&self, wasm: &[u8]) -> Result<(String, Component), RuntimeError> {
+        let (done, result) = std::sync::mpsc::channel();
+        let (engine, cache, wasm) = (self.engine.clone(), self.cache.clone(), wasm.to_vec());
+        std::thread::Builder::new()
+            .name("owlery-compile".into())
+            .spawn(move || {
+                let _ = done.send(cache.get_or_compile(&engine, &wasm));
+            })
+            .map_err(RuntimeError::Ticker)?;
+        match result.recv_timeout(self.compile_timeout) {
+            Ok(compiled) => compiled.map_err(RuntimeError::Compile),
+            Err(_) => Err(RuntimeError::CompileTimeout(self.compile_timeout)),
+        }
+    }
+
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    pub(crate) fn tokio(&self) -> &tokio::runtime::Handle {
+        &self.tokio
     }
 }
 

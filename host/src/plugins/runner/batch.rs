@@ -4,6 +4,7 @@
 //! in one store transaction.
 
 use std::collections::HashSet;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,14 @@ use super::{Mode, Runner};
 use crate::log::AppendItem;
 use crate::runtime::{CallError, Effects, GuestEnvelope};
 use crate::store::{BatchCommit, StoreError};
+
+/// How the attempts at a batch ended, when none succeeded.
+enum Attempt {
+    /// Every attempt failed; the last error.
+    Failed(RunnerError),
+    /// A command came in between attempts: the batch is left for after it.
+    Interrupted,
+}
 
 impl Runner {
     /// Handle one polled batch end to end; Err only when the store could not commit.
@@ -53,10 +62,20 @@ impl Runner {
             let batch: Arc<[GuestEnvelope]> = batch.into();
             match self.call_with_retries(&batch) {
                 Ok(effects) => self.take_effects(&mut commit, effects),
-                Err(error) if deliver.len() == 1 => commit.outbox.push(self.fail_event(&polled[deliver[0]], &error)),
-                Err(error) => {
+                // Nothing committed: the batch is read again after the command.
+                Err(Attempt::Interrupted) => return Ok(()),
+                Err(Attempt::Failed(error)) if deliver.len() == 1 => {
+                    commit.outbox.push(self.fail_event(&polled[deliver[0]], &error))
+                }
+                Err(Attempt::Failed(error)) => {
                     tracing::info!(error = %error, events = deliver.len(), "batch failed; handling its events one by one");
-                    self.one_by_one(&polled, &deliver, &batch)?;
+                    if self.one_by_one(&polled, &deliver, &batch)?.is_break() {
+                        // Commit the dead letters of the records that are not envelopes up
+                        // to where the events were taken in (their ids are stable: written
+                        // again after the command, the log keeps them once).
+                        commit.offsets = self.positions.to_commit();
+                        return self.commit(commit);
+                    }
                 }
             }
         }
@@ -71,20 +90,32 @@ impl Runner {
         Ok(())
     }
 
-    /// After a batch failed as a whole: each event alone, each committed alone.
-    fn one_by_one(&mut self, polled: &[Polled], deliver: &[usize], batch: &[GuestEnvelope]) -> Result<(), StoreError> {
+    /// After a batch failed as a whole: each event alone, each committed alone (and its
+    /// position and id taken in, so that an interruption loses nothing and repeats
+    /// nothing). `Break` when a waiting command interrupted it.
+    fn one_by_one(
+        &mut self,
+        polled: &[Polled],
+        deliver: &[usize],
+        batch: &[GuestEnvelope],
+    ) -> Result<ControlFlow<()>, StoreError> {
         for (i, event) in deliver.iter().zip(batch) {
             let p = &polled[*i];
             let mut commit = BatchCommit::default();
             let one: Arc<[GuestEnvelope]> = Arc::new([event.clone()]);
             match self.call_with_retries(&one) {
                 Ok(effects) => self.take_effects(&mut commit, effects),
-                Err(error) => commit.outbox.push(self.fail_event(p, &error)),
+                Err(Attempt::Interrupted) => return Ok(ControlFlow::Break(())),
+                Err(Attempt::Failed(error)) => commit.outbox.push(self.fail_event(p, &error)),
             }
             commit.offsets.push((p.topic.clone(), p.record.partition, p.record.offset + 1));
             self.commit(commit)?;
+            self.positions.advance(&p.topic_partition(), p.record.offset + 1);
+            if let Ok((id, _)) = &p.event {
+                self.seen.remember([*id]);
+            }
         }
-        Ok(())
+        Ok(ControlFlow::Continue(()))
     }
 
     /// What a successful call did goes into `commit`, less what this runner must not send:
@@ -129,12 +160,19 @@ impl Runner {
     }
 
     /// Call `handle`, retrying on a fresh instance; the last error if every attempt failed.
-    fn call_with_retries(&mut self, batch: &Arc<[GuestEnvelope]>) -> Result<Effects, RunnerError> {
+    /// A command waiting after a failed attempt interrupts the retries.
+    fn call_with_retries(&mut self, batch: &Arc<[GuestEnvelope]>) -> Result<Effects, Attempt> {
         let attempts = self.version.manifest.limits.retries + 1;
         let mut last = None;
         for attempt in 0..attempts {
+            if last.is_some() && self.command_waiting() {
+                tracing::info!("a command is waiting; this batch is read again after it");
+                return Err(Attempt::Interrupted);
+            }
             match self.call_handle(batch) {
                 Ok(effects) => return Ok(effects),
+                // Stopping: not the plugin's failure; the batch is read again next time.
+                Err(RunnerError::Call(CallError::Cancelled)) => return Err(Attempt::Interrupted),
                 // Nothing was called: nothing to wait for before trying again.
                 Err(error @ RunnerError::Instantiate(_)) => last = Some(error),
                 Err(error) => {
@@ -148,7 +186,7 @@ impl Runner {
                 }
             }
         }
-        Err(last.expect("at least one attempt"))
+        Err(Attempt::Failed(last.expect("at least one attempt")))
     }
 
     /// One call of `handle`, timed into the status.
@@ -156,8 +194,15 @@ impl Runner {
         let timeout = self.version.timeout;
         let instance = self.instance()?;
         let started = Instant::now();
+        let dropped_before = instance.log_dropped();
         let result = instance.handle(batch, timeout);
+        let dropped = instance.log_dropped() - dropped_before;
         self.status.note_call(started.elapsed());
+        let limit_hit = matches!(result, Err(CallError::Limit(_)));
+        self.status.update(|s| {
+            s.log_bytes_dropped += dropped;
+            s.limit_hits += u64::from(limit_hit);
+        });
         result.map_err(|error| match error {
             CallError::Failed { index: Some(i), message } => {
                 let at = batch.get(i as usize).map(|e| (TopicPartition::new(e.topic.clone(), e.partition), e.offset));

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::manifest::{Manifest, Start};
 use crate::envelope::Routing;
@@ -44,7 +45,7 @@ pub use error::RunnerError;
 pub use offsets::{Offsets, TopicPartition};
 pub use poll::{NotAnEnvelope, guest_from_record};
 pub use replay::ReplayFrom;
-pub use status::{PluginStatus, ReplayProgress, RunState, SharedStatus};
+pub use status::{PluginStatus, QuerySlot, ReplayProgress, RunState, SharedStatus};
 
 /// How long an idle runner waits before looking again (new partitions, commands).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
@@ -61,6 +62,8 @@ pub enum Command {
     Query {
         request: String,
         reply: oneshot::Sender<Result<String, RunnerError>>,
+        /// Its place at the plugin's query gate, given up with the command.
+        slot: QuerySlot,
     },
     Pause(Reply),
     Resume(Reply),
@@ -120,6 +123,8 @@ pub struct RunnerSpec {
 pub struct RunnerHandle {
     pub status: SharedStatus,
     pub commands: mpsc::UnboundedSender<Command>,
+    /// Cancel to end the call in progress at once (the runner is being stopped).
+    pub cancel: CancellationToken,
 }
 
 pub struct Runner {
@@ -140,6 +145,8 @@ pub struct Runner {
     dead_letter_streak: u32,
     rate: Rate,
     seen: SeenIds,
+    /// Cancelled when the runner is stopped: ends a call in progress.
+    cancel: CancellationToken,
 }
 
 impl Runner {
@@ -147,6 +154,7 @@ impl Runner {
         let RunnerSpec { name, namespace, mode, component, manifest } = spec;
         let status = SharedStatus::new(PluginStatus::new(&name, &component.hash));
         let (commands, receiver) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
         let runner = Runner {
             name: name.into(),
             namespace: namespace.into(),
@@ -162,8 +170,9 @@ impl Runner {
             dead_letter_streak: 0,
             rate: Rate::default(),
             seen: SeenIds::default(),
+            cancel: cancel.clone(),
         };
-        (runner, RunnerHandle { status, commands })
+        (runner, RunnerHandle { status, commands, cancel })
     }
 
     fn publish_state(&self) {
@@ -245,6 +254,7 @@ impl Runner {
     }
 
     fn start(&mut self) -> Result<(), RunnerError> {
+        self.status.set_max_queries(self.version.manifest.limits.max_queued_queries);
         if self.mode == Mode::Shadow {
             self.deps.store.reset_plugin(&self.namespace)?;
         }
@@ -263,6 +273,7 @@ impl Runner {
             caps: Arc::new(manifest.capabilities()),
             store: self.deps.store.clone(),
             routing: self.deps.routing.clone(),
+            cancel: self.cancel.clone(),
         };
         let mut instance = self.version.component.instantiate(&self.deps.runtime, &cx)?;
         instance.init(&manifest.config_json(), self.version.timeout)?;
@@ -348,8 +359,9 @@ impl Runner {
     fn command(&mut self, command: Command) -> ControlFlow<()> {
         match command {
             Command::Stop => return ControlFlow::Break(()),
-            Command::Query { request, reply } => {
+            Command::Query { request, reply, slot } => {
                 let _ = reply.send(self.query(&request));
+                drop(slot);
             }
             Command::Pause(reply) => {
                 self.lifecycle.pause();
@@ -384,12 +396,20 @@ impl Runner {
     }
 
     fn query(&mut self, request: &str) -> Result<String, RunnerError> {
-        let timeout = self.version.timeout;
+        let timeout = self.version.query_timeout;
         let answer = self.instance()?.query(request, timeout);
-        if let Err(CallError::Trap(message)) = &answer {
-            tracing::warn!(error = %message, "query trapped; replacing the instance");
-            self.instance = self.new_instance().ok();
+        if let Err(error @ (CallError::Trap(_) | CallError::Timeout(_) | CallError::Limit(_))) = &answer {
+            tracing::warn!(%error, "query failed; the next call gets a fresh instance");
+            // Made lazily, by the next call: a plugin whose `init` hangs must not hold the
+            // runner here for another deadline.
+            self.instance = None;
         }
         Ok(answer?)
+    }
+
+    /// A command is waiting: a long-failing batch stops at its next attempt so that the
+    /// command is answered within about one call's deadline.
+    fn command_waiting(&self) -> bool {
+        !self.commands.is_empty()
     }
 }

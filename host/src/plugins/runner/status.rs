@@ -2,6 +2,7 @@
 //! between the runner thread, which writes it, and the registry, which reads it; and the
 //! metrics the runner keeps in it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,10 @@ pub struct PluginStatus {
     pub replay: Option<ReplayProgress>,
     /// How long processing stood still for the last version swap.
     pub last_swap_micros: Option<u64>,
+    /// Calls that ran into one of the manifest's limits (output, state sizes, memory).
+    pub limit_hits: u64,
+    /// Log bytes dropped past `log_bytes_per_batch`.
+    pub log_bytes_dropped: u64,
 }
 
 impl PluginStatus {
@@ -72,17 +77,50 @@ impl PluginStatus {
             events_per_second: 0.0,
             replay: None,
             last_swap_micros: None,
+            limit_hits: 0,
+            log_bytes_dropped: 0,
         }
     }
 }
 
-/// A plugin's status, written by its runner and read by the registry.
+/// A plugin's status, written by its runner and read by the registry; and the gate its
+/// queries wait behind.
 #[derive(Clone)]
-pub struct SharedStatus(Arc<Mutex<PluginStatus>>);
+pub struct SharedStatus(Arc<Mutex<PluginStatus>>, Arc<QueryGate>);
+
+/// Queries waiting for (or being answered by) a runner, at most `max` at once: a plugin
+/// that answers slowly makes further queries fail fast instead of piling up.
+#[derive(Debug, Default)]
+pub struct QueryGate {
+    waiting: AtomicUsize,
+    max: AtomicUsize,
+}
+
+/// One query's place at the gate, given up when dropped (with the query's command).
+pub struct QuerySlot(Arc<QueryGate>);
+
+impl Drop for QuerySlot {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 impl SharedStatus {
     pub fn new(status: PluginStatus) -> Self {
-        SharedStatus(Arc::new(Mutex::new(status)))
+        let gate = QueryGate { waiting: AtomicUsize::new(0), max: AtomicUsize::new(usize::MAX) };
+        SharedStatus(Arc::new(Mutex::new(status)), Arc::new(gate))
+    }
+
+    /// A place for one more query, or `None` when `max_queued_queries` are waiting.
+    pub fn query_slot(&self) -> Option<QuerySlot> {
+        let gate = &self.1;
+        let max = gate.max.load(Ordering::Acquire);
+        gate.waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(QuerySlot(gate.clone()))
+    }
+
+    pub fn set_max_queries(&self, max: usize) {
+        self.1.max.store(max, Ordering::Release);
     }
 
     pub fn snapshot(&self) -> PluginStatus {

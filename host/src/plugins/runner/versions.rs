@@ -15,15 +15,18 @@ pub(super) struct Version {
     pub component: LoadedComponent,
     pub manifest: Manifest,
     patterns: Vec<Pattern>,
-    /// How long one call into the plugin may take.
+    /// How long one `init` or `handle` call may take.
     pub timeout: Duration,
+    /// How long one `query` call may take.
+    pub query_timeout: Duration,
 }
 
 impl Version {
     pub fn new(component: LoadedComponent, manifest: Manifest) -> Self {
         let patterns = manifest.event_patterns();
         let timeout = Duration::from_millis(manifest.limits.batch_timeout_ms);
-        Version { component, manifest, patterns, timeout }
+        let query_timeout = Duration::from_millis(manifest.limits.query_timeout_ms);
+        Version { component, manifest, patterns, timeout, query_timeout }
     }
 
     /// Whether the plugin subscribed to events of this type.
@@ -81,6 +84,7 @@ impl Runner {
     }
 
     fn show_version(&self) {
+        self.status.set_max_queries(self.version.manifest.limits.max_queued_queries);
         let hash = self.version.component.hash.clone();
         self.status.update(|s| {
             s.version = hash;

@@ -10,6 +10,7 @@ use wasmtime_wasi::p2::{OutputStream, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
 use super::LogLevel;
+use crate::runtime::limits::LogBudget;
 
 /// The `log` import.
 pub(super) fn guest_log(plugin: &str, level: LogLevel, message: &str) {
@@ -22,12 +23,10 @@ pub(super) fn guest_log(plugin: &str, level: LogLevel, message: &str) {
     }
 }
 
-/// A WASI context whose only grant is stdout/stderr, into tracing.
-pub(super) fn guest_wasi_ctx(plugin: &Arc<str>) -> WasiCtx {
-    WasiCtxBuilder::new()
-        .stdout(GuestOutput { plugin: plugin.clone(), stream: "stdout" })
-        .stderr(GuestOutput { plugin: plugin.clone(), stream: "stderr" })
-        .build()
+/// A WASI context whose only grant is stdout/stderr, into tracing (within `budget`).
+pub(super) fn guest_wasi_ctx(plugin: &Arc<str>, budget: &Arc<LogBudget>) -> WasiCtx {
+    let output = |stream| GuestOutput { plugin: plugin.clone(), stream, budget: budget.clone() };
+    WasiCtxBuilder::new().stdout(output("stdout")).stderr(output("stderr")).build()
 }
 
 /// Guest stdout/stderr, written to tracing line by line with the plugin's name.
@@ -35,10 +34,15 @@ pub(super) fn guest_wasi_ctx(plugin: &Arc<str>) -> WasiCtx {
 struct GuestOutput {
     plugin: Arc<str>,
     stream: &'static str,
+    /// Shared with the `log` import: one budget per call for both.
+    budget: Arc<LogBudget>,
 }
 
 impl GuestOutput {
     fn emit(&self, bytes: &[u8]) {
+        if !self.budget.admit(&self.plugin, bytes.len()) {
+            return;
+        }
         let text = String::from_utf8_lossy(bytes);
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             tracing::info!(plugin = &*self.plugin, stream = self.stream, "{line}");

@@ -9,7 +9,6 @@ mod state;
 
 use std::sync::Arc;
 
-use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -18,6 +17,7 @@ pub use state::{StateError, StateView};
 use super::bindings::{GuestEnvelope, LogLevel, host, types};
 use super::capabilities::{Capabilities, Refusal};
 use super::instance::InstanceContext;
+use super::limits::{LimitHit, LogBudget, OutputBudget, ResourceCaps, check_state_entry};
 use crate::effects::Effects;
 use emit::Emitter;
 use state::StateAccess;
@@ -26,8 +26,12 @@ use state::StateAccess;
 pub(crate) struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
-    /// The instance's memory and table caps (see `instance`).
-    pub(super) limits: StoreLimits,
+    /// The instance's memory and table caps.
+    pub(super) resources: ResourceCaps,
+    /// What the current call has buffered for the host.
+    output: OutputBudget,
+    /// What the current call may still log.
+    pub(super) log: Arc<LogBudget>,
     plugin: Arc<str>,
     caps: Arc<Capabilities>,
     /// true while serving `init` or `query`: nothing may be written
@@ -45,11 +49,14 @@ pub(super) enum Call<'a> {
 }
 
 impl HostState {
-    pub(super) fn new(cx: &InstanceContext, limits: StoreLimits) -> HostState {
+    pub(super) fn new(cx: &InstanceContext) -> HostState {
+        let log = LogBudget::new(cx.caps.limits.log);
         HostState {
-            wasi: log::guest_wasi_ctx(&cx.plugin),
+            wasi: log::guest_wasi_ctx(&cx.plugin, &log),
             table: ResourceTable::new(),
-            limits,
+            resources: ResourceCaps::new(cx.caps.limits.memory),
+            output: OutputBudget::default(),
+            log,
             plugin: cx.plugin.clone(),
             caps: cx.caps.clone(),
             read_only: false,
@@ -61,6 +68,8 @@ impl HostState {
     /// Get ready for a call: a `handle` starts with nothing buffered and its batch known to
     /// `emit`; a read-only call may buffer nothing.
     pub(super) fn begin(&mut self, call: Call<'_>) {
+        self.output.reset();
+        self.log.reset();
         match call {
             Call::ReadOnly => self.read_only = true,
             Call::Handle(batch) => {
@@ -84,6 +93,11 @@ impl HostState {
     fn need_writable(&self, what: &'static str) -> Result<(), Refusal> {
         if self.read_only { Err(Refusal::ReadOnly(what)) } else { Ok(()) }
     }
+
+    /// Count `bytes` of `what` against the call's output budget.
+    fn take_output(&mut self, bytes: usize, what: &str) -> Result<(), LimitHit> {
+        self.output.take(&self.caps.limits, bytes, what)
+    }
 }
 
 impl WasiView for HostState {
@@ -94,49 +108,67 @@ impl WasiView for HostState {
 
 impl types::Host for HostState {}
 
-/// Refusals returned here trap (the call fails, the instance is discarded); those the guest
-/// is told about come back as `Ok(Err(message))`.
+/// Refusals and limit hits returned here trap (the call fails, the instance is discarded);
+/// those the guest is told about come back as `Ok(Err(message))`.
 impl host::Host for HostState {
-    fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
-        log::guest_log(&self.plugin, level, &message);
+    async fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
+        if self.log.admit(&self.plugin, message.len()) {
+            log::guest_log(&self.plugin, level, &message);
+        }
         Ok(())
     }
 
-    fn now(&mut self) -> wasmtime::Result<u64> {
+    async fn now(&mut self) -> wasmtime::Result<u64> {
         Ok(crate::envelope::now_millis())
     }
 
-    fn state_get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+    async fn state_get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
         self.need_state()?;
         Ok(self.state.get(&key)?)
     }
 
-    fn state_set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
+    async fn state_set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
         self.need_state()?;
         self.need_writable("state-set")?;
+        check_state_entry(&self.caps.limits, &key, Some(&value))?;
+        self.take_output(key.len() + value.len(), "a state write")?;
         self.state.write(key, Some(value));
         Ok(())
     }
 
-    fn state_delete(&mut self, key: String) -> wasmtime::Result<()> {
+    async fn state_delete(&mut self, key: String) -> wasmtime::Result<()> {
         self.need_state()?;
         self.need_writable("state-delete")?;
+        check_state_entry(&self.caps.limits, &key, None)?;
+        self.take_output(key.len(), "a state delete")?;
         self.state.write(key, None);
         Ok(())
     }
 
-    fn state_scan(&mut self, prefix: String) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
+    async fn state_scan(&mut self, prefix: String) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
         self.need_state()?;
         Ok(self.state.scan(&prefix)?)
     }
 
-    fn broadcast(&mut self, cause: String, room: String, payload: String) -> wasmtime::Result<Result<(), String>> {
+    async fn broadcast(
+        &mut self,
+        cause: String,
+        room: String,
+        payload: String,
+    ) -> wasmtime::Result<Result<(), String>> {
         self.need_writable("broadcast")?;
+        self.take_output(room.len() + payload.len(), "a broadcast")?;
         Ok(self.emit.broadcast(&self.caps, cause, room, payload).map_err(|refusal| refusal.to_string()))
     }
 
-    fn publish(&mut self, cause: String, event_type: String, data: String) -> wasmtime::Result<Result<(), String>> {
+    async fn publish(
+        &mut self,
+        cause: String,
+        event_type: String,
+        data: String,
+    ) -> wasmtime::Result<Result<(), String>> {
         self.need_writable("publish")?;
+        self.take_output(event_type.len() + data.len(), "a publish")?;
         Ok(self.emit.publish(&self.caps, cause, event_type, data).map_err(|refusal| refusal.to_string()))
     }
 }
