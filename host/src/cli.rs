@@ -162,7 +162,7 @@ fn with_component(
         Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?),
         None => std::fs::read_to_string(wasm.with_extension("toml")).ok(),
     };
-    let request = request.body(bytes);
+    let request = request.header(reqwest::header::CONTENT_TYPE, "application/wasm").body(bytes);
     Ok(match manifest {
         Some(text) => request.query(&[("manifest", text)]),
         None => request,

@@ -47,6 +47,8 @@ pub struct Config {
     pub max_upload_mb: usize,
     /// How long compiling one plugin may take.
     pub compile_timeout_ms: u64,
+    /// Topics producers may name with `?topic=` besides the routing table's.
+    pub extra_topics: Vec<String>,
 }
 
 impl Default for Config {
@@ -65,6 +67,7 @@ impl Default for Config {
             socket_send_buffer: 0,
             max_upload_mb: 64,
             compile_timeout_ms: 60_000,
+            extra_topics: Vec::new(),
         }
     }
 }
@@ -170,6 +173,14 @@ impl Config {
         }
         if self.compile_timeout_ms == 0 {
             return invalid("compile_timeout_ms must be at least 1".into());
+        }
+        for topic in &self.extra_topics {
+            if let Err(e) = crate::envelope::check_topic(topic) {
+                return invalid(format!("extra_topics: {e}"));
+            }
+            if crate::topics::is_internal(topic) {
+                return invalid(format!("extra_topics: {topic:?} is one of Owlery's own topics"));
+            }
         }
         if self.fanout_retention == 0 {
             return invalid("fanout_retention must be at least 1".into());

@@ -158,6 +158,65 @@ impl Envelope {
     }
 }
 
+/// How deeply a producer's JSON may nest (objects and arrays). Well below the parser's own
+/// limit (128), so that whatever the host stores it can always read back and re-encode.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Check a request body before parsing it: nesting at most `MAX_JSON_DEPTH` deep, and every
+/// integer within 64 bits (a bigger one would be rounded silently to a float). Only the
+/// structure is looked at here; the parser reports everything else.
+pub fn check_json_shape(bytes: &[u8]) -> Result<(), EnvelopeError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = bytes[i];
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(invalid("(body)", format!("JSON nested deeper than {MAX_JSON_DEPTH} levels")));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let end = bytes[i..].iter().position(|b| !matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'));
+                let token = &bytes[i..end.map_or(bytes.len(), |n| i + n)];
+                check_integer(token)?;
+                i += token.len();
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// An integer literal (no fraction, no exponent) must fit `i64` or `u64`.
+fn check_integer(token: &[u8]) -> Result<(), EnvelopeError> {
+    if token.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
+        return Ok(());
+    }
+    let text = std::str::from_utf8(token).unwrap_or("");
+    if text.parse::<i64>().is_ok() || text.parse::<u64>().is_ok() || text.is_empty() || text == "-" {
+        return Ok(());
+    }
+    Err(invalid("(body)", format!("the integer {text} does not fit in 64 bits; send it as a string")))
+}
+
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_millis() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -263,6 +322,24 @@ pub fn check_topic(topic: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_nested_too_deep_or_with_oversized_integers_are_refused() {
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        assert!(check_json_shape(nested(MAX_JSON_DEPTH).as_bytes()).is_ok());
+        let error = check_json_shape(nested(MAX_JSON_DEPTH + 1).as_bytes()).unwrap_err();
+        assert!(error.to_string().contains("nested deeper than 64"), "{error}");
+        // Brackets inside strings are text, not nesting.
+        let text = format!(r#"{{"a": "{}\"["}}"#, "[".repeat(500));
+        assert!(check_json_shape(text.as_bytes()).is_ok());
+        for fits in ["-9223372036854775808", "18446744073709551615", "1.5e300", "123456789012345678901234.0"] {
+            assert!(check_json_shape(format!(r#"{{"n": {fits}}}"#).as_bytes()).is_ok(), "{fits}");
+        }
+        for too_big in ["18446744073709551616", "-9223372036854775809", "123456789012345678901234"] {
+            let error = check_json_shape(format!(r#"{{"n": [{too_big}]}}"#).as_bytes()).unwrap_err();
+            assert!(error.to_string().contains("does not fit in 64 bits"), "{error}");
+        }
+    }
     use serde_json::json;
 
     #[test]

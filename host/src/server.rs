@@ -71,6 +71,7 @@ pub async fn serve(
     let (log, backend) = open_log(&config)?;
     let shared_fanout = log.is_shared();
     let mut topics = routing.topics();
+    topics.extend(config.extra_topics.iter().cloned());
     topics.push(crate::topics::DEAD_LETTERS.to_owned());
     if shared_fanout {
         topics.push(FANOUT_TOPIC.to_owned());
@@ -110,8 +111,9 @@ pub async fn serve(
     let (socketio, io) = crate::fanout::socketio::layer(auth.clone(), hub.clone());
     tasks.spawn(until(stop.clone(), crate::fanout::socketio::bridge(io, hub.subscribe())));
     let max_upload = config.max_upload_mb << 20;
-    let state = AppState { auth, log, plugins: plugins.clone(), hub, routing, backend, max_upload };
-    axum::serve(tuned(listener, config.socket_send_buffer), router(state).layer(socketio))
+    let producer_topics = routing.topics().into_iter().chain(config.extra_topics.iter().cloned()).collect();
+    let state = AppState { auth, log, plugins: plugins.clone(), hub, routing, backend, max_upload, producer_topics };
+    axum::serve(tuned(listener, config.socket_send_buffer), router(state, socketio))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ServeError::Http)?;

@@ -44,7 +44,8 @@ fn analytics_manifest() -> String {
 }
 
 async fn put(host: &Host, name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> (u16, Value) {
-    let mut request = host.http.put(host.url(&format!("/api/plugins/{name}"))).body(wasm);
+    let mut request =
+        host.http.put(host.url(&format!("/api/plugins/{name}"))).header("content-type", "application/wasm").body(wasm);
     if let Some(manifest) = manifest {
         request = request.query(&[("manifest", manifest)]);
     }
@@ -231,6 +232,7 @@ async fn a_shadow_catches_up_and_is_promoted_without_a_gap() {
         .http
         .post(host.url("/api/plugins/analytics/shadow"))
         .query(&[("manifest", manifest)])
+        .header("content-type", "application/wasm")
         .body(candidate.clone())
         .send()
         .await

@@ -21,11 +21,6 @@ pub struct Host {
 }
 
 impl Host {
-    /// A host with an empty plugins directory.
-    pub fn empty() -> Host {
-        Host::with_files(&[], Vec::new(), None)
-    }
-
     /// A host running the three shipped plugins with their shipped manifests.
     pub fn with_shipped_plugins() -> Host {
         Host::with_plugins(&[shipped("ws-broadcast"), shipped("analytics"), shipped("alerts")])

@@ -22,7 +22,12 @@ pub(super) async fn hot_swap(args: &BenchArgs, report: &mut Report) -> anyhow::R
     for n in 0..if args.quick { 2 } else { 5 } {
         tokio::time::sleep(Duration::from_millis(150)).await;
         let started = Instant::now();
-        let response = http.put(format!("{}/api/plugins/analytics", host.base)).body(version(&wasm, n)).send().await?;
+        let response = http
+            .put(format!("{}/api/plugins/analytics", host.base))
+            .header("content-type", "application/wasm")
+            .body(version(&wasm, n))
+            .send()
+            .await?;
         if !response.status().is_success() {
             bail!("swap: {}", response.text().await?);
         }

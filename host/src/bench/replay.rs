@@ -22,6 +22,7 @@ pub(super) async fn replay(args: &BenchArgs, report: &mut Report) -> anyhow::Res
     let response = http
         .put(format!("{}/api/plugins/analytics", host.base))
         .query(&[("manifest", manifest)])
+        .header("content-type", "application/wasm")
         .body(wasm)
         .send()
         .await?;

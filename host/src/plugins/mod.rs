@@ -465,6 +465,8 @@ impl Plugins {
 
     /// `remove`, and delete its files so it does not come back on restart.
     pub fn delete(&self, name: &str, purge: bool) -> Result<(), PluginError> {
+        // The name becomes a file path below: never anything but a plain name.
+        check_name(name)?;
         let removed = self.remove(name, purge);
         for ext in ["wasm", "toml"] {
             match std::fs::remove_file(self.dir.join(format!("{name}.{ext}"))) {

@@ -1,0 +1,64 @@
+//! The live side: the WebSocket endpoint, the live feed page, health and log status.
+
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::plugins::lag;
+use super::{ApiError, AppState};
+use crate::auth::{AuthError, Grant};
+use crate::fanout::Resume;
+
+/// The live incident feed (`examples/live-feed.html`), built into the binary.
+pub(super) async fn live_feed() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../../../examples/live-feed.html"))
+}
+
+pub(super) async fn health(State(state): State<AppState>) -> impl IntoResponse {
+    axum::Json(json!({"status": "ok", "log": state.backend, "plugins": state.plugins.list().len()}))
+}
+
+/// `GET /api/monitoring/iggy-status`: the log's connection, spool depth, partition
+/// offsets, and each plugin's lag.
+pub(super) async fn log_status(State(state): State<AppState>) -> axum::Json<Value> {
+    let mut status = state.log.status().await;
+    let mut plugins = serde_json::Map::new();
+    for (plugin, _) in state.plugins.list() {
+        let lag = lag(&state, &plugin).await;
+        plugins.insert(plugin.name.clone(), json!({"lag": lag, "offsets": plugin.offsets, "state": plugin.state}));
+    }
+    status["plugins"] = plugins.into();
+    axum::Json(status)
+}
+
+#[derive(Deserialize)]
+pub(super) struct WsParams {
+    rooms: Option<String>,
+    /// The last offset the client has (`-1`: send everything retained).
+    since: Option<i64>,
+    /// The epoch that offset is from (from the welcome frame).
+    epoch: Option<u64>,
+}
+
+/// `GET /ws?rooms=a,b&since=N[&token=T]`: JSON text frames `{"room", "offset", "event"}`.
+/// Every room asked for must be one the token may join (403 otherwise).
+pub(super) async fn websocket(
+    State(state): State<AppState>,
+    axum::Extension(grant): axum::Extension<Grant>,
+    Query(params): Query<WsParams>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let rooms: Vec<String> =
+        params.rooms.unwrap_or_default().split(',').map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()).collect();
+    if let Some(room) = rooms.iter().find(|r| !grant.may_join(r)) {
+        return Err(AuthError::Room(room.clone()).into());
+    }
+    let resume = match params.since {
+        None => Resume::Live,
+        Some(offset) if offset < 0 => Resume::All,
+        Some(offset) => Resume::After { offset: offset as u64, epoch: params.epoch },
+    };
+    let hub = state.hub.clone();
+    Ok(ws.on_upgrade(move |socket| hub.serve(socket, grant, rooms, resume)))
+}

@@ -1,0 +1,246 @@
+//! Plugin admin and queries: `/api/plugins/...`.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::guard::{PluginName, content_type};
+use super::{ApiError, AppState};
+use crate::plugins::runner::{PluginStatus, ReplayFrom};
+use crate::plugins::{Installed, PluginError, Plugins};
+
+/// A `.wasm` body; one over `max_upload_mb` (or unreadable) is refused with the status
+/// axum gives it (413 for too large) and a JSON error.
+fn component_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        ApiError::new(rejection.status(), format!("the .wasm body: {}", rejection.body_text())).with("field", "wasm")
+    })
+}
+
+/// Run a registry change of plugin `name` off the async workers (it compiles, starts and
+/// stops runners, and touches files).
+async fn change<T: Send + 'static>(
+    state: &AppState,
+    name: &str,
+    operation: impl FnOnce(&Plugins, &str) -> Result<T, PluginError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let (plugins, name) = (state.plugins.clone(), name.to_owned());
+    let outcome = tokio::task::spawn_blocking(move || operation(&plugins, &name))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(outcome?)
+}
+
+pub(super) async fn lag(state: &AppState, status: &PluginStatus) -> u64 {
+    let mut lag = 0u64;
+    for (tp, next) in status.offsets.iter() {
+        if let Ok(high) = state.log.high_watermark(&tp.topic, tp.partition).await {
+            lag += high.saturating_sub(next);
+        }
+    }
+    lag
+}
+
+async fn plugin_json(state: &AppState, (status, shadow): (PluginStatus, Option<PluginStatus>)) -> Value {
+    let mut value = serde_json::to_value(&status).expect("status serialises");
+    value["lag"] = lag(state, &status).await.into();
+    if let Some(shadow) = shadow {
+        let shadow_lag = lag(state, &shadow).await;
+        let mut shadow_value = serde_json::to_value(&shadow).expect("status serialises");
+        shadow_value["lag"] = shadow_lag.into();
+        shadow_value["caughtUp"] =
+            (shadow_lag == 0 && shadow.state == crate::plugins::runner::RunState::Running).into();
+        value["shadow"] = shadow_value;
+    }
+    value
+}
+
+pub(super) async fn list_plugins(State(state): State<AppState>) -> axum::Json<Value> {
+    let mut out = Vec::new();
+    for status in state.plugins.list() {
+        out.push(plugin_json(&state, status).await);
+    }
+    axum::Json(json!({ "plugins": out }))
+}
+
+pub(super) async fn plugin_status(
+    State(state): State<AppState>,
+    PluginName(name): PluginName,
+) -> Result<axum::Json<Value>, ApiError> {
+    let status = state.plugins.status(&name)?;
+    Ok(axum::Json(plugin_json(&state, status).await))
+}
+
+#[derive(Deserialize)]
+pub(super) struct UploadParams {
+    /// The manifest (TOML text); without it a plugin keeps the one it has.
+    manifest: Option<String>,
+}
+
+/// `PUT /api/plugins/{name}?manifest=TOML` with the `.wasm` as the body: validated and
+/// compiled before anything is replaced; then started, or swapped in keeping its offsets
+/// and state, and saved in the plugins directory.
+pub(super) async fn upload_plugin(
+    State(state): State<AppState>,
+    PluginName(name): PluginName,
+    Query(params): Query<UploadParams>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    content_type(&headers, "application/wasm")?;
+    let body = component_body(body)?;
+    let installed = change(&state, &name, move |p, name| p.upload(name, &body, params.manifest.as_deref())).await?;
+    let (code, word) = match installed {
+        Installed::Started => (StatusCode::CREATED, "started"),
+        Installed::Swapped => (StatusCode::OK, "swapped"),
+        Installed::Unchanged => (StatusCode::OK, "unchanged"),
+    };
+    let status = plugin_json(&state, state.plugins.status(&name)?).await;
+    Ok((code, axum::Json(json!({"installed": word, "plugin": status}))))
+}
+
+/// The yes/no switches of the plugin routes (`?purge=true`, `?force=true`).
+#[derive(Deserialize)]
+pub(super) struct Switches {
+    #[serde(default)]
+    purge: bool,
+    #[serde(default)]
+    force: bool,
+}
+
+/// `DELETE /api/plugins/{name}[?purge=true]`: stop it and delete its files; its offsets
+/// and state stay (so adding it again resumes) unless `purge`.
+pub(super) async fn delete_plugin(
+    State(state): State<AppState>,
+    PluginName(name): PluginName,
+    Query(params): Query<Switches>,
+) -> Result<axum::Json<Value>, ApiError> {
+    change(&state, &name, move |p, name| p.delete(name, params.purge)).await?;
+    Ok(axum::Json(json!({"removed": name, "purged": params.purge})))
+}
+
+pub(super) async fn pause_plugin(
+    State(state): State<AppState>,
+    PluginName(name): PluginName,
+) -> Result<axum::Json<Value>, ApiError> {
+    state.plugins.pause(&name).await?;
+    Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
+}
+
+pub(super) async fn resume_plugin(
+    State(state): State<AppState>,
+    PluginName(name): PluginName,
+) -> Result<axum::Json<Value>, ApiError> {
+    state.plugins.resume(&name).await?;
+    Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
+}
+
+/// `POST /api/plugins/{name}/replay` with `{"from": 0}`, `{"offsets": {"topic": {"0": 5}}}`
+/// or `{"timestamp": "2026-11-23T10:00:00Z"}` (an empty body means from 0).
+pub(super) async fn replay_plugin(
+    State(state): State<AppState>,
+    PluginName(name): PluginName,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let request: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({"from": 0})
+    } else {
+        content_type(&headers, "application/json")?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))?
+    };
+    let from = replay_from(&request)?;
+    state.plugins.replay(&name, from).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(plugin_json(&state, state.plugins.status(&name)?).await)))
+}
+
+fn replay_from(request: &Value) -> Result<ReplayFrom, ApiError> {
+    if let Some(from) = request.get("from") {
+        return match from.as_u64() {
+            Some(0) => Ok(ReplayFrom::Start),
+            Some(offset) => {
+                // One offset for every partition of every topic is not meaningful across
+                // partitions; only zero is accepted in this form.
+                Err(ApiError::bad_request(format!(
+                    "from: {offset} is not 0; give offsets per partition as \"offsets\""
+                ))
+                .with("field", "from"))
+            }
+            None => Err(ApiError::bad_request("from: must be 0").with("field", "from")),
+        };
+    }
+    if let Some(offsets) = request.get("offsets") {
+        let parsed: BTreeMap<String, BTreeMap<u32, u64>> = serde_json::from_value(offsets.clone()).map_err(|e| {
+            ApiError::bad_request(format!("offsets: expected {{\"topic\": {{\"partition\": offset}}}}: {e}"))
+                .with("field", "offsets")
+        })?;
+        return Ok(ReplayFrom::Offsets(parsed.into()));
+    }
+    if let Some(at) = request.get("timestamp") {
+        let text = at
+            .as_str()
+            .ok_or_else(|| ApiError::bad_request("timestamp: must be a string").with("field", "timestamp"))?;
+        let at = chrono::DateTime::parse_from_rfc3339(text).map_err(|e| {
+            ApiError::bad_request(format!("timestamp: {text:?} is not RFC 3339: {e}")).with("field", "timestamp")
+        })?;
+        return Ok(ReplayFrom::Timestamp(at.with_timezone(&chrono::Utc)));
+    }
+    Err(ApiError::bad_request("give one of from (0), offsets or timestamp").with("field", "(body)"))
+}
+
+/// `POST /api/plugins/{name}/shadow?manifest=TOML` with a candidate `.wasm`: run it from
+/// offset zero beside the live version, its broadcasts and publishes suppressed.
+pub(super) async fn start_shadow(
+    State(state): State<AppState>,
+    PluginName(name): PluginName,
+    Query(params): Query<UploadParams>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    content_type(&headers, "application/wasm")?;
+    let body = component_body(body)?;
+    change(&state, &name, move |p, name| p.start_shadow(name, &body, params.manifest.as_deref())).await?;
+    Ok((StatusCode::CREATED, axum::Json(plugin_json(&state, state.plugins.status(&name)?).await)))
+}
+
+pub(super) async fn discard_shadow(
+    State(state): State<AppState>,
+    PluginName(name): PluginName,
+) -> Result<axum::Json<Value>, ApiError> {
+    change(&state, &name, |p, name| p.discard_shadow(name)).await?;
+    Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
+}
+
+/// `POST /api/plugins/{name}/promote[?force=true]`: the shadow becomes the live version
+/// with its state and offsets; 409 while it still lags (unless forced).
+pub(super) async fn promote_shadow(
+    State(state): State<AppState>,
+    PluginName(name): PluginName,
+    Query(params): Query<Switches>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let (_, shadow) = state.plugins.status(&name)?;
+    let shadow = shadow.ok_or_else(|| ApiError::new(StatusCode::CONFLICT, format!("plugin {name:?} has no shadow")))?;
+    let shadow_lag = lag(&state, &shadow).await;
+    state.plugins.promote(&name, params.force, shadow_lag).await?;
+    Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
+}
+
+/// `GET /api/plugins/{name}/query?...`: the query string, as a JSON object, goes to the
+/// plugin's `query`; its JSON answer comes back as is.
+pub(super) async fn query_plugin(
+    State(state): State<AppState>,
+    PluginName(name): PluginName,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let request = serde_json::to_string(&params).expect("strings serialise");
+    let answer = state.plugins.query(&name, request).await?;
+    let body: Value = serde_json::from_str(&answer).unwrap_or(Value::String(answer));
+    Ok(axum::Json(body).into_response())
+}
