@@ -6,6 +6,7 @@ mod support;
 mod auth;
 mod bench;
 mod browser;
+mod containment;
 mod durability;
 mod lifecycle;
 mod misbehaving;

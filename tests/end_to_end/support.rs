@@ -120,7 +120,7 @@ impl Host {
             Ok(address) => self.base = address,
             Err(_) => {
                 let _ = child.kill();
-                panic!("owlery did not start; its log:\n{}", self.log());
+                panic!("owlery did not start; its log:\n{}", self.log_tail());
             }
         }
         self.child = Some(child);
@@ -148,8 +148,69 @@ impl Host {
         }
     }
 
+    /// The running binary's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("owlery is running").id()
+    }
+
+    /// SIGTERM, then wait up to `limit` for the process to exit: how long it took and how it
+    /// exited, or `None` if it was still running at `limit` (it is then killed with -9).
+    pub fn terminate(&mut self, limit: Duration) -> (Duration, Option<std::process::ExitStatus>) {
+        let mut child = self.child.take().expect("owlery is running");
+        let started = Instant::now();
+        #[allow(unsafe_code)]
+        // SAFETY: libc::kill with the pid of a child we own and have not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (started.elapsed(), Some(status));
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                return (started.elapsed(), None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process's resident memory now and at its peak, in bytes (`VmRSS`, `VmHWM` of
+    /// /proc/PID/status).
+    pub fn memory(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let field = |name: &str| -> u64 {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}"));
+            let kib: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().unwrap();
+            kib << 10
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("owlery.log")).unwrap_or_default()
+    }
+
+    /// The end of the log (its last 256 KiB, long lines cut), for failure messages: a test
+    /// of a plugin that floods the log must not flood the test's output.
+    pub fn log_tail(&self) -> String {
+        const KEEP: usize = 256 << 10;
+        const LINE: usize = 2 << 10;
+        let log = self.log();
+        let start = log.len().saturating_sub(KEEP);
+        let start = (start..log.len()).find(|i| log.is_char_boundary(*i)).unwrap_or(log.len());
+        let mut tail = if start > 0 { format!("[... {start} bytes before ...]\n") } else { String::new() };
+        for line in log[start..].lines() {
+            match line.char_indices().nth(LINE) {
+                Some((cut, _)) => tail.push_str(&format!("{} [... {} bytes more]\n", &line[..cut], line.len() - cut)),
+                None => {
+                    tail.push_str(line);
+                    tail.push('\n');
+                }
+            }
+        }
+        tail
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -265,7 +326,7 @@ impl Drop for Host {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            eprintln!("--- owlery log ---\n{}", self.log());
+            eprintln!("--- owlery log ---\n{}", self.log_tail());
         }
     }
 }
