@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::Error;
 
@@ -155,20 +155,64 @@ impl HostProcess {
     /// SIGTERM, then wait for the host to exit; its exit status, if it was running.
     pub fn stop(&mut self) -> std::io::Result<Option<ExitStatus>> {
         let Some(mut child) = self.child.take() else { return Ok(None) };
-        let pid = libc::pid_t::try_from(child.id()).map_err(std::io::Error::other)?;
-        // SAFETY: kill(2) with a pid this process spawned and has not yet waited for.
-        #[allow(unsafe_code)]
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        if sent != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        signal_terminate(&child)?;
         child.wait().map(Some)
+    }
+
+    /// SIGTERM, then wait up to `limit` for the host to exit: how long it took and its exit
+    /// status, or `None` when it was still running at `limit` (it is then killed with -9).
+    pub fn terminate(&mut self, limit: Duration) -> std::io::Result<(Duration, Option<ExitStatus>)> {
+        let Some(mut child) = self.child.take() else { return Ok((Duration::ZERO, None)) };
+        let started = Instant::now();
+        signal_terminate(&child)?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((started.elapsed(), Some(status)));
+            }
+            if started.elapsed() > limit {
+                child.kill()?;
+                child.wait()?;
+                return Ok((started.elapsed(), None));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// What the host wrote to stderr (nothing when its log is shown instead).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("owlery.log")).unwrap_or_default()
     }
+}
+
+fn signal_terminate(child: &Child) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(child.id()).map_err(std::io::Error::other)?;
+    // SAFETY: kill(2) with a pid this process spawned and has not yet waited for.
+    #[allow(unsafe_code)]
+    let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+    if sent != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The end of a log (its last 256 KiB, long lines cut), for failure messages: a host whose
+/// plugin floods its log must not flood the caller's output.
+pub fn tail(log: &str) -> String {
+    const KEEP: usize = 256 << 10;
+    const LINE: usize = 2 << 10;
+    let start = log.len().saturating_sub(KEEP);
+    let start = (start..log.len()).find(|i| log.is_char_boundary(*i)).unwrap_or(log.len());
+    let mut tail = if start > 0 { format!("[... {start} bytes before ...]\n") } else { String::new() };
+    for line in log[start..].lines() {
+        match line.char_indices().nth(LINE) {
+            Some((cut, _)) => tail.push_str(&format!("{} [... {} bytes more]\n", &line[..cut], line.len() - cut)),
+            None => {
+                tail.push_str(line);
+                tail.push('\n');
+            }
+        }
+    }
+    tail
 }
 
 impl Drop for HostProcess {

@@ -65,7 +65,7 @@ impl Host {
 
     /// Start the binary (again) on the same directories; waits until it listens.
     pub fn start(&mut self) {
-        self.base = self.process.start().unwrap_or_else(|e| panic!("{e}"));
+        self.base = self.process.start().unwrap_or_else(|e| panic!("{}", owlery_testkit::host::tail(&e.to_string())));
     }
 
     /// `kill -9`: no shutdown, no flush.
@@ -82,6 +82,35 @@ impl Host {
 
     pub fn log(&self) -> String {
         self.process.log()
+    }
+
+    /// The running binary's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.id().expect("owlery is running")
+    }
+
+    /// SIGTERM, then wait up to `limit` for the process to exit: how long it took and how it
+    /// exited, or `None` if it was still running at `limit` (it is then killed with -9).
+    pub fn terminate(&mut self, limit: Duration) -> (Duration, Option<std::process::ExitStatus>) {
+        self.process.terminate(limit).unwrap()
+    }
+
+    /// The process's resident memory now and at its peak, in bytes (`VmRSS`, `VmHWM` of
+    /// /proc/PID/status).
+    pub fn memory(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let field = |name: &str| -> u64 {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}"));
+            let kib: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().unwrap();
+            kib << 10
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// The end of the log, for failure messages: a test of a plugin that floods the log
+    /// must not flood the test's output.
+    pub fn log_tail(&self) -> String {
+        owlery_testkit::host::tail(&self.log())
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -194,7 +223,7 @@ impl Drop for Host {
     fn drop(&mut self) {
         let _ = self.process.kill9();
         if std::thread::panicking() {
-            eprintln!("--- owlery log ---\n{}", self.log());
+            eprintln!("--- owlery log ---\n{}", self.log_tail());
         }
     }
 }

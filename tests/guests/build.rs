@@ -34,6 +34,7 @@ fn main() {
         "tests/plugins/Cargo.lock",
         "tests/plugins/misbehave",
         "tests/plugins/wrong-world",
+        "tests/plugins/big-memory",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
@@ -46,6 +47,7 @@ fn main() {
         ("ALERTS", "alerts"),
         ("MISBEHAVE", "misbehave"),
         ("WRONG_WORLD", "wrong_world"),
+        ("BIG_MEMORY", "big_memory"),
         ("NOOP", "noop"),
     ] {
         let path = wasm(file);

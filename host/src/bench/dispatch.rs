@@ -31,6 +31,7 @@ pub(super) fn dispatch(args: &BenchArgs, report: &mut Report) -> anyhow::Result<
         store,
         routing: Arc::new(Routing::default()),
         cancel: tokio_util::sync::CancellationToken::new(),
+        interrupt: Default::default(),
     };
     let total = if args.quick { 20_000 } else { 1_000_000 };
     let batch = args.batch.max(1);

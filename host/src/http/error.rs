@@ -56,7 +56,10 @@ impl From<PluginError> for ApiError {
             PluginError::Failed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             PluginError::NoShadow(_) | PluginError::ShadowBehind { .. } => StatusCode::CONFLICT,
             PluginError::BadManifest(_) => return ApiError::bad_request(e.to_string()).with("field", "manifest"),
-            PluginError::BadName(_) | PluginError::BadComponent(_) | PluginError::NotStarted(_) => {
+            PluginError::BadName(_)
+            | PluginError::BadComponent(_)
+            | PluginError::NotStarted(_)
+            | PluginError::StartFailed { .. } => {
                 return ApiError::bad_request(e.to_string()).with("field", "wasm");
             }
         };

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::runtime::{CallError, LoadedComponent, RuntimeError};
+use crate::runtime::{CallError, Interrupt, LoadedComponent, RuntimeError};
 use crate::store::StoreError;
 use manifest::{Manifest, ManifestError};
 use runner::{
@@ -46,6 +46,9 @@ pub enum PluginError {
     NotStarted(RunnerError),
     #[error("plugin {0:?} has no shadow")]
     NoShadow(String),
+    /// A new plugin did not start; nothing was installed.
+    #[error("plugin {name:?} did not start: {error}")]
+    StartFailed { name: String, error: String },
     /// Its `max_queued_queries` queries are waiting already.
     #[error("plugin {0:?} has too many queries waiting; try again later")]
     Busy(String),
@@ -87,6 +90,8 @@ struct Running {
     commands: mpsc::UnboundedSender<Command>,
     /// Ends the runner's call in progress when it is stopped.
     cancel: CancellationToken,
+    /// Ends a long `handle` call so that a command is answered promptly.
+    interrupt: Interrupt,
     thread: Option<std::thread::JoinHandle<()>>,
     /// What the plugin runs now (absent when it never loaded).
     hash: Option<String>,
@@ -219,6 +224,7 @@ impl Plugins {
                         status: SharedStatus::new(status),
                         commands,
                         cancel: CancellationToken::new(),
+                        interrupt: Interrupt::default(),
                         thread: None,
                         hash: None,
                         manifest_text: None,
@@ -254,13 +260,13 @@ impl Plugins {
                     {
                         return Ok(Installed::Unchanged);
                     }
-                    Some(r.commands.clone())
+                    Some((r.commands.clone(), r.interrupt.clone()))
                 }
                 _ => None,
             }
         };
         let hash = component.hash.clone();
-        let Some(commands) = commands else {
+        let Some((commands, interrupt)) = commands else {
             self.spawn_live(name, component, manifest, manifest_text)?;
             return Ok(Installed::Started);
         };
@@ -268,6 +274,7 @@ impl Plugins {
         commands
             .send(Command::Swap { component, manifest: Box::new(manifest), reply })
             .map_err(|_| PluginError::NotRunning(name.to_owned()))?;
+        interrupt.request(false);
         answer
             .blocking_recv()
             .map_err(|_| PluginError::NotRunning(name.to_owned()))?
@@ -283,7 +290,7 @@ impl Plugins {
         let name = spec.name.clone();
         let hash = spec.component.hash.clone();
         let label = if spec.mode == Mode::Shadow { format!("shadow-{name}") } else { format!("plugin-{name}") };
-        let (runner, RunnerHandle { status, commands, cancel }) = Runner::new(spec, self.deps.clone());
+        let (runner, RunnerHandle { status, commands, cancel, interrupt }) = Runner::new(spec, self.deps.clone());
         let (ready, started) = oneshot::channel();
         let thread =
             std::thread::Builder::new().name(label).spawn(move || runner.run(ready)).map_err(|e| failed(&name, e))?;
@@ -293,6 +300,7 @@ impl Plugins {
             status,
             commands,
             cancel,
+            interrupt,
             thread: Some(thread),
             hash: Some(hash),
             manifest_text: None,
@@ -348,7 +356,10 @@ impl Plugins {
         if r.thread.is_none() {
             return Err(PluginError::NotRunning(name.to_owned()));
         }
-        r.commands.send(command).map_err(|_| PluginError::NotRunning(name.to_owned()))
+        let query = matches!(command, Command::Query { .. });
+        r.commands.send(command).map_err(|_| PluginError::NotRunning(name.to_owned()))?;
+        r.interrupt.request(query);
+        Ok(())
     }
 
     /// Send the command `make` builds and wait for the runner's answer.
@@ -458,6 +469,16 @@ impl Plugins {
         };
         let manifest_text = manifest_text.as_deref();
         let installed = self.install(name, wasm, manifest_text)?;
+        if installed == Installed::Started {
+            // A new plugin that did not start (its `init` failed or hung, its memory is over
+            // its cap) is refused, not kept as a failed plugin: nothing is saved.
+            let (status, _) = self.status(name)?;
+            if status.state == RunState::Failed {
+                let _ = self.remove(name, false);
+                let error = status.last_error.unwrap_or_else(|| "it failed to start".to_owned());
+                return Err(PluginError::StartFailed { name: name.to_owned(), error });
+            }
+        }
         self.write_files(name, wasm, manifest_text)
             .map_err(|source| failed(name, Failure::NotSaved { done: "installed", source }))?;
         Ok(installed)

@@ -8,8 +8,10 @@
 //! stopped, as wasmtime's CLI and Spin do, and the instance is then discarded.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use wasmtime::Store;
 
@@ -34,6 +36,67 @@ pub struct InstanceContext {
     pub routing: Arc<Routing>,
     /// Cancelled when the plugin is stopped: a call in progress ends at once.
     pub cancel: CancellationToken,
+    /// Requested when a command for the plugin comes in: an armed `handle` call ends.
+    pub interrupt: Interrupt,
+}
+
+/// A request to end the `handle` call in progress so that a command can be answered (the
+/// call is made again afterwards). An operator's command (pause, replay, swap...) always
+/// ends it; a query only when the runner allows it (once per batch), so a slow plugin still
+/// makes progress however often it is queried.
+#[derive(Clone, Default)]
+pub struct Interrupt(Arc<InterruptState>);
+
+#[derive(Default)]
+struct InterruptState {
+    command: AtomicBool,
+    query: AtomicBool,
+    /// A `handle` call is running.
+    armed: AtomicBool,
+    /// ... and a query may end it.
+    for_queries: AtomicBool,
+    notify: Notify,
+}
+
+impl Interrupt {
+    /// A command is waiting (`query`: only a query).
+    pub fn request(&self, query: bool) {
+        let flag = if query { &self.0.query } else { &self.0.command };
+        flag.store(true, Ordering::Release);
+        self.0.notify.notify_waiters();
+    }
+
+    /// The waiting commands are being handled.
+    pub fn clear(&self) {
+        self.0.command.store(false, Ordering::Release);
+        self.0.query.store(false, Ordering::Release);
+    }
+
+    /// A `handle` call starts (`for_queries`: a query may end it too) or ends (`None`).
+    pub fn arm(&self, armed: Option<bool>) {
+        self.0.for_queries.store(armed == Some(true), Ordering::Release);
+        self.0.armed.store(armed.is_some(), Ordering::Release);
+    }
+
+    fn due(&self) -> bool {
+        let s = &self.0;
+        s.armed.load(Ordering::Acquire)
+            && (s.command.load(Ordering::Acquire)
+                || (s.for_queries.load(Ordering::Acquire) && s.query.load(Ordering::Acquire)))
+    }
+
+    /// Resolves when the call should end; never while disarmed.
+    async fn wait(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.due() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Why a call into a plugin failed.
@@ -57,6 +120,9 @@ pub enum CallError {
     /// events are not dead-lettered).
     #[error("the plugin is stopping")]
     Cancelled,
+    /// A command came in; the call was abandoned, to be made again after it.
+    #[error("interrupted by a command")]
+    Interrupted,
 }
 
 impl CallError {
@@ -83,6 +149,7 @@ pub struct Instance {
     /// Drives the calls' futures (on the calling thread) and their timers.
     tokio: tokio::runtime::Handle,
     cancel: CancellationToken,
+    interrupt: Interrupt,
 }
 
 /// Deadline of instantiation, which runs guest start-up code too (each call then sets its
@@ -99,16 +166,18 @@ impl LoadedComponent {
         // stop are noticed within a tick whatever the guest does.
         store.epoch_deadline_async_yield_and_update(1);
         let tokio = runtime.tokio().clone();
-        let plugin = bounded(&tokio, &cx.cancel, INSTANTIATE_TIMEOUT, self.pre.instantiate_async(&mut store))?
+        let stop = (&cx.cancel, &Interrupt::default());
+        let plugin = bounded(&tokio, stop, INSTANTIATE_TIMEOUT, self.pre.instantiate_async(&mut store))?
             .map_err(|e| CallError::trap(&e))?;
-        Ok(Instance { store, plugin, tokio, cancel: cx.cancel.clone() })
+        Ok(Instance { store, plugin, tokio, cancel: cx.cancel.clone(), interrupt: cx.interrupt.clone() })
     }
 }
 
-/// Run `call` on this thread until it ends, `timeout` passes or `cancel` fires.
+/// Run `call` on this thread until it ends, `timeout` passes, the plugin is stopped or
+/// the call is interrupted.
 fn bounded<R>(
     tokio: &tokio::runtime::Handle,
-    cancel: &CancellationToken,
+    (cancel, interrupt): (&CancellationToken, &Interrupt),
     timeout: Duration,
     call: impl Future<Output = R>,
 ) -> Result<R, CallError> {
@@ -118,6 +187,7 @@ fn bounded<R>(
                 ended.map_err(|_| CallError::Timeout(format!("timed out after {} ms", timeout.as_millis())))
             }
             _ = cancel.cancelled() => Err(CallError::Cancelled),
+            _ = interrupt.wait() => Err(CallError::Interrupted),
         }
     })
 }
@@ -159,7 +229,7 @@ impl Instance {
     ) -> Result<(R, Effects), CallError> {
         self.store.data_mut().begin(call);
         let (plugin, store) = (&self.plugin, &mut self.store);
-        let result = bounded(&self.tokio, &self.cancel, timeout, guest(plugin, store));
+        let result = bounded(&self.tokio, (&self.cancel, &self.interrupt), timeout, guest(plugin, store));
         let effects = self.store.data_mut().finish();
         result?.map(|answer| (answer, effects)).map_err(|e| CallError::trap(&e))
     }

@@ -26,7 +26,7 @@ pub use bindings::{GuestEnvelope, HandleError};
 pub use cache::CacheError;
 pub use capabilities::Capabilities;
 pub use imports::{StateError, StateView};
-pub use instance::{CallError, Instance, InstanceContext};
+pub use instance::{CallError, Instance, InstanceContext, Interrupt};
 pub use limits::{CallLimits, LimitHit};
 
 use cache::ComponentCache;

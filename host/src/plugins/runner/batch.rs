@@ -85,6 +85,7 @@ impl Runner {
         commit.offsets = self.positions.to_commit();
         self.commit(commit)?;
         self.seen.remember(batch_ids);
+        self.interruptible = true;
         self.status.update(|s| s.processed += handled);
         tracing::debug!(records = polled.len(), handled, "batch committed");
         Ok(())
@@ -171,8 +172,14 @@ impl Runner {
             }
             match self.call_handle(batch) {
                 Ok(effects) => return Ok(effects),
-                // Stopping: not the plugin's failure; the batch is read again next time.
-                Err(RunnerError::Call(CallError::Cancelled)) => return Err(Attempt::Interrupted),
+                // Stopping, or a command came: not the plugin's failure; the batch is read
+                // again after the command (and that time runs to its end).
+                Err(RunnerError::Call(CallError::Cancelled | CallError::Interrupted)) => {
+                    // An abandoned call leaves the instance unusable.
+                    self.instance = None;
+                    self.interruptible = false;
+                    return Err(Attempt::Interrupted);
+                }
                 // Nothing was called: nothing to wait for before trying again.
                 Err(error @ RunnerError::Instantiate(_)) => last = Some(error),
                 Err(error) => {
@@ -192,10 +199,13 @@ impl Runner {
     /// One call of `handle`, timed into the status.
     fn call_handle(&mut self, batch: &Arc<[GuestEnvelope]>) -> Result<Effects, RunnerError> {
         let timeout = self.version.timeout;
+        let (interrupt, interruptible) = (self.interrupt.clone(), self.interruptible);
         let instance = self.instance()?;
         let started = Instant::now();
         let dropped_before = instance.log_dropped();
+        interrupt.arm(Some(interruptible));
         let result = instance.handle(batch, timeout);
+        interrupt.arm(None);
         let dropped = instance.log_dropped() - dropped_before;
         self.status.note_call(started.elapsed());
         let limit_hit = matches!(result, Err(CallError::Limit(_)));

@@ -31,7 +31,7 @@ use super::manifest::{Manifest, Start};
 use crate::envelope::Routing;
 use crate::fanout::Hub;
 use crate::log::{EventLog, LogError};
-use crate::runtime::{CallError, Instance, InstanceContext, LoadedComponent, Runtime};
+use crate::runtime::{CallError, Instance, InstanceContext, Interrupt, LoadedComponent, Runtime};
 use crate::store::Store;
 use dead_letter::FAIL_AFTER_DEAD_LETTERS;
 use lifecycle::Lifecycle;
@@ -125,6 +125,8 @@ pub struct RunnerHandle {
     pub commands: mpsc::UnboundedSender<Command>,
     /// Cancel to end the call in progress at once (the runner is being stopped).
     pub cancel: CancellationToken,
+    /// Request after sending a command, so that a long `handle` call does not delay it.
+    pub interrupt: Interrupt,
 }
 
 pub struct Runner {
@@ -147,6 +149,12 @@ pub struct Runner {
     seen: SeenIds,
     /// Cancelled when the runner is stopped: ends a call in progress.
     cancel: CancellationToken,
+    /// Requested by whoever sends a command: ends an armed `handle` call.
+    interrupt: Interrupt,
+    /// Whether a query may interrupt the next `handle` call: not right after one did, so
+    /// that the batch then completes however often the plugin is queried (an operator's
+    /// command always may, and allows it again).
+    interruptible: bool,
 }
 
 impl Runner {
@@ -155,6 +163,7 @@ impl Runner {
         let status = SharedStatus::new(PluginStatus::new(&name, &component.hash));
         let (commands, receiver) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let interrupt = Interrupt::default();
         let runner = Runner {
             name: name.into(),
             namespace: namespace.into(),
@@ -171,8 +180,10 @@ impl Runner {
             rate: Rate::default(),
             seen: SeenIds::default(),
             cancel: cancel.clone(),
+            interrupt: interrupt.clone(),
+            interruptible: true,
         };
-        (runner, RunnerHandle { status, commands, cancel })
+        (runner, RunnerHandle { status, commands, cancel, interrupt })
     }
 
     fn publish_state(&self) {
@@ -274,6 +285,7 @@ impl Runner {
             store: self.deps.store.clone(),
             routing: self.deps.routing.clone(),
             cancel: self.cancel.clone(),
+            interrupt: self.interrupt.clone(),
         };
         let mut instance = self.version.component.instantiate(&self.deps.runtime, &cx)?;
         instance.init(&manifest.config_json(), self.version.timeout)?;
@@ -347,6 +359,7 @@ impl Runner {
 
     /// Act on every command waiting; `Break` if one of them was to stop.
     fn drain_commands(&mut self) -> ControlFlow<()> {
+        self.interrupt.clear();
         let mut flow = ControlFlow::Continue(());
         while let Ok(command) = self.commands.try_recv() {
             if self.command(command).is_break() {
@@ -357,6 +370,9 @@ impl Runner {
     }
 
     fn command(&mut self, command: Command) -> ControlFlow<()> {
+        if !matches!(command, Command::Query { .. }) {
+            self.interruptible = true;
+        }
         match command {
             Command::Stop => return ControlFlow::Break(()),
             Command::Query { request, reply, slot } => {
