@@ -3,7 +3,8 @@
 
 use std::net::IpAddr;
 
-use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
@@ -100,6 +101,23 @@ pub(super) fn content_type(headers: &HeaderMap, expected: &str) -> Result<(), Ap
     let given = if given.is_empty() { "none".to_owned() } else { format!("{given:?}") };
     Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type must be {expected} (was {given})"))
         .with("field", "Content-Type"))
+}
+
+/// A `.wasm` request body: `Content-Type: application/wasm` (415 otherwise), within
+/// `max_upload_mb` (413 beyond it, as JSON).
+pub(super) struct WasmBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for WasmBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        content_type(request.headers(), "application/wasm")?;
+        let body = Bytes::from_request(request, state).await.map_err(|rejection| {
+            ApiError::new(rejection.status(), format!("the .wasm body: {}", rejection.body_text()))
+                .with("field", "wasm")
+        })?;
+        Ok(WasmBody(body))
+    }
 }
 
 /// A plugin name from the path, checked before anything uses it: names are file stems in

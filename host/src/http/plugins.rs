@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
@@ -11,18 +10,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::guard::{PluginName, content_type};
+use super::guard::{PluginName, WasmBody, content_type};
 use super::{ApiError, AppState};
 use crate::plugins::runner::{PluginStatus, ReplayFrom};
 use crate::plugins::{Installed, PluginError, Plugins};
-
-/// A `.wasm` body; one over `max_upload_mb` (or unreadable) is refused with the status
-/// axum gives it (413 for too large) and a JSON error.
-fn component_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        ApiError::new(rejection.status(), format!("the .wasm body: {}", rejection.body_text())).with("field", "wasm")
-    })
-}
 
 /// Run a registry change of plugin `name` off the async workers (it compiles, starts and
 /// stops runners, and touches files).
@@ -91,11 +82,8 @@ pub(super) async fn upload_plugin(
     State(state): State<AppState>,
     PluginName(name): PluginName,
     Query(params): Query<UploadParams>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    WasmBody(body): WasmBody,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
-    content_type(&headers, "application/wasm")?;
-    let body = component_body(body)?;
     let installed = change(&state, &name, move |p, name| p.upload(name, &body, params.manifest.as_deref())).await?;
     let (code, word) = match installed {
         Installed::Started => (StatusCode::CREATED, "started"),
@@ -126,20 +114,24 @@ pub(super) async fn delete_plugin(
     Ok(axum::Json(json!({"removed": name, "purged": params.purge})))
 }
 
-pub(super) async fn pause_plugin(
-    State(state): State<AppState>,
-    PluginName(name): PluginName,
-) -> Result<axum::Json<Value>, ApiError> {
-    state.plugins.pause(&name).await?;
-    Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
+pub(super) async fn pause_plugin(State(state): State<AppState>, PluginName(name): PluginName) -> PluginAnswer {
+    then_status(&state, &name, state.plugins.pause(&name)).await
 }
 
-pub(super) async fn resume_plugin(
-    State(state): State<AppState>,
-    PluginName(name): PluginName,
-) -> Result<axum::Json<Value>, ApiError> {
-    state.plugins.resume(&name).await?;
-    Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
+pub(super) async fn resume_plugin(State(state): State<AppState>, PluginName(name): PluginName) -> PluginAnswer {
+    then_status(&state, &name, state.plugins.resume(&name)).await
+}
+
+type PluginAnswer = Result<axum::Json<Value>, ApiError>;
+
+/// Run `operation` on plugin `name`, then answer with its status.
+async fn then_status(
+    state: &AppState,
+    name: &str,
+    operation: impl Future<Output = Result<(), PluginError>>,
+) -> PluginAnswer {
+    operation.await?;
+    Ok(axum::Json(plugin_json(state, state.plugins.status(name)?).await))
 }
 
 /// `POST /api/plugins/{name}/replay` with `{"from": 0}`, `{"offsets": {"topic": {"0": 5}}}`
@@ -201,11 +193,8 @@ pub(super) async fn start_shadow(
     State(state): State<AppState>,
     PluginName(name): PluginName,
     Query(params): Query<UploadParams>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    WasmBody(body): WasmBody,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
-    content_type(&headers, "application/wasm")?;
-    let body = component_body(body)?;
     change(&state, &name, move |p, name| p.start_shadow(name, &body, params.manifest.as_deref())).await?;
     Ok((StatusCode::CREATED, axum::Json(plugin_json(&state, state.plugins.status(&name)?).await)))
 }

@@ -40,6 +40,9 @@ pub(crate) struct HostState {
     emit: Emitter,
 }
 
+/// What `broadcast` and `publish` answer: a trap, or the guest is told of a refusal.
+type Emitted = wasmtime::Result<Result<(), String>>;
+
 /// Which guest export is being called, and with what batch: what the imports may do then.
 pub(super) enum Call<'a> {
     /// `init` or `query`: reads only.
@@ -92,6 +95,19 @@ impl HostState {
 
     fn need_writable(&self, what: &'static str) -> Result<(), Refusal> {
         if self.read_only { Err(Refusal::ReadOnly(what)) } else { Ok(()) }
+    }
+
+    /// A broadcast or publish of `bytes`: allowed only in `handle`, charged to the output
+    /// budget (both trap), then checked against the manifest (the guest is told).
+    fn emit_one(
+        &mut self,
+        what: &'static str,
+        bytes: usize,
+        emit: impl FnOnce(&mut Emitter, &Capabilities) -> Result<(), Refusal>,
+    ) -> Emitted {
+        self.need_writable(what)?;
+        self.take_output(bytes, what)?;
+        Ok(emit(&mut self.emit, &self.caps).map_err(|refusal| refusal.to_string()))
     }
 
     /// Count `bytes` of `what` against the call's output budget.
@@ -150,25 +166,13 @@ impl host::Host for HostState {
         Ok(self.state.scan(&prefix)?)
     }
 
-    async fn broadcast(
-        &mut self,
-        cause: String,
-        room: String,
-        payload: String,
-    ) -> wasmtime::Result<Result<(), String>> {
-        self.need_writable("broadcast")?;
-        self.take_output(room.len() + payload.len(), "a broadcast")?;
-        Ok(self.emit.broadcast(&self.caps, cause, room, payload).map_err(|refusal| refusal.to_string()))
+    async fn broadcast(&mut self, cause: String, room: String, payload: String) -> Emitted {
+        let bytes = room.len() + payload.len();
+        self.emit_one("broadcast", bytes, |emit, caps| emit.broadcast(caps, cause, room, payload))
     }
 
-    async fn publish(
-        &mut self,
-        cause: String,
-        event_type: String,
-        data: String,
-    ) -> wasmtime::Result<Result<(), String>> {
-        self.need_writable("publish")?;
-        self.take_output(event_type.len() + data.len(), "a publish")?;
-        Ok(self.emit.publish(&self.caps, cause, event_type, data).map_err(|refusal| refusal.to_string()))
+    async fn publish(&mut self, cause: String, event_type: String, data: String) -> Emitted {
+        let bytes = event_type.len() + data.len();
+        self.emit_one("publish", bytes, |emit, caps| emit.publish(caps, cause, event_type, data))
     }
 }
