@@ -49,6 +49,12 @@ pub struct Config {
     pub compile_timeout_ms: u64,
     /// Topics producers may name with `?topic=` besides the routing table's.
     pub extra_topics: Vec<String>,
+    /// Largest message a WebSocket or Socket.IO client may send, in bytes.
+    pub ws_max_message_bytes: usize,
+    /// Rooms one client may be in.
+    pub max_rooms_per_client: usize,
+    /// WebSocket and Socket.IO clients connected at once; more get 503 (or are disconnected).
+    pub max_clients: usize,
 }
 
 impl Default for Config {
@@ -68,6 +74,9 @@ impl Default for Config {
             max_upload_mb: 64,
             compile_timeout_ms: 60_000,
             extra_topics: Vec::new(),
+            ws_max_message_bytes: 64 << 10,
+            max_rooms_per_client: 100,
+            max_clients: 10_000,
         }
     }
 }
@@ -154,6 +163,16 @@ impl Config {
         Ok(config)
     }
 
+    /// What each fan-out client may take.
+    pub fn client_limits(&self) -> crate::fanout::ClientLimits {
+        crate::fanout::ClientLimits {
+            queue: self.client_queue,
+            max_message: self.ws_max_message_bytes,
+            max_rooms: self.max_rooms_per_client,
+            max_clients: self.max_clients,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: String| Err(ConfigError::Invalid(message));
         if !(1..=1024).contains(&self.partitions) {
@@ -170,6 +189,11 @@ impl Config {
         }
         if !(1..=1024).contains(&self.max_upload_mb) {
             return invalid("max_upload_mb must be 1 to 1024".into());
+        }
+        if self.ws_max_message_bytes < 1024 || self.max_rooms_per_client == 0 || self.max_clients == 0 {
+            return invalid(
+                "ws_max_message_bytes must be at least 1024; max_rooms_per_client and max_clients at least 1".into(),
+            );
         }
         if self.compile_timeout_ms == 0 {
             return invalid("compile_timeout_ms must be at least 1".into());

@@ -80,7 +80,7 @@ pub async fn serve(
     let store = open_store(&config, shared_fanout)?;
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let hub = Hub::new(store.clone(), crate::fanout::ClientLimits { queue: config.client_queue }, shared_fanout);
+    let hub = Hub::new(store.clone(), config.client_limits(), shared_fanout);
     if shared_fanout {
         tasks.spawn(until(stop.clone(), crate::fanout::mirror::mirror(log.clone(), store.clone(), hub.clone())));
     }

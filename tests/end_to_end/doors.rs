@@ -145,3 +145,74 @@ async fn producers_cannot_write_into_owlerys_own_topics_or_event_types() {
     let nothing = client.next_event(std::time::Duration::from_millis(500)).await;
     assert!(nothing.is_none(), "no client saw a forged broadcast: {nothing:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_clients_are_capped_in_number_rooms_and_message_size() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let config = "max_clients = 2\nmax_rooms_per_client = 3\nws_max_message_bytes = 1024\n";
+    let host = Host::with_config(&[shipped("ws-broadcast")], config);
+    let ws_url = |query: &str| format!("{}/ws{query}", host.base.replace("http://", "ws://"));
+
+    // Too many rooms at once: refused at the handshake.
+    match tokio_tungstenite::connect_async(ws_url("?rooms=a,b,c,d")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 400),
+        other => panic!("four rooms must be refused, got {:?}", other.map(|_| "a connection")),
+    }
+
+    let mut first = host.ws("?rooms=a,b").await;
+    // One more room is fine, two more are not (and change nothing).
+    first.send_json(&json!({"subscribe": ["c"]})).await;
+    assert_eq!(first.next_json(std::time::Duration::from_secs(5)).await.unwrap()["type"], "rooms");
+    first.send_json(&json!({"subscribe": ["d"]})).await;
+    let refused = first.next_json(std::time::Duration::from_secs(5)).await.unwrap();
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("at most 3 rooms"), "{refused}");
+
+    // A third client while two are connected: 503.
+    let second = host.ws("").await;
+    let third = tokio_tungstenite::connect_async(ws_url("")).await;
+    match third {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!("a third client must be turned away, got {:?}", other.map(|_| "a connection")),
+    }
+
+    // Once one leaves, a client gets in; a message over the cap ends its connection only.
+    drop(second);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut big = loop {
+        match tokio_tungstenite::connect_async(ws_url("")).await {
+            Ok((stream, _)) => break stream,
+            Err(e) if std::time::Instant::now() > deadline => panic!("the slot was never given back: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    };
+    let _ = big.send(Message::Text("x".repeat(4096).into())).await;
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while let Some(frame) = futures_util::StreamExt::next(&mut big).await {
+            match frame {
+                Ok(Message::Close(_)) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "the oversized message ended the connection");
+    first.send_json(&json!({"ping": 1})).await;
+    assert_eq!(first.next_json(std::time::Duration::from_secs(5)).await.unwrap()["type"], "pong", "others go on");
+    assert_eq!(host.post_events(&event("incident.created", json!({"id": 9}))).await.0, 201);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_body_gets_a_json_413_and_the_client_goes_on() {
+    let host = Host::with_plugins(&[shipped("analytics")]);
+    // Past axum's 2 MB default for /api/events.
+    let huge = format!(r#"{{"eventType":"incident.created","source":"t","data":"{}"}}"#, "x".repeat(3 << 20));
+    let (status, answer) = host.post_raw(&huge).await;
+    assert_eq!(status, 413, "{answer}");
+    assert!(answer["error"].is_string(), "a JSON error: {answer}");
+    // The same client's next request works (the refused connection was closed, not reused).
+    assert_eq!(host.post_events(&event("incident.created", json!({"id": 1}))).await.0, 201);
+}

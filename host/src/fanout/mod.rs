@@ -30,12 +30,27 @@ pub use catch_up::Start;
 /// How long a client resuming from an offset this host has not mirrored yet waits for it.
 const MIRROR_CATCH_UP: Duration = Duration::from_secs(3);
 
-/// How much a client may fall behind.
+/// What one client, and all of them together, may take.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientLimits {
     /// Frames queued for one client; a client this far behind is disconnected.
     pub queue: usize,
+    /// Largest message a client may send (`/ws` frames, Socket.IO packets).
+    pub max_message: usize,
+    /// Rooms one client may be in (besides `all`).
+    pub max_rooms: usize,
+    /// Clients connected at once, `/ws` and Socket.IO together; more are turned away.
+    pub max_clients: usize,
 }
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits { queue: 1024, max_message: 64 << 10, max_rooms: 100, max_clients: 10_000 }
+    }
+}
+
+/// A connected client's place; given back when dropped (the client went).
+pub type ClientSlot = tokio::sync::OwnedSemaphorePermit;
 
 /// A committed record and its frame, made once for all the clients that get it.
 pub struct Live {
@@ -52,6 +67,8 @@ pub struct Hub {
     shared: bool,
     /// The mirror knows which shared log it mirrors (its epoch is that log's).
     mirroring: Arc<AtomicBool>,
+    /// One permit per connected client.
+    clients: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where a client starts.
@@ -70,7 +87,23 @@ impl Hub {
     pub fn new(store: Arc<Store>, limits: ClientLimits, shared: bool) -> Hub {
         // The shared channel is only a hand-off to each client's own loop, which keeps up
         // unless the host is starved; each client's own queue bounds how far it may lag.
-        Hub { live: broadcast::channel(limits.queue.max(1024) * 4).0, store, limits, shared, mirroring: Arc::default() }
+        Hub {
+            live: broadcast::channel(limits.queue.max(1024) * 4).0,
+            store,
+            limits,
+            shared,
+            mirroring: Arc::default(),
+            clients: Arc::new(tokio::sync::Semaphore::new(limits.max_clients)),
+        }
+    }
+
+    pub fn limits(&self) -> &ClientLimits {
+        &self.limits
+    }
+
+    /// A place for one more client, or `None` when `max_clients` are connected.
+    pub fn admit(&self) -> Option<ClientSlot> {
+        self.clients.clone().try_acquire_owned().ok()
     }
 
     /// Every committed record from now on, in offset order.

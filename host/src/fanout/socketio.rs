@@ -56,10 +56,19 @@ fn refuse(socket: &SocketRef, error: String, disconnect: bool) {
 
 /// Set up the default namespace; returns the layer to add to the router.
 pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, SocketIo) {
-    let (layer, io) = SocketIo::new_layer();
+    let (layer, io) = SocketIo::builder().max_payload(hub.limits().max_message as u64).build_layer();
     io.ns("/", move |socket: SocketRef, TryData(hello): TryData<Value>| {
         let (auth, hub) = (auth.clone(), hub.clone());
         async move {
+            // Its place among `max_clients`, held until the socket is gone.
+            let Some(slot) = hub.admit() else {
+                return refuse(&socket, "too many clients connected (max_clients); try again later".into(), true);
+            };
+            let slot = Arc::new(slot);
+            socket.on_disconnect(move |_: SocketRef| {
+                let _held = &slot;
+                async {}
+            });
             let hello = hello.unwrap_or(Value::Null);
             let token = hello.get("token").and_then(|t| t.as_str());
             let grant = match auth.require(token, Scope::Subscribe) {
@@ -74,10 +83,13 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
             if let Some(denied) = rooms.iter().find(|r| !grant.may_join(r)) {
                 return refuse(&socket, format!("the token may not join room {denied:?}"), true);
             }
+            if rooms.len() > hub.limits().max_rooms {
+                return refuse(&socket, format!("at most {} rooms per client", hub.limits().max_rooms), true);
+            }
             rooms.push(ROOM_ALL.to_owned());
             socket.join(rooms.clone());
             catch_up(&socket, &hub, &rooms, resume(&hello)).await;
-            on_room_changes(&socket, grant);
+            on_room_changes(&socket, grant, hub.limits().max_rooms);
         }
     });
     (layer, io)
@@ -103,11 +115,16 @@ async fn catch_up(socket: &SocketRef, hub: &Hub, rooms: &[String], resume: Resum
 
 /// `subscribe` and `unsubscribe` with a list of rooms; answered with `rooms` (the rooms
 /// joined or left) or `error`.
-fn on_room_changes(socket: &SocketRef, grant: Grant) {
+fn on_room_changes(socket: &SocketRef, grant: Grant, max_rooms: usize) {
     socket.on("subscribe", move |socket: SocketRef, TryData(wanted): TryData<Vec<String>>| async move {
         let wanted = wanted.unwrap_or_default();
         if let Some(denied) = wanted.iter().find(|r| !grant.may_join(r)) {
             return refuse(&socket, format!("the token may not join room {denied:?}"), false);
+        }
+        let mut after: std::collections::HashSet<String> = socket.rooms().iter().map(|r| r.to_string()).collect();
+        after.extend(wanted.iter().cloned());
+        if after.len() > max_rooms + 1 {
+            return refuse(&socket, format!("at most {max_rooms} rooms per client"), false);
         }
         socket.join(wanted.clone());
         let _ = socket.emit("rooms", &wanted);

@@ -12,7 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::catch_up::{CatchUp, Item};
-use super::{Hub, Live, ROOM_ALL, Resume};
+use super::{ClientSlot, Hub, Live, ROOM_ALL, Resume};
 use crate::auth::Grant;
 
 /// A ping this often; a client silent for three of these is gone.
@@ -33,21 +33,24 @@ enum Ending {
 struct Client<'a> {
     queue: &'a mpsc::Sender<Message>,
     rooms: HashSet<String>,
+    max_rooms: usize,
     grant: Grant,
     /// Everything up to here has been delivered (or was not for this client).
     sent: Option<u64>,
 }
 
 impl Hub {
-    /// Serve one WebSocket client in `rooms` (plus `all`), resuming as `since` asks.
-    pub async fn serve(self, socket: WebSocket, grant: Grant, rooms: Vec<String>, since: Resume) {
+    /// Serve one WebSocket client in `rooms` (plus `all`), resuming as `since` asks; `slot`
+    /// is its place among `max_clients`, held while it is connected.
+    pub async fn serve(self, socket: WebSocket, grant: Grant, rooms: Vec<String>, since: Resume, slot: ClientSlot) {
+        let _slot = slot;
         let (sink, mut incoming) = socket.split();
         let (queue, outgoing) = mpsc::channel::<Message>(self.limits.queue.max(1));
         let (close_tx, close_rx) = oneshot::channel::<CloseFrame>();
         let writer = tokio::spawn(write_frames(sink, outgoing, close_rx));
         let mut rooms: HashSet<String> = rooms.into_iter().filter(|r| !r.is_empty()).collect();
         rooms.insert(ROOM_ALL.to_owned());
-        let mut client = Client { queue: &queue, rooms, grant, sent: None };
+        let mut client = Client { queue: &queue, rooms, max_rooms: self.limits.max_rooms, grant, sent: None };
         let close = match self.client_loop(&mut client, &mut incoming, since).await {
             Ending::Gone => None,
             Ending::TooSlow(sent) => {
@@ -135,7 +138,7 @@ impl Client<'_> {
                     heard = tokio::time::Instant::now();
                     match message {
                         Some(Ok(Message::Text(text))) => {
-                            let reply = handle_client_message(&mut self.rooms, &self.grant, text.as_str());
+                            let reply = handle_client_message(&mut self.rooms, &self.grant, self.max_rooms, text.as_str());
                             self.queue.try_send(Message::Text(reply.into())).map_err(|_| Ending::TooSlow(self.sent))
                         }
                         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Err(Ending::Gone),
@@ -222,7 +225,7 @@ fn sorted(rooms: &HashSet<String>) -> Vec<&String> {
 }
 
 /// `{"subscribe": [..]}` / `{"unsubscribe": [..]}` from a client; returns the reply frame.
-fn handle_client_message(rooms: &mut HashSet<String>, grant: &Grant, text: &str) -> String {
+fn handle_client_message(rooms: &mut HashSet<String>, grant: &Grant, max_rooms: usize, text: &str) -> String {
     let Ok(serde_json::Value::Object(message)) = serde_json::from_str::<serde_json::Value>(text) else {
         return serde_json::json!({"type": "error", "error": "expected a JSON object like {\"subscribe\": [\"incident:1\"]}"}).to_string();
     };
@@ -238,7 +241,13 @@ fn handle_client_message(rooms: &mut HashSet<String>, grant: &Grant, text: &str)
             return serde_json::json!({"type": "error", "error": format!("the token may not join room {denied:?}")})
                 .to_string();
         }
-        rooms.extend(wanted.into_iter().filter(|r| !r.is_empty()));
+        let new: HashSet<String> = wanted.into_iter().filter(|r| !r.is_empty() && !rooms.contains(r)).collect();
+        // `all` does not count.
+        if rooms.len() - 1 + new.len() > max_rooms {
+            return serde_json::json!({"type": "error", "error": format!("at most {max_rooms} rooms per client")})
+                .to_string();
+        }
+        rooms.extend(new);
     } else if message.contains_key("unsubscribe") {
         for room in names("unsubscribe") {
             if room != ROOM_ALL {

@@ -30,8 +30,18 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body was not read: the connection cannot carry another request.
+            let close = [(axum::http::header::CONNECTION, "close")];
+            return (self.status, close, axum::Json(self.body)).into_response();
+        }
         (self.status, axum::Json(self.body)).into_response()
     }
+}
+
+/// A request body that could not be read (over its size limit: 413), as a JSON error.
+pub(super) fn unreadable_body(rejection: axum::extract::rejection::BytesRejection, field: &str) -> ApiError {
+    ApiError::new(rejection.status(), format!("the body: {}", rejection.body_text())).with("field", field.to_owned())
 }
 
 impl From<LogError> for ApiError {

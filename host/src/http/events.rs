@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
@@ -26,8 +27,9 @@ pub(super) async fn publish(
     State(state): State<AppState>,
     Query(params): Query<PublishParams>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let body = body.map_err(|r| super::error::unreadable_body(r, "(body)"))?;
     content_type(&headers, "application/json")?;
     check_json_shape(&body).map_err(|e| ApiError::bad_request(e.to_string()).with("field", e.field))?;
     let value: Value = serde_json::from_slice(&body)

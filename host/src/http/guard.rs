@@ -111,11 +111,11 @@ impl<S: Send + Sync> FromRequest<S> for WasmBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        content_type(request.headers(), "application/wasm")?;
-        let body = Bytes::from_request(request, state).await.map_err(|rejection| {
-            ApiError::new(rejection.status(), format!("the .wasm body: {}", rejection.body_text()))
-                .with("field", "wasm")
-        })?;
+        let headers = request.headers().clone();
+        // Read (up to the cap) before refusing: a refusal that leaves the body unread makes
+        // the connection unusable for the client's next request.
+        let body = Bytes::from_request(request, state).await.map_err(|r| super::error::unreadable_body(r, "wasm"))?;
+        content_type(&headers, "application/wasm")?;
         Ok(WasmBody(body))
     }
 }

@@ -1,6 +1,7 @@
 //! The live side: the WebSocket endpoint, the live feed page, health and log status.
 
 use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -54,11 +55,20 @@ pub(super) async fn websocket(
     if let Some(room) = rooms.iter().find(|r| !grant.may_join(r)) {
         return Err(AuthError::Room(room.clone()).into());
     }
+    let limits = *state.hub.limits();
+    if rooms.len() > limits.max_rooms {
+        let message = format!("at most {} rooms per client (max_rooms_per_client)", limits.max_rooms);
+        return Err(ApiError::bad_request(message).with("field", "rooms"));
+    }
+    let slot = state.hub.admit().ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many clients connected (max_clients); try again later")
+    })?;
     let resume = match params.since {
         None => Resume::Live,
         Some(offset) if offset < 0 => Resume::All,
         Some(offset) => Resume::After { offset: offset as u64, epoch: params.epoch },
     };
     let hub = state.hub.clone();
-    Ok(ws.on_upgrade(move |socket| hub.serve(socket, grant, rooms, resume)))
+    let ws = ws.max_message_size(limits.max_message).max_frame_size(limits.max_message);
+    Ok(ws.on_upgrade(move |socket| hub.serve(socket, grant, rooms, resume, slot)))
 }
