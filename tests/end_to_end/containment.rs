@@ -618,3 +618,23 @@ async fn compiling_past_its_time_limit_is_refused_and_holds_up_nobody() {
     assert_eq!(host.get("/api/plugins/slow").await.0, 404, "nothing was installed");
     assert_eq!(host.post_events(&event("incident.created", json!({"id": 1}))).await.0, 201);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_batch_is_dead_lettered_however_often_the_plugin_is_queried() {
+    // Every attempt at the poisoned event times out; a dashboard queries all the while.
+    let limits = "batch_timeout_ms = 300\nmax_batch = 64\nretries = 2";
+    let host = Host::with_plugins(&[misbehave("sleeper", "", limits, "mode = \"sleep\"")]);
+    let stored = post(&host, ticks(10, &[5])).await;
+    let querying = async {
+        loop {
+            let _ = host.http.get(host.url("/api/plugins/sleeper/query")).send().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let settled = async { dead_lettered_once(&host, "sleeper", &stored[5], 9).await };
+    let status = tokio::select! {
+        status = settled => status,
+        _ = querying => unreachable!(),
+    };
+    assert!(status["lastError"].as_str().unwrap().contains("timed out"), "{status}");
+}

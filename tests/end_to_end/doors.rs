@@ -47,6 +47,12 @@ async fn another_web_page_cannot_drive_a_host_without_auth() {
     // DNS rebinding: the page's own name in Host.
     let rebound = host.http.get(host.url("/api/plugins")).header("host", "evil.example:8080").send().await.unwrap();
     assert_eq!(rebound.status(), 403);
+    // A page on another localhost port is foreign too; a cross-site GET without Origin
+    // (an image, a no-cors fetch) says so in Sec-Fetch-Site.
+    let other_port = host.http.post(host.url("/api/plugins/analytics/pause")).header("origin", "http://localhost:1");
+    assert_eq!(other_port.send().await.unwrap().status(), 403);
+    let image = host.http.get(host.url("/api/plugins/analytics/query")).header("sec-fetch-site", "cross-site");
+    assert_eq!(image.send().await.unwrap().status(), 403);
 
     // A WebSocket (or Socket.IO) from that page is refused at the handshake.
     for path in ["/ws", "/socket.io/?EIO=4&transport=websocket"] {
@@ -57,7 +63,7 @@ async fn another_web_page_cannot_drive_a_host_without_auth() {
     }
 
     // The same requests from the host's own page, or without Origin (curl), work.
-    let own = format!("{}/", host.base);
+    let own = host.base.clone();
     let ok = host.http.post(host.url("/api/plugins/analytics/pause")).header("origin", own).send().await.unwrap();
     assert_eq!(ok.status(), 200);
     let ok = host.http.post(host.url("/api/plugins/analytics/resume")).send().await.unwrap();

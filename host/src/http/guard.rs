@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -58,7 +58,8 @@ pub(super) async fn same_site(State(state): State<AppState>, request: Request, n
 
 fn loopback_only(headers: &HeaderMap) -> Result<(), ApiError> {
     let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or("(not text)"));
-    if let Some(host) = text(header::HOST)
+    let host = text(header::HOST);
+    if let Some(host) = host
         && !is_loopback_host(host)
     {
         return Err(ApiError::new(
@@ -67,15 +68,23 @@ fn loopback_only(headers: &HeaderMap) -> Result<(), ApiError> {
         )
         .with("field", "Host"));
     }
+    // A page's own origin is this host exactly (scheme aside); any other page, even on
+    // another localhost port, is foreign.
     if let Some(origin) = text(header::ORIGIN) {
-        let host = origin.split_once("://").map(|(_, rest)| rest);
-        if !host.is_some_and(is_loopback_host) {
+        let authority = origin.split_once("://").map(|(_, rest)| rest);
+        if authority.is_none() || authority != host {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                format!("requests from the web page at {origin:?} are refused: without [auth] only pages served from localhost may call this host"),
+                format!("requests from the web page at {origin:?} are refused: without [auth] only this host's own pages may call it"),
             )
             .with("field", "Origin"));
         }
+    }
+    // Browsers send no Origin on some cross-site GETs (images, no-cors fetches), but do
+    // say where a request comes from.
+    if text(HeaderName::from_static("sec-fetch-site")) == Some("cross-site") {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "cross-site requests are refused without [auth]")
+            .with("field", "Sec-Fetch-Site"));
     }
     Ok(())
 }

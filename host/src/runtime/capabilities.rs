@@ -31,6 +31,8 @@ pub(super) enum Refusal {
     RoomName,
     #[error("{0} must be JSON")]
     NotJson(&'static str),
+    #[error("{0}")]
+    Shape(String),
     #[error("event type: {0}")]
     EventType(String),
     #[error("cause {0:?} is not an event of the current batch")]

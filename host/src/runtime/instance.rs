@@ -66,6 +66,11 @@ impl Interrupt {
         self.0.notify.notify_waiters();
     }
 
+    /// Whether an operator's command (not only queries) is waiting.
+    pub fn operator_waiting(&self) -> bool {
+        self.0.command.load(Ordering::Acquire)
+    }
+
     /// The waiting commands are being handled.
     pub fn clear(&self) {
         self.0.command.store(false, Ordering::Release);

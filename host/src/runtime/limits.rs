@@ -51,7 +51,7 @@ pub struct LimitHit {
 }
 
 impl LimitHit {
-    fn new(key: &'static str, message: String) -> LimitHit {
+    pub(crate) fn new(key: &'static str, message: String) -> LimitHit {
         LimitHit { key, message }
     }
 }

@@ -13,10 +13,17 @@ impl Store {
         Ok(table.get((plugin, key))?.map(|v| v.value().to_vec()))
     }
 
-    /// Every (key, value) of `plugin` whose key starts with `prefix`, in key order.
-    pub fn state_scan(&self, plugin: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    /// Every (key, value) of `plugin` whose key starts with `prefix`, in key order; stops
+    /// after `max_bytes` of keys and values (the caller sees it went over by the total).
+    pub fn state_scan(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        max_bytes: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let table = self.read()?.open_table(STATE)?;
         let mut out = Vec::new();
+        let mut taken = 0usize;
         for entry in table.range((plugin, prefix)..)? {
             let (key, value) = entry?;
             let (owner, k) = key.value();
@@ -24,6 +31,10 @@ impl Store {
                 break;
             }
             out.push((k.to_owned(), value.value().to_vec()));
+            taken += k.len() + value.value().len();
+            if taken > max_bytes {
+                break;
+            }
         }
         Ok(out)
     }
@@ -96,7 +107,12 @@ impl crate::runtime::StateView for Store {
         self.state_get(namespace, key).map_err(crate::runtime::StateError::new)
     }
 
-    fn scan(&self, namespace: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, crate::runtime::StateError> {
-        self.state_scan(namespace, prefix).map_err(crate::runtime::StateError::new)
+    fn scan(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        max_bytes: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, crate::runtime::StateError> {
+        self.state_scan(namespace, prefix, max_bytes).map_err(crate::runtime::StateError::new)
     }
 }

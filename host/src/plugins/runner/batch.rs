@@ -161,12 +161,14 @@ impl Runner {
     }
 
     /// Call `handle`, retrying on a fresh instance; the last error if every attempt failed.
-    /// A command waiting after a failed attempt interrupts the retries.
+    /// An operator's command waiting after a failed attempt interrupts the retries (a query
+    /// waits: queries coming often must not keep a failing batch from its dead letter), and
+    /// so does a stop, whenever it comes: a stopping plugin dead-letters nothing.
     fn call_with_retries(&mut self, batch: &Arc<[GuestEnvelope]>) -> Result<Effects, Attempt> {
         let attempts = self.version.manifest.limits.retries + 1;
         let mut last = None;
         for attempt in 0..attempts {
-            if last.is_some() && self.command_waiting() {
+            if self.cancel.is_cancelled() || (last.is_some() && self.interrupt.operator_waiting()) {
                 tracing::info!("a command is waiting; this batch is read again after it");
                 return Err(Attempt::Interrupted);
             }
@@ -174,7 +176,10 @@ impl Runner {
                 Ok(effects) => return Ok(effects),
                 // Stopping, or a command came: not the plugin's failure; the batch is read
                 // again after the command (and that time runs to its end).
-                Err(RunnerError::Call(CallError::Cancelled | CallError::Interrupted)) => {
+                Err(
+                    RunnerError::Call(CallError::Cancelled | CallError::Interrupted)
+                    | RunnerError::Instantiate(CallError::Cancelled | CallError::Interrupted),
+                ) => {
                     // An abandoned call leaves the instance unusable.
                     self.instance = None;
                     self.interruptible = false;
@@ -192,6 +197,9 @@ impl Runner {
                     last = Some(error);
                 }
             }
+        }
+        if self.cancel.is_cancelled() {
+            return Err(Attempt::Interrupted);
         }
         Err(Attempt::Failed(last.expect("at least one attempt")))
     }

@@ -422,10 +422,4 @@ impl Runner {
         }
         Ok(answer?)
     }
-
-    /// A command is waiting: a long-failing batch stops at its next attempt so that the
-    /// command is answered within about one call's deadline.
-    fn command_waiting(&self) -> bool {
-        !self.commands.is_empty()
-    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::GuestEnvelope;
 use crate::effects::Broadcast;
-use crate::envelope::{Envelope, Routing, check_event_type};
+use crate::envelope::{Envelope, Routing, check_event_type, check_json_shape};
 use crate::log::AppendItem;
 use crate::runtime::capabilities::{Capabilities, Refusal};
 
@@ -81,6 +81,7 @@ impl Emitter {
         if serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_err() {
             return Err(Refusal::NotJson("broadcast payload"));
         }
+        check_json_shape(payload.as_bytes()).map_err(|e| Refusal::Shape(e.message))?;
         let (id, _) = self.derive_id(&cause, Effect::Broadcast)?;
         self.broadcasts.push(Broadcast { id, room, payload });
         Ok(())
@@ -95,6 +96,8 @@ impl Emitter {
     ) -> Result<(), Refusal> {
         caps.need_publish(&event_type)?;
         check_event_type(&event_type).map_err(|e| Refusal::EventType(e.to_string()))?;
+        // What every reader must be able to parse back, as producers' events must.
+        check_json_shape(data.as_bytes()).map_err(|e| Refusal::Shape(e.message))?;
         let data = serde_json::from_str::<serde_json::Value>(&data).map_err(|_| Refusal::NotJson("publish data"))?;
         let (event_id, timestamp) = self.derive_id(&cause, Effect::Publish)?;
         let mut metadata = serde_json::Map::new();
@@ -184,6 +187,19 @@ mod tests {
         let batched = broadcast_ids(&["e1", "e2"], &["e1", "e2", "e2"]);
         assert_eq!(batched[1..], alone[..]);
         assert_ne!(alone[0], alone[1], "a second broadcast for one cause gets its own id");
+    }
+
+    #[test]
+    fn plugin_output_nested_past_the_ingress_limit_is_refused() {
+        let mut emitter = Emitter::new("p".into(), Arc::default());
+        emitter.begin(Arc::new([event("e1")]));
+        let caps =
+            Capabilities { broadcast: true, publish: vec![crate::envelope::Pattern::new("*")], ..Default::default() };
+        let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        let refused = emitter.publish(&caps, "e1".into(), "a.b".into(), deep.clone());
+        assert!(matches!(refused, Err(Refusal::Shape(_))), "{refused:?}");
+        let refused = emitter.broadcast(&caps, "e1".into(), "all".into(), deep);
+        assert!(matches!(refused, Err(Refusal::Shape(_))), "{refused:?}");
     }
 
     #[test]

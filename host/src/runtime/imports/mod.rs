@@ -40,6 +40,10 @@ pub(crate) struct HostState {
     emit: Emitter,
 }
 
+/// What one buffered item costs the host beyond its bytes (its allocations, its ids and
+/// envelope fields): charged to the output budget, so many tiny items are bounded too.
+const ITEM_OVERHEAD: usize = 256;
+
 /// What `broadcast` and `publish` answer: a trap, or the guest is told of a refusal.
 type Emitted = wasmtime::Result<Result<(), String>>;
 
@@ -147,7 +151,7 @@ impl host::Host for HostState {
         self.need_state()?;
         self.need_writable("state-set")?;
         check_state_entry(&self.caps.limits, &key, Some(&value))?;
-        self.take_output(key.len() + value.len(), "a state write")?;
+        self.take_output(ITEM_OVERHEAD + key.len() + value.len(), "a state write")?;
         self.state.write(key, Some(value));
         Ok(())
     }
@@ -156,23 +160,32 @@ impl host::Host for HostState {
         self.need_state()?;
         self.need_writable("state-delete")?;
         check_state_entry(&self.caps.limits, &key, None)?;
-        self.take_output(key.len(), "a state delete")?;
+        self.take_output(ITEM_OVERHEAD + key.len(), "a state delete")?;
         self.state.write(key, None);
         Ok(())
     }
 
     async fn state_scan(&mut self, prefix: String) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
         self.need_state()?;
-        Ok(self.state.scan(&prefix)?)
+        // The result goes into guest memory: more than `memory_mb` could never fit.
+        let cap = self.caps.limits.memory;
+        match self.state.scan(&prefix, cap)? {
+            Some(entries) => Ok(entries),
+            None => {
+                Err(LimitHit::new("memory_mb", format!("state-scan of {prefix:?} returns more than {} MiB", cap >> 20))
+                    .into())
+            }
+        }
     }
 
     async fn broadcast(&mut self, cause: String, room: String, payload: String) -> Emitted {
-        let bytes = room.len() + payload.len();
+        let bytes = ITEM_OVERHEAD + cause.len() + room.len() + payload.len();
         self.emit_one("broadcast", bytes, |emit, caps| emit.broadcast(caps, cause, room, payload))
     }
 
     async fn publish(&mut self, cause: String, event_type: String, data: String) -> Emitted {
-        let bytes = event_type.len() + data.len();
+        // A published event is kept parsed (an envelope): count it at twice its text.
+        let bytes = ITEM_OVERHEAD + cause.len() + event_type.len() + 2 * data.len();
         self.emit_one("publish", bytes, |emit, caps| emit.publish(caps, cause, event_type, data))
     }
 }

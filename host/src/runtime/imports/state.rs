@@ -10,8 +10,9 @@ use std::sync::Arc;
 /// the batch's offsets.
 pub trait StateView: Send + Sync {
     fn get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, StateError>;
-    /// Every (key, value) of `namespace` whose key starts with `prefix`, in key order.
-    fn scan(&self, namespace: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError>;
+    /// Every (key, value) of `namespace` whose key starts with `prefix`, in key order;
+    /// it may stop once past `max_bytes` of keys and values.
+    fn scan(&self, namespace: &str, prefix: &str, max_bytes: usize) -> Result<Vec<(String, Vec<u8>)>, StateError>;
 }
 
 /// Why the state behind a `StateView` could not be read: the implementation's own error,
@@ -25,6 +26,9 @@ impl StateError {
         StateError(Box::new(error))
     }
 }
+
+/// (key, value) pairs of a scan, in key order.
+pub(super) type Entries = Vec<(String, Vec<u8>)>;
 
 /// One instance's view of its namespace: committed state plus the current call's writes.
 pub(super) struct StateAccess {
@@ -51,8 +55,14 @@ impl StateAccess {
         self.writes.insert(key, value);
     }
 
-    pub(super) fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
-        let mut merged: BTreeMap<String, Vec<u8>> = self.view.scan(&self.namespace, prefix)?.into_iter().collect();
+    /// What `scan` of `prefix` sees, or `None` when the committed part alone is over
+    /// `max_bytes` (the host never holds more than that for one scan).
+    pub(super) fn scan(&self, prefix: &str, max_bytes: usize) -> Result<Option<Entries>, StateError> {
+        let committed = self.view.scan(&self.namespace, prefix, max_bytes)?;
+        if committed.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() > max_bytes {
+            return Ok(None);
+        }
+        let mut merged: BTreeMap<String, Vec<u8>> = committed.into_iter().collect();
         for (key, value) in self.writes.range(prefix.to_owned()..) {
             if !key.starts_with(prefix) {
                 break;
@@ -62,7 +72,7 @@ impl StateAccess {
                 None => merged.remove(key),
             };
         }
-        Ok(merged.into_iter().collect())
+        Ok(Some(merged.into_iter().collect()))
     }
 
     pub(super) fn discard_writes(&mut self) {
@@ -88,7 +98,7 @@ mod tests {
         fn get(&self, _: &str, key: &str) -> Result<Option<Vec<u8>>, StateError> {
             Ok(self.0.get(key).cloned())
         }
-        fn scan(&self, _: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        fn scan(&self, _: &str, prefix: &str, _: usize) -> Result<Vec<(String, Vec<u8>)>, StateError> {
             Ok(self.0.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
         }
     }
@@ -105,8 +115,9 @@ mod tests {
         assert_eq!(state.get("a/1").unwrap(), Some(b"new".to_vec()));
         assert_eq!(state.get("a/2").unwrap(), None);
         assert_eq!(state.get("b/1").unwrap(), Some(b"other".to_vec()));
-        let keys: Vec<String> = state.scan("a/").unwrap().into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<String> = state.scan("a/", 1 << 20).unwrap().unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["a/1", "a/3"]);
+        assert!(state.scan("", 4).unwrap().is_none(), "over the byte cap: refused, not held");
 
         assert_eq!(state.take_writes().len(), 3);
         assert_eq!(state.get("a/1").unwrap(), Some(b"old".to_vec()), "taken writes are no longer read");
