@@ -638,3 +638,28 @@ async fn a_failing_batch_is_dead_lettered_however_often_the_plugin_is_queried() 
     };
     assert!(status["lastError"].as_str().unwrap().contains("timed out"), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_grown_past_the_cap_fails_the_call_and_nothing_else() {
+    // No Rust guest can emit table.grow: this one is written in the component text format.
+    let text = std::fs::read_to_string(std::path::Path::new(guests::TEST_PLUGINS_DIR).join("table-grow.wat")).unwrap();
+    let wasm = wat::parse_str(&text).unwrap();
+    let host = Host::with_plugins(&[shipped("analytics")]);
+    let manifest = "[subscribe]\ntopics = [\"events\"]\n[limits]\nretries = 0\nbatch_timeout_ms = 300";
+    let upload = host
+        .http
+        .put(host.url("/api/plugins/grower"))
+        .query(&[("manifest", manifest)])
+        .header("content-type", "application/wasm")
+        .body(wasm);
+    let answer = send(upload, "PUT grower").await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    let stored = post(&host, ticks(3, &[])).await;
+    let status = settled(&host, "grower", 3).await;
+    let last_error = status["lastError"].as_str().unwrap();
+    assert!(last_error.contains("tables grow to"), "{status}");
+    assert!(stored.iter().any(|e| last_error.contains(&at(e))), "it names the event: {status}");
+    assert!(status["limitHits"].as_u64().unwrap() >= 3, "{status}");
+    analytics_counts(&host, 3, WAIT).await;
+    assert_eq!(get(&host, "/api/plugins/grower/query").await.status, 200, "its query still answers");
+}

@@ -1,0 +1,46 @@
+;; A plugin written by hand in the component text format, because no Rust guest can emit
+;; `table.grow`: its `handle` grows its table by 200,000 elements, past the host's cap.
+;; `init` and `query` answer `ok` from zeroed memory; `cabi_realloc` is a bump allocator.
+(component
+  (core module $m
+    (memory (export "memory") 1)
+    (table $t 1 funcref)
+    (global $next (mut i32) (i32.const 1024))
+    (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
+      (local $at i32)
+      (local.set $at (global.get $next))
+      (global.set $next (i32.add (global.get $next) (i32.and (i32.add (local.get 3) (i32.const 7)) (i32.const -8))))
+      (if (i32.gt_u (global.get $next) (i32.mul (memory.size) (i32.const 65536)))
+        (then (drop (memory.grow (i32.const 16)))))
+      (local.get $at))
+    (func (export "init") (param i32 i32) (result i32) (i32.const 0))
+    (func (export "handle") (param i32 i32) (result i32)
+      (drop (table.grow $t (ref.null func) (i32.const 200000)))
+      (i32.const 0))
+    ;; result<string, string>: ok, pointing at "{}" stored at 512.
+    (func (export "query") (param i32 i32) (result i32)
+      (i32.store8 (i32.const 512) (i32.const 123))
+      (i32.store8 (i32.const 513) (i32.const 125))
+      (i32.store (i32.const 256) (i32.const 0))
+      (i32.store (i32.const 260) (i32.const 512))
+      (i32.store (i32.const 264) (i32.const 2))
+      (i32.const 256))
+  )
+  (core instance $i (instantiate $m))
+  (alias core export $i "memory" (core memory $mem))
+  (alias core export $i "cabi_realloc" (core func $realloc))
+  (type $envelope (record
+    (field "event-id" string) (field "event-type" string) (field "timestamp" string)
+    (field "source" string) (field "user-id" (option string)) (field "metadata" string)
+    (field "data" string) (field "topic" string) (field "partition" u32) (field "offset" u64)))
+  (type $handle-error (record (field "index" (option u32)) (field "message" string)))
+  ;; Records in an exported signature must be exported types themselves.
+  (export $env "envelope" (type $envelope))
+  (export $err "handle-error" (type $handle-error))
+  (func (export "init") (param "config" string) (result (result (error string)))
+    (canon lift (core func $i "init") (memory $mem) (realloc $realloc)))
+  (func (export "handle") (param "batch" (list $env)) (result (result (error $err)))
+    (canon lift (core func $i "handle") (memory $mem) (realloc $realloc)))
+  (func (export "query") (param "request" string) (result (result string (error string)))
+    (canon lift (core func $i "query") (memory $mem) (realloc $realloc)))
+)
