@@ -663,3 +663,21 @@ async fn a_table_grown_past_the_cap_fails_the_call_and_nothing_else() {
     analytics_counts(&host, 3, WAIT).await;
     assert_eq!(get(&host, "/api/plugins/grower/query").await.status, 200, "its query still answers");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_that_keeps_failing_is_marked_failed_after_the_threshold() {
+    // 100 dead letters in a row (FAIL_AFTER_DEAD_LETTERS) stop the plugin, here with calls
+    // that time out blocked in WASI; the other plugins are not held up.
+    let limits = "batch_timeout_ms = 50\nmax_batch = 256\nretries = 0";
+    let host = Host::with_plugins(&[misbehave("sleeper", "", limits, "mode = \"sleep\""), shipped("analytics")]);
+    let all: Vec<usize> = (0..100).collect();
+    post(&host, ticks(100, &all)).await;
+    let status = wait_for("sleeper is marked failed", WAIT, async || {
+        let status = status(&host, "sleeper").await;
+        if status["state"] == "failed" { Ok(status) } else { Err(status.to_string()) }
+    })
+    .await;
+    assert_eq!(status["deadLetters"], 100, "{status}");
+    assert!(status["lastError"].as_str().unwrap().contains("in a row failed"), "{status}");
+    analytics_counts(&host, 100, WAIT).await;
+}
