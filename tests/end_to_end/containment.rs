@@ -679,5 +679,8 @@ async fn a_plugin_that_keeps_failing_is_marked_failed_after_the_threshold() {
     .await;
     assert_eq!(status["deadLetters"], 100, "{status}");
     assert!(status["lastError"].as_str().unwrap().contains("in a row failed"), "{status}");
+    // Each call ended within its deadline plus 200 ms (50 ms + 200 ms), on average.
+    let average = status["avgBatchMicros"].as_u64().unwrap();
+    assert!((50_000..250_000).contains(&average), "calls took {average} µs on average: {status}");
     analytics_counts(&host, 100, WAIT).await;
 }
