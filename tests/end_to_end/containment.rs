@@ -342,10 +342,7 @@ async fn stuck_queries_time_out_and_excess_queries_are_turned_away() {
 #[tokio::test(flavor = "multi_thread")]
 async fn uploads_are_capped_bounded_and_checked_for_memory() {
     let mut host = Host::with_config(&[shipped("analytics")], "max_upload_mb = 1\n");
-    let put = |name: &str, wasm: Vec<u8>, manifest: &str| {
-        let url = host.url(&format!("/api/plugins/{name}"));
-        host.http.put(url).query(&[("manifest", manifest)]).header("content-type", "application/wasm").body(wasm)
-    };
+    let put = |name: &str, wasm: Vec<u8>, manifest: &str| host.upload(name, wasm, Some(manifest));
     let misbehave_wasm = std::fs::read(guests::MISBEHAVE).unwrap();
     let big_memory_wasm = std::fs::read(guests::BIG_MEMORY).unwrap();
     assert!(misbehave_wasm.len() < 1 << 20 && big_memory_wasm.len() < 1 << 20, "the guests fit under the cap");
@@ -464,23 +461,13 @@ async fn a_stuck_plugin_answers_its_operations_and_holds_up_nobody() {
     // Uploading a new plugin and swapping another work meanwhile.
     let misbehave_wasm = std::fs::read(guests::MISBEHAVE).unwrap();
     let manifest = "[subscribe]\ntopics = [\"incident-events\"]\n[config]\nmode = \"error\"";
-    let request = host
-        .http
-        .put(host.url("/api/plugins/newcomer"))
-        .query(&[("manifest", manifest)])
-        .header("content-type", "application/wasm")
-        .body(misbehave_wasm);
+    let request = host.upload("newcomer", misbehave_wasm, Some(manifest));
     let answer = send(request, "PUT newcomer").await;
     assert_eq!(answer.status, 201, "{}", answer.body);
     let analytics_wasm = std::fs::read(guests::ANALYTICS).unwrap();
     let swapped = shipped("analytics").2.replace("batch_timeout_ms = 2000", "batch_timeout_ms = 2500");
     assert_ne!(swapped, shipped("analytics").2);
-    let request = host
-        .http
-        .put(host.url("/api/plugins/analytics"))
-        .query(&[("manifest", swapped.as_str())])
-        .header("content-type", "application/wasm")
-        .body(analytics_wasm);
+    let request = host.upload("analytics", analytics_wasm, Some(&swapped));
     let answer = send(request, "PUT analytics").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
 
@@ -607,11 +594,7 @@ async fn compiling_past_its_time_limit_is_refused_and_holds_up_nobody() {
     let host = Host::with_config(&[], "compile_timeout_ms = 1\n");
     let wasm = std::fs::read(guests::ALERTS).unwrap();
     let started = Instant::now();
-    let answer = send(
-        host.http.put(host.url("/api/plugins/slow")).header("content-type", "application/wasm").body(wasm),
-        "PUT slow",
-    )
-    .await;
+    let answer = send(host.upload("slow", wasm, None), "PUT slow").await;
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert!(answer.body["error"].as_str().unwrap().contains("compile_timeout_ms"), "{}", answer.body);
     assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
@@ -646,13 +629,7 @@ async fn a_table_grown_past_the_cap_fails_the_call_and_nothing_else() {
     let wasm = wat::parse_str(&text).unwrap();
     let host = Host::with_plugins(&[shipped("analytics")]);
     let manifest = "[subscribe]\ntopics = [\"events\"]\n[limits]\nretries = 0\nbatch_timeout_ms = 300";
-    let upload = host
-        .http
-        .put(host.url("/api/plugins/grower"))
-        .query(&[("manifest", manifest)])
-        .header("content-type", "application/wasm")
-        .body(wasm);
-    let answer = send(upload, "PUT grower").await;
+    let answer = send(host.upload("grower", wasm, Some(manifest)), "PUT grower").await;
     assert_eq!(answer.status, 201, "{}", answer.body);
     let stored = post(&host, ticks(3, &[])).await;
     let status = settled(&host, "grower", 3).await;

@@ -44,12 +44,7 @@ fn analytics_manifest() -> String {
 }
 
 async fn put(host: &Host, name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> (u16, Value) {
-    let mut request =
-        host.http.put(host.url(&format!("/api/plugins/{name}"))).header("content-type", "application/wasm").body(wasm);
-    if let Some(manifest) = manifest {
-        request = request.query(&[("manifest", manifest)]);
-    }
-    let response = request.send().await.unwrap();
+    let response = host.upload(name, wasm, manifest).send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }

@@ -113,6 +113,19 @@ impl Host {
         owlery_testkit::host::tail(&self.log())
     }
 
+    /// `PUT /api/plugins/{name}` of a component, with its manifest if given.
+    pub fn upload(&self, name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> reqwest::RequestBuilder {
+        let request = self
+            .http
+            .put(self.url(&format!("/api/plugins/{name}")))
+            .header("content-type", "application/wasm")
+            .body(wasm);
+        match manifest {
+            Some(manifest) => request.query(&[("manifest", manifest)]),
+            None => request,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -215,7 +215,7 @@ pub(super) async fn promote_shadow(
     Query(params): Query<Switches>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let (_, shadow) = state.plugins.status(&name)?;
-    let shadow = shadow.ok_or_else(|| ApiError::new(StatusCode::CONFLICT, format!("plugin {name:?} has no shadow")))?;
+    let shadow = shadow.ok_or_else(|| PluginError::NoShadow(name.clone()))?;
     let shadow_lag = lag(&state, &shadow).await;
     state.plugins.promote(&name, params.force, shadow_lag).await?;
     Ok(axum::Json(plugin_json(&state, state.plugins.status(&name)?).await))
