@@ -1,6 +1,7 @@
-//! Who may do what: bearer tokens with scopes (`publish`, `subscribe`, `admin`) and, for
-//! `subscribe`, the rooms allowed (`incident:*`). Tokens are static strings from
-//! `owlery.toml` or HMAC-signed JWTs (HS256) carrying the same claims.
+//! Who may do what: bearer tokens with scopes (`publish`, `subscribe`, `query`, `admin`)
+//! and, for `subscribe`, the rooms allowed (`incident:*`). Tokens are static strings from
+//! `owlery.toml` or HMAC-signed JWTs (HS256) carrying the same claims. Rooms fail closed: a
+//! token that lists none may join only `all`; `rooms = ["*"]` allows every room.
 
 use serde::Deserialize;
 
@@ -14,6 +15,9 @@ pub const ROOM_ALL: &str = "all";
 pub enum Scope {
     Publish,
     Subscribe,
+    /// Plugin queries (`GET /api/plugins/{name}/query`): totals across every room, so not
+    /// part of `subscribe`.
+    Query,
     Admin,
 }
 
@@ -22,18 +26,14 @@ pub enum Scope {
 pub struct Grant {
     pub subject: String,
     pub scopes: Vec<Scope>,
-    /// Room patterns a subscriber may join; empty means every room.
+    /// Room patterns a subscriber may join besides `all`; `*` is every room.
     pub rooms: Vec<Pattern>,
 }
 
 impl Grant {
     /// Everything: what a request gets when auth is off.
     pub fn everything() -> Grant {
-        Grant {
-            subject: "anonymous".into(),
-            scopes: vec![Scope::Publish, Scope::Subscribe, Scope::Admin],
-            rooms: Vec::new(),
-        }
+        Grant { subject: "anonymous".into(), scopes: vec![Scope::Admin], rooms: vec![Pattern::new("*")] }
     }
 
     pub fn has(&self, scope: Scope) -> bool {
@@ -42,7 +42,7 @@ impl Grant {
 
     /// Room `all` is everyone's; others must match one of the token's patterns.
     pub fn may_join(&self, room: &str) -> bool {
-        room == ROOM_ALL || self.rooms.is_empty() || self.rooms.iter().any(|p| p.matches(room))
+        room == ROOM_ALL || self.rooms.iter().any(|p| p.matches(room))
     }
 }
 
@@ -67,9 +67,15 @@ pub struct AuthConfig {
     pub enabled: bool,
     #[serde(default)]
     pub tokens: Vec<StaticToken>,
-    /// HS256 secret for JWTs with claims `sub`, `scopes`, `rooms`, `exp`.
+    /// HS256 secret (32 bytes or more) for JWTs with claims `sub`, `scopes`, `rooms`, `exp`.
     #[serde(default)]
     pub jwt_secret: Option<String>,
+    /// When set, a JWT must carry this `aud`.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// When set, a JWT must carry this `iss`.
+    #[serde(default)]
+    pub issuer: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -96,12 +102,27 @@ pub enum AuthError {
 pub struct Auth {
     config: AuthConfig,
     jwt_key: Option<jsonwebtoken::DecodingKey>,
+    validation: jsonwebtoken::Validation,
 }
 
 impl Auth {
     pub fn new(config: AuthConfig) -> Auth {
         let jwt_key = config.jwt_secret.as_ref().map(|s| jsonwebtoken::DecodingKey::from_secret(s.as_bytes()));
-        Auth { config, jwt_key }
+        // HS256 only (no `alg` switching), `exp` required, and `aud`/`iss` when configured.
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        let mut required = vec!["exp"];
+        // Off unless configured: a token that carries an `aud` is then not refused for it.
+        validation.validate_aud = config.audience.is_some();
+        if let Some(audience) = &config.audience {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        if let Some(issuer) = &config.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        Auth { config, jwt_key, validation }
     }
 
     pub fn enabled(&self) -> bool {
@@ -123,9 +144,8 @@ impl Auth {
             });
         }
         let Some(key) = &self.jwt_key else { return Err(AuthError::Invalid("unknown token".into())) };
-        let validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-        let data =
-            jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+            .map_err(|e| AuthError::Invalid(e.to_string()))?;
         let claims = data.claims;
         Ok(Grant {
             subject: claims.sub.unwrap_or_else(|| "jwt".into()),
@@ -143,6 +163,7 @@ impl Auth {
     }
 }
 
+/// Equal without an early exit on the first differing byte (the length is not secret).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -151,17 +172,35 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    fn auth() -> Auth {
+    const SECRET: &str = "a jwt secret of at least thirty-two bytes";
+
+    fn auth_with(audience: Option<&str>, issuer: Option<&str>) -> Auth {
+        let token = |token: &str, scopes: Vec<Scope>, rooms: &[&str]| StaticToken {
+            token: token.into(),
+            name: None,
+            scopes,
+            rooms: rooms.iter().map(|r| r.to_string()).collect(),
+        };
         Auth::new(AuthConfig {
             enabled: true,
-            tokens: vec![StaticToken {
-                token: "viewer-1".into(),
-                name: None,
-                scopes: vec![Scope::Subscribe],
-                rooms: vec!["incident:1".into()],
-            }],
-            jwt_secret: Some("s3cret".into()),
+            tokens: vec![
+                token("viewer-1", vec![Scope::Subscribe], &["incident:1"]),
+                token("no-rooms", vec![Scope::Subscribe], &[]),
+                token("every-room", vec![Scope::Subscribe], &["*"]),
+            ],
+            jwt_secret: Some(SECRET.into()),
+            audience: audience.map(str::to_owned),
+            issuer: issuer.map(str::to_owned),
         })
+    }
+
+    fn auth() -> Auth {
+        auth_with(None, None)
+    }
+
+    fn jwt(claims: serde_json::Value, secret: &[u8]) -> String {
+        let key = jsonwebtoken::EncodingKey::from_secret(secret);
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
     }
 
     #[test]
@@ -169,26 +208,52 @@ mod tests {
         let grant = auth().require(Some("viewer-1"), Scope::Subscribe).unwrap();
         assert!(grant.may_join("incident:1") && grant.may_join("all") && !grant.may_join("incident:2"));
         assert_eq!(auth().require(Some("viewer-1"), Scope::Publish).unwrap_err(), AuthError::Forbidden(Scope::Publish));
+        assert_eq!(auth().require(Some("viewer-1"), Scope::Query).unwrap_err(), AuthError::Forbidden(Scope::Query));
         assert_eq!(auth().check(None).unwrap_err(), AuthError::Missing);
         assert!(matches!(auth().check(Some("nope")), Err(AuthError::Invalid(_))));
     }
 
     #[test]
+    fn rooms_fail_closed_unless_a_token_says_every_room() {
+        let none = auth().check(Some("no-rooms")).unwrap();
+        assert!(none.may_join("all") && !none.may_join("incident:1"));
+        let every = auth().check(Some("every-room")).unwrap();
+        assert!(every.may_join("incident:1") && every.may_join("presence"));
+        assert!(Grant::everything().may_join("anything") && Grant::everything().has(Scope::Query));
+    }
+
+    #[test]
     fn signed_jwts_are_accepted_and_forgeries_are_not() {
         let claims = serde_json::json!({"sub": "ana", "scopes": ["publish"], "exp": 4_102_444_800u64});
-        let good = jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(b"s3cret"),
-        )
-        .unwrap();
+        let good = jwt(claims.clone(), SECRET.as_bytes());
         assert_eq!(auth().require(Some(&good), Scope::Publish).unwrap().subject, "ana");
-        let forged = jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(b"x"),
-        )
-        .unwrap();
+        let forged = jwt(claims, b"x");
         assert!(matches!(auth().check(Some(&forged)), Err(AuthError::Invalid(_))));
+        let no_rooms = auth().check(Some(&good)).unwrap();
+        assert!(!no_rooms.may_join("incident:1"), "a JWT without rooms joins only all");
+        let endless = jwt(serde_json::json!({"scopes": ["publish"]}), SECRET.as_bytes());
+        assert!(matches!(auth().check(Some(&endless)), Err(AuthError::Invalid(_))), "exp is required");
+    }
+
+    #[test]
+    fn audience_and_issuer_are_checked_when_configured() {
+        let strict = auth_with(Some("owlery"), Some("https://id.example.com"));
+        let exp = 4_102_444_800u64;
+        let right = jwt(
+            serde_json::json!({"scopes": ["publish"], "exp": exp, "aud": "owlery", "iss": "https://id.example.com"}),
+            SECRET.as_bytes(),
+        );
+        assert!(strict.require(Some(&right), Scope::Publish).is_ok());
+        for claims in [
+            serde_json::json!({"scopes": ["publish"], "exp": exp, "aud": "other", "iss": "https://id.example.com"}),
+            serde_json::json!({"scopes": ["publish"], "exp": exp, "aud": "owlery", "iss": "https://evil.example"}),
+            serde_json::json!({"scopes": ["publish"], "exp": exp, "iss": "https://id.example.com"}),
+            serde_json::json!({"scopes": ["publish"], "exp": exp, "aud": "owlery"}),
+        ] {
+            let token = jwt(claims.clone(), SECRET.as_bytes());
+            assert!(matches!(strict.check(Some(&token)), Err(AuthError::Invalid(_))), "{claims}");
+        }
+        // Without the settings, a token that carries aud and iss is still accepted.
+        assert!(auth().require(Some(&right), Scope::Publish).is_ok());
     }
 }

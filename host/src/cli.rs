@@ -113,6 +113,9 @@ pub struct ServeArgs {
     /// Which log to use [default: embedded].
     #[arg(long, env = "OWLERY_LOG", value_enum)]
     pub log: Option<LogBackend>,
+    /// Secret shared by hosts on one log: keys output ids and signs fan-out records (32+ bytes).
+    #[arg(long, env = "OWLERY_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
     #[command(flatten)]
     pub iggy: IggyArgs,
 }

@@ -55,6 +55,9 @@ pub struct Config {
     pub max_rooms_per_client: usize,
     /// WebSocket and Socket.IO clients connected at once; more get 503 (or are disconnected).
     pub max_clients: usize,
+    /// The secret hosts sharing a log key output ids and sign fan-out records with (at least
+    /// 32 bytes; see `keys` for what is used without it).
+    pub cluster_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -77,6 +80,7 @@ impl Default for Config {
             ws_max_message_bytes: 64 << 10,
             max_rooms_per_client: 100,
             max_clients: 10_000,
+            cluster_secret: None,
         }
     }
 }
@@ -214,6 +218,18 @@ impl Config {
                 "refusing to listen on {} without authentication: turn on [auth] in owlery.toml \
                  (tokens or a JWT secret), or listen on a loopback address (127.0.0.1 or ::1)",
                 self.listen
+            ));
+        }
+        if self.cluster_secret.as_ref().is_some_and(|s| s.len() < crate::keys::MIN_SECRET_BYTES) {
+            return invalid(format!(
+                "cluster_secret must be at least {} bytes (for example: openssl rand -hex 32)",
+                crate::keys::MIN_SECRET_BYTES
+            ));
+        }
+        if self.auth.jwt_secret.as_ref().is_some_and(|s| s.len() < crate::keys::MIN_SECRET_BYTES) {
+            return invalid(format!(
+                "[auth] jwt_secret must be at least {} bytes (for example: openssl rand -hex 32)",
+                crate::keys::MIN_SECRET_BYTES
             ));
         }
         if self.auth.enabled && self.auth.tokens.is_empty() && self.auth.jwt_secret.is_none() {

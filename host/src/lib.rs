@@ -6,8 +6,8 @@
 //! runner per plugin) → `runtime` (wasmtime: engine, instances, host imports) → `effects`
 //! (what a batch produced) → `store` (state, offsets, fan-out table, outbox, one commit per
 //! batch) → `outbox` (forwards committed entries to the log) and `fanout` (hub, catch-up,
-//! `/ws` and Socket.IO, the shared-log mirror). Around them: `http` (axum routes), `auth`,
-//! `config`, `cli`, `server` (assembly and shutdown), `topics` (Owlery's own topic names).
+//! `/ws` and Socket.IO, the shared-log mirror). Around them: `http` (axum routes), `auth`, `keys`
+//! (the host's secret: unpredictable output ids, signed fan-out records), `config`, `cli`, `server` (assembly and shutdown), `topics` (Owlery's own topic names).
 
 pub mod auth;
 // `owlery bench`: tooling, not product; only with the `bench` feature (on by default).
@@ -19,6 +19,7 @@ pub mod effects;
 pub mod envelope;
 pub mod fanout;
 pub mod http;
+pub mod keys;
 pub mod log;
 pub mod outbox;
 pub mod plugins;

@@ -20,6 +20,7 @@ use crate::config::{Config, ConfigError, LogBackend};
 use crate::envelope::Routing;
 use crate::fanout::{FANOUT_TOPIC, Hub};
 use crate::http::{AppState, router};
+use crate::keys::HostKey;
 use crate::log::embedded::EmbeddedLog;
 use crate::log::iggy::IggyLog;
 use crate::log::{EventLog, LogError};
@@ -48,6 +49,8 @@ pub enum ServeError {
     Bind { address: SocketAddr, source: std::io::Error },
     #[error("serving HTTP: {0}")]
     Http(std::io::Error),
+    #[error("{0}")]
+    Key(#[from] crate::keys::KeyError),
     #[error("a host task panicked: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -77,12 +80,16 @@ pub async fn serve(
         topics.push(FANOUT_TOPIC.to_owned());
     }
     log.ensure_topics(&topics).await.map_err(ServeError::Topics)?;
-    let store = open_store(&config, shared_fanout)?;
+    let key = host_key(&config)?;
+    let store = open_store(&config, shared_fanout, &key)?;
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let hub = Hub::new(store.clone(), config.client_limits(), shared_fanout);
     if shared_fanout {
-        tasks.spawn(until(stop.clone(), crate::fanout::mirror::mirror(log.clone(), store.clone(), hub.clone())));
+        tasks.spawn(until(
+            stop.clone(),
+            crate::fanout::mirror::mirror(log.clone(), store.clone(), hub.clone(), key.clone()),
+        ));
     }
     let outbox = Arc::new(Notify::new());
     let deps = Arc::new(RunnerDeps {
@@ -93,6 +100,7 @@ pub async fn serve(
         log: log.clone(),
         store: store.clone(),
         routing: routing.clone(),
+        key,
         hub: hub.clone(),
         outbox: outbox.clone(),
         tokio: tokio::runtime::Handle::current(),
@@ -162,14 +170,35 @@ fn open_log(config: &Config) -> Result<(Arc<dyn EventLog>, &'static str), ServeE
     }
 }
 
-fn open_store(config: &Config, shared_fanout: bool) -> Result<Arc<Store>, ServeError> {
+fn open_store(config: &Config, shared_fanout: bool, key: &HostKey) -> Result<Arc<Store>, ServeError> {
     let max_age = Duration::from_secs(config.fanout_max_age_secs);
     let mut store = Store::open(&config.data_dir, config.fanout_retention, max_age)
         .map_err(|source| ServeError::OpenStore { dir: config.data_dir.clone(), source })?;
     if shared_fanout {
-        store.share_fanout(crate::fanout::mirror::encoder());
+        store.share_fanout(crate::fanout::mirror::encoder(key.clone()));
     }
     Ok(Arc::new(store))
+}
+
+/// The key of output ids and fan-out signatures: from `cluster_secret`; else, on Iggy, from
+/// the credentials every host on that stream has; else one kept in the data directory.
+fn host_key(config: &Config) -> Result<HostKey, ServeError> {
+    if let Some(secret) = &config.cluster_secret {
+        return Ok(HostKey::from_secret(secret.as_bytes()));
+    }
+    match config.log {
+        LogBackend::Embedded => Ok(HostKey::load_or_create(&config.data_dir.join("host.key"))?),
+        LogBackend::Iggy => {
+            let iggy = &config.iggy;
+            if iggy.password == crate::config::IggyConfig::default().password {
+                tracing::warn!(
+                    "no cluster_secret, and Iggy's password is the default one: anyone who can reach Iggy can \
+                     predict output ids and sign fan-out records. Set cluster_secret (the same on every host)"
+                );
+            }
+            Ok(HostKey::from_iggy_credentials(&iggy.username, &iggy.password, &iggy.stream))
+        }
+    }
 }
 
 /// Watch the plugins directory, then load what is in it (watching first, so that nothing

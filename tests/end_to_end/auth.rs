@@ -1,4 +1,5 @@
-//! Tokens with scopes guard every route but /health; subscribers see only their rooms.
+//! Tokens with scopes guard every route but /health; subscribers see only their rooms, and
+//! a token that lists no rooms sees only `all`; queries need their own scope.
 
 use std::time::Duration;
 
@@ -9,7 +10,8 @@ use crate::support::{Host, event, shipped};
 const CONFIG: &str = r#"
 [auth]
 enabled = true
-jwt_secret = "test-secret"
+jwt_secret = "a test secret of at least thirty-two bytes"
+audience = "owlery-tests"
 
 [[auth.tokens]]
 token = "publisher-token"
@@ -21,6 +23,14 @@ scopes = ["subscribe"]
 rooms = ["incident:1"]
 
 [[auth.tokens]]
+token = "no-rooms"
+scopes = ["subscribe"]
+
+[[auth.tokens]]
+token = "analyst"
+scopes = ["query"]
+
+[[auth.tokens]]
 token = "admin-token"
 scopes = ["admin"]
 "#;
@@ -30,6 +40,8 @@ async fn status(_host: &Host, request: reqwest::RequestBuilder) -> (u16, Value) 
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
+
+const SECRET: &str = "a test secret of at least thirty-two bytes";
 
 fn jwt(claims: Value, secret: &str) -> String {
     jsonwebtoken::encode(
@@ -56,15 +68,34 @@ async fn tokens_and_scopes_guard_publish_admin_and_rooms() {
     assert_eq!(status(&host, host.http.get(host.url("/health"))).await.0, 200, "health needs no token");
 
     // HMAC-signed JWTs carry the same claims; a forged one is refused.
-    let good = jwt(json!({"sub": "ci", "scopes": ["publish"], "exp": 4_102_444_800u64}), "test-secret");
+    let good = jwt(json!({"sub": "ci", "scopes": ["publish"], "exp": 4_102_444_800u64, "aud": "owlery-tests"}), SECRET);
     let forged = jwt(json!({"sub": "ci", "scopes": ["publish", "admin"], "exp": 4_102_444_800u64}), "guess");
     assert_eq!(status(&host, host.http.post(&url).bearer_auth(&forged).json(&body)).await.0, 401);
+    // Signed with the right secret but for another audience, or for none: refused too.
+    for aud in [json!("someone-else"), Value::Null] {
+        let other = jwt(json!({"sub": "ci", "scopes": ["publish"], "exp": 4_102_444_800u64, "aud": aud}), SECRET);
+        let (code, answer) = status(&host, host.http.post(&url).bearer_auth(&other).json(&body)).await;
+        assert_eq!(code, 401, "aud {aud}: {answer}");
+    }
+
+    // Plugin queries read totals across every room: the `query` scope (or admin), not `subscribe`.
+    let query = host.url("/api/plugins/ws-broadcast/query");
+    assert_eq!(status(&host, host.http.get(&query).bearer_auth("viewer-1")).await.0, 403);
+    assert_ne!(status(&host, host.http.get(&query).bearer_auth("analyst")).await.0, 403);
+    assert_ne!(status(&host, host.http.get(&query).bearer_auth("admin-token")).await.0, 403);
+    assert_eq!(status(&host, host.http.get(host.url("/api/plugins")).bearer_auth("analyst")).await.0, 403);
 
     // A viewer of incident:1 cannot ask for incident:2, at connect or later.
     let ws_url = |query: &str| format!("{}/ws{query}", host.base.replace("http://", "ws://"));
     let refused = tokio_tungstenite::connect_async(ws_url("?token=viewer-1&rooms=incident:2")).await;
     assert!(refused.is_err(), "joining a room the token does not allow is refused");
     assert!(tokio_tungstenite::connect_async(ws_url("?rooms=incident:1")).await.is_err(), "no token, no socket");
+    // A token that names no rooms fails closed: room `all` only.
+    let refused = tokio_tungstenite::connect_async(ws_url("?token=no-rooms&rooms=incident:1")).await;
+    assert!(refused.is_err(), "a token without rooms may not join incident:1");
+    let mut all_only = host.ws("?token=no-rooms").await;
+    all_only.send_json(&json!({"subscribe": ["incident:1"]})).await;
+    assert_eq!(all_only.next_json(Duration::from_secs(10)).await.unwrap()["type"], "error");
 
     let mut viewer = host.ws("?token=viewer-1&rooms=incident:1").await;
     viewer.send_json(&json!({"subscribe": ["incident:2"]})).await;
@@ -93,4 +124,24 @@ async fn a_public_address_without_auth_is_refused() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("without authentication"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_secrets_refuse_to_start() {
+    for (toml, expected) in [
+        ("[auth]\nenabled = true\njwt_secret = \"change-me\"\n", "jwt_secret must be at least 32 bytes"),
+        ("cluster_secret = \"too short\"\n", "cluster_secret must be at least 32 bytes"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("owlery.toml"), toml).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_owlery"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .current_dir(dir.path())
+            .env_remove("OWLERY_CONFIG")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+    }
 }

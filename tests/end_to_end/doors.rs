@@ -222,3 +222,35 @@ async fn an_oversized_body_gets_a_json_413_and_the_client_goes_on() {
     // The same client's next request works (the refused connection was closed, not reused).
     assert_eq!(host.post_events(&event("incident.created", json!({"id": 1}))).await.0, 201);
 }
+
+/// The id an output got before ids were keyed: a UUID v5 of public inputs, which any
+/// producer could compute and publish first.
+fn public_id(name: &str) -> String {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_producer_cannot_claim_an_output_id_in_advance() {
+    let host = Host::with_plugins(&[shipped("alerts")]);
+    let cause = uuid::Uuid::new_v4().to_string();
+    // The producer publishes first, under the id the alert would get if ids were public.
+    let squatter = json!({"eventId": public_id(&format!("owlery/alerts/{cause}/0")), "eventType": "note.added",
+                          "source": "attacker", "data": {}});
+    assert_eq!(host.post_events(&squatter).await.0, 201);
+    let incident = json!({"eventId": cause, "eventType": "incident.created", "source": "test",
+                          "data": {"id": 7, "severity": "CRITICAL"}});
+    assert_eq!(host.post_events(&incident).await.0, 201);
+    host.caught_up("alerts").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let alerts = host.topic_records("alert-events").await;
+        let raised = alerts.iter().find(|r| r["event"]["metadata"]["causationId"] == cause.as_str());
+        if let Some(raised) = raised {
+            assert_eq!(raised["event"]["eventType"], "alert.raised");
+            assert_ne!(raised["event"]["eventId"], squatter["eventId"]);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the alert was suppressed by the squatted id: {alerts:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -418,3 +418,67 @@ async fn two_hosts_on_one_iggy_serve_the_same_fan_out_offsets() {
     assert_eq!(live, copy);
     assert!(frames_until_quiet(&mut again, Duration::from_secs(1)).await.is_empty(), "no copy follows");
 }
+
+/// A forged broadcast, shaped like the ones Owlery writes to its fan-out topic.
+fn forged_broadcast(id: uuid::Uuid, room: &str, signature: Option<&str>) -> owlery::log::AppendItem {
+    let mut metadata = serde_json::Map::new();
+    if let Some(signature) = signature {
+        metadata.insert("signature".into(), signature.into());
+    }
+    let envelope = owlery::envelope::Envelope {
+        event_id: id,
+        event_type: "owlery.broadcast".into(),
+        timestamp: "2026-01-01T00:00:00Z".into(),
+        source: "plugin:ws-broadcast".into(),
+        user_id: None,
+        metadata,
+        data: json!({"room": room, "plugin": "ws-broadcast", "atMs": 1, "payload": {"forged": true}}),
+        extra: serde_json::Map::new(),
+    };
+    owlery::log::AppendItem { topic: "owlery-fanout".into(), key: String::new(), envelope }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(owlery_skip_iggy, ignore = "SKIPPED: OWLERY_SKIP_IGGY=1")]
+async fn broadcasts_written_into_iggy_by_others_reach_no_client_and_claim_no_id() {
+    use owlery::log::EventLog;
+    let iggy = IggyServer::start(false);
+    let secret = ("OWLERY_CLUSTER_SECRET", "a cluster secret of at least thirty-two bytes");
+    let host = Host::on_iggy_with(&iggy, &[shipped("ws-broadcast")], &[secret]);
+    let mut room_9 = host.ws("?rooms=incident:9").await;
+    topics_in_iggy(&host).await;
+
+    // Another Iggy client writes broadcasts into Owlery's fan-out topic: one unsigned, under
+    // the id the real broadcast would get if ids were public, and one with a made-up signature.
+    let cause = uuid::Uuid::new_v4();
+    let public =
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("owlery/ws-broadcast/{cause}/broadcast/0").as_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let settings = owlery::log::iggy::IggySettings {
+        address: iggy.address(),
+        single_partition_topics: vec!["owlery-fanout".into()],
+        ..Default::default()
+    };
+    let forger = owlery::log::iggy::IggyLog::open(dir.path(), settings).unwrap();
+    forger.ensure_topics(&["owlery-fanout".to_owned()]).await.unwrap();
+    let fake_signature = "ab".repeat(32);
+    let forged = vec![
+        forged_broadcast(public, "incident:9", None),
+        forged_broadcast(uuid::Uuid::new_v4(), "incident:9", Some(&fake_signature)),
+    ];
+    forger.append(forged).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while forger.poll("owlery-fanout", 0, 0, 10).await.map_or(0, |r| r.len()) < 2 {
+        assert!(Instant::now() < deadline, "the forged records never reached Iggy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let real = json!({"eventId": cause, "eventType": "incident.updated", "source": "test", "data": {"id": 9}});
+    assert_eq!(host.post_events(&real).await.0, 201);
+    let frame = room_9.next_in_room("incident:9", WAIT).await.expect("the real broadcast arrives");
+    assert_eq!(frame["event"]["eventId"], cause.to_string(), "only the real broadcast reaches the client: {frame}");
+    if let Some(more) = room_9.next_event(Duration::from_secs(2)).await {
+        panic!("nothing else may reach the client: {more}");
+    }
+    assert!(host.log().contains("signature is missing or wrong"), "{}", host.log_tail());
+}

@@ -36,6 +36,13 @@ impl Host {
         Host::with_env(plugins, iggy.host_env())
     }
 
+    /// A host on an Iggy server with more environment (`OWLERY_CLUSTER_SECRET`, say).
+    pub fn on_iggy_with(iggy: &IggyServer, plugins: &[(String, PathBuf, String)], env: &[(&str, &str)]) -> Host {
+        let mut all = iggy.host_env();
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Host::with_env(plugins, all)
+    }
+
     /// A host whose working directory holds `owlery.toml` with this text.
     pub fn with_config(plugins: &[(String, PathBuf, String)], owlery_toml: &str) -> Host {
         Host::with_files(plugins, Vec::new(), Some(owlery_toml))

@@ -30,6 +30,7 @@ pub(super) fn dispatch(args: &BenchArgs, report: &mut Report) -> anyhow::Result<
         }),
         store,
         routing: Arc::new(Routing::default()),
+        key: crate::keys::HostKey::from_secret(b"bench"),
         cancel: tokio_util::sync::CancellationToken::new(),
         interrupt: Default::default(),
     };

@@ -1,6 +1,8 @@
 //! The shared fan-out log (on Iggy): how a broadcast is written to it (an `owlery.broadcast`
 //! envelope in topic `owlery-fanout`), and the task that keeps the store's fan-out table a
-//! mirror of it and hands new records to the connected clients.
+//! mirror of it and hands new records to the connected clients. Each record is signed with
+//! the host key (see `keys`); one without a valid signature (written into Iggy by anything
+//! but an Owlery host with the same key) is skipped, so it reaches no client and claims no id.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,6 +10,7 @@ use std::time::Duration;
 
 use super::{FANOUT_TOPIC, Hub};
 use crate::envelope::Envelope;
+use crate::keys::HostKey;
 use crate::log::{AppendItem, EventLog, LogError, Record};
 use crate::store::{Broadcast, BroadcastEncoder, FanoutRecord, Store};
 
@@ -19,24 +22,55 @@ const PAGE: usize = 1000;
 const RECHECK_EPOCH: Duration = Duration::from_secs(10);
 
 /// How the store writes broadcasts to the shared fan-out topic (see `Store::share_fanout`).
-pub fn encoder() -> BroadcastEncoder {
-    Box::new(|plugin: &str, broadcast: &Broadcast, at_ms: u64| AppendItem {
+pub fn encoder(key: HostKey) -> BroadcastEncoder {
+    Box::new(move |plugin: &str, broadcast: &Broadcast, at_ms: u64| AppendItem {
         topic: FANOUT_TOPIC.to_owned(),
         key: String::new(),
-        envelope: envelope(plugin, broadcast, at_ms),
+        envelope: envelope(&key, plugin, broadcast, at_ms),
     })
 }
 
+/// Metadata key of a fan-out record's signature.
+const SIGNATURE: &str = "signature";
+
+/// One fan-out record as its signature covers it: everything a client is shown, and the id.
+struct Signed<'a> {
+    id: &'a uuid::Uuid,
+    room: &'a str,
+    plugin: &'a str,
+    at_ms: u64,
+    payload: &'a str,
+}
+
+impl Signed<'_> {
+    fn sign(&self, key: &HostKey) -> String {
+        key.sign(&self.parts(&self.at_ms.to_be_bytes()))
+    }
+
+    fn verify(&self, key: &HostKey, signature: &str) -> bool {
+        key.verify(&self.parts(&self.at_ms.to_be_bytes()), signature)
+    }
+
+    fn parts<'b>(&'b self, at: &'b [u8; 8]) -> [&'b [u8]; 5] {
+        [self.id.as_bytes(), self.room.as_bytes(), self.plugin.as_bytes(), at, self.payload.as_bytes()]
+    }
+}
+
 /// The envelope that carries a broadcast in the shared fan-out topic.
-fn envelope(plugin: &str, broadcast: &Broadcast, at_ms: u64) -> Envelope {
-    let payload = serde_json::from_str(&broadcast.payload).unwrap_or(serde_json::Value::Null);
+fn envelope(key: &HostKey, plugin: &str, broadcast: &Broadcast, at_ms: u64) -> Envelope {
+    let payload: serde_json::Value = serde_json::from_str(&broadcast.payload).unwrap_or(serde_json::Value::Null);
+    // Signed as the reader will see it: the payload's JSON text after a round trip.
+    let text = payload.to_string();
+    let signature = Signed { id: &broadcast.id, room: &broadcast.room, plugin, at_ms, payload: &text }.sign(key);
+    let mut metadata = serde_json::Map::new();
+    metadata.insert(SIGNATURE.into(), signature.into());
     Envelope {
         event_id: broadcast.id,
         event_type: BROADCAST_TYPE.to_owned(),
         timestamp: crate::envelope::now_rfc3339(),
         source: format!("plugin:{plugin}"),
         user_id: None,
-        metadata: serde_json::Map::new(),
+        metadata,
         data: serde_json::json!({"room": broadcast.room, "plugin": plugin, "atMs": at_ms, "payload": payload}),
         extra: serde_json::Map::new(),
     }
@@ -44,7 +78,7 @@ fn envelope(plugin: &str, broadcast: &Broadcast, at_ms: u64) -> Envelope {
 
 /// Keep the store's fan-out table a mirror of the shared fan-out topic, and hand new records
 /// to the connected clients. Runs for the life of the host.
-pub async fn mirror(log: Arc<dyn EventLog>, store: Arc<Store>, hub: Hub) {
+pub async fn mirror(log: Arc<dyn EventLog>, store: Arc<Store>, hub: Hub, key: HostKey) {
     let mut changes = log.changes();
     loop {
         meet_the_log(log.as_ref(), &store).await;
@@ -69,7 +103,7 @@ pub async fn mirror(log: Arc<dyn EventLog>, store: Arc<Store>, hub: Hub) {
                         _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                     }
                 }
-                Ok(records) => mirror_page(&store, &hub, &records, from).await,
+                Ok(records) => mirror_page(&store, &hub, &key, &records, from).await,
                 Err(LogError::NoSuchTopic(_) | LogError::NoSuchPartition { .. }) => break,
                 Err(error) => {
                     tracing::debug!(%error, "reading the shared fan-out log failed; retrying");
@@ -117,9 +151,9 @@ async fn meet_the_log(log: &dyn EventLog, store: &Store) {
 }
 
 /// Mirror one page read from the topic and hand what is kept to the clients.
-async fn mirror_page(store: &Store, hub: &Hub, records: &[Record], from: u64) {
+async fn mirror_page(store: &Store, hub: &Hub, key: &HostKey, records: &[Record], from: u64) {
     let next = records.last().map_or(from, |r| r.offset + 1);
-    let decoded = records.iter().filter_map(decode).collect();
+    let decoded = records.iter().filter_map(|r| decode(key, r)).collect();
     match store.mirror_fanout(decoded, next) {
         Ok(kept) => {
             tracing::debug!(read = records.len(), kept = kept.len(), next, "mirrored the shared fan-out log");
@@ -133,8 +167,8 @@ async fn mirror_page(store: &Store, hub: &Hub, records: &[Record], from: u64) {
 }
 
 /// The fan-out record a record of the shared fan-out topic carries; `None` (logged) for
-/// anything else.
-fn decode(record: &Record) -> Option<FanoutRecord> {
+/// anything else, and for a record this host's key did not sign.
+fn decode(key: &HostKey, record: &Record) -> Option<FanoutRecord> {
     let skip = |why: &str| {
         tracing::warn!(topic = FANOUT_TOPIC, offset = record.offset, "skipping a record of the fan-out topic: {why}")
     };
@@ -154,12 +188,19 @@ fn decode(record: &Record) -> Option<FanoutRecord> {
         skip("a broadcast without room, plugin or payload");
         return None;
     };
-    Some(FanoutRecord {
-        offset: record.offset,
-        id: envelope.event_id,
-        room,
-        plugin,
-        payload: payload.to_string(),
-        at_ms: envelope.data.get("atMs").and_then(|v| v.as_u64()).unwrap_or_else(crate::envelope::now_millis),
-    })
+    let Some(at_ms) = envelope.data.get("atMs").and_then(|v| v.as_u64()) else {
+        skip("a broadcast without atMs");
+        return None;
+    };
+    let payload = payload.to_string();
+    let signature = envelope.metadata.get(SIGNATURE).and_then(|v| v.as_str()).unwrap_or_default();
+    let signed = Signed { id: &envelope.event_id, room: &room, plugin: &plugin, at_ms, payload: &payload };
+    if !signed.verify(key, signature) {
+        skip(
+            "its signature is missing or wrong: not written by an Owlery host with this host's key \
+              (hosts sharing a log need the same cluster_secret)",
+        );
+        return None;
+    }
+    Some(FanoutRecord { offset: record.offset, id: envelope.event_id, room, plugin, payload, at_ms })
 }

@@ -52,10 +52,12 @@ pub fn router(state: AppState, socketio: socketioxide::layer::SocketIoLayer) -> 
             }));
     let subscribe = Router::new()
         .route("/ws", get(live::websocket))
-        .route("/api/plugins/{name}/query", get(plugins::query_plugin))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), |s, r, n| {
             guard::require(s, r, n, Scope::Subscribe)
         }));
+    let query = Router::new().route("/api/plugins/{name}/query", get(plugins::query_plugin)).route_layer(
+        axum::middleware::from_fn_with_state(state.clone(), |s, r, n| guard::require(s, r, n, Scope::Query)),
+    );
     let admin = Router::new()
         .route("/api/events/replay", get(events::replay))
         .route("/api/plugins", get(plugins::list_plugins))
@@ -84,6 +86,7 @@ pub fn router(state: AppState, socketio: socketioxide::layer::SocketIoLayer) -> 
         .route("/health", get(live::health))
         .merge(publish)
         .merge(subscribe)
+        .merge(query)
         .merge(admin)
         .layer(socketio)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard::same_site))

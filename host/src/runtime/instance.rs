@@ -22,6 +22,7 @@ use super::limits::LimitHit;
 use super::{LoadedComponent, Runtime};
 use crate::effects::Effects;
 use crate::envelope::Routing;
+use crate::keys::HostKey;
 
 /// Everything an instance needs from the host.
 #[derive(Clone)]
@@ -34,6 +35,8 @@ pub struct InstanceContext {
     /// Committed plugin state (the host's store).
     pub store: Arc<dyn StateView>,
     pub routing: Arc<Routing>,
+    /// Keys the ids of what the plugin publishes and broadcasts.
+    pub key: HostKey,
     /// Cancelled when the plugin is stopped: a call in progress ends at once.
     pub cancel: CancellationToken,
     /// Requested when a command for the plugin comes in: an armed `handle` call ends.

@@ -239,6 +239,6 @@ impl Runner {
     fn dead_letter(&mut self, p: &Polled, error: &str) -> AppendItem {
         self.dead_letter_streak += 1;
         self.status.update(|s| s.dead_letters += 1);
-        dead_letter(&self.name, p, error)
+        dead_letter(&self.deps.key, &self.name, p, error)
     }
 }

@@ -4,6 +4,7 @@
 
 use super::poll::Polled;
 use crate::envelope::Envelope;
+use crate::keys::HostKey;
 use crate::log::AppendItem;
 
 pub use crate::topics::{DEAD_LETTER_TYPE, DEAD_LETTERS as DEAD_LETTER_TOPIC};
@@ -12,14 +13,14 @@ pub use crate::topics::{DEAD_LETTER_TYPE, DEAD_LETTERS as DEAD_LETTER_TOPIC};
 pub const FAIL_AFTER_DEAD_LETTERS: u32 = 100;
 
 /// The dead letter of plugin `plugin` for `polled`. Its event id is derived from where the
-/// record stands, so the same failure written again (a batch retried after a crash) is
-/// accepted once.
-pub fn dead_letter(plugin: &str, polled: &Polled, error: &str) -> AppendItem {
+/// record stands (keyed, like plugin output ids), so the same failure written again (a batch
+/// retried after a crash) is accepted once.
+pub fn dead_letter(key: &HostKey, plugin: &str, polled: &Polled, error: &str) -> AppendItem {
     let record = &polled.record;
     let original = serde_json::from_slice::<serde_json::Value>(&record.payload)
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&record.payload).into_owned()));
     let at = format!("owlery/dead-letter/{plugin}/{}", polled.at());
-    let event_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, at.as_bytes());
+    let event_id = key.id(&at);
     let envelope = Envelope {
         event_id,
         event_type: DEAD_LETTER_TYPE.to_owned(),

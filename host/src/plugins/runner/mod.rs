@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::manifest::{Manifest, Start};
 use crate::envelope::Routing;
 use crate::fanout::Hub;
+use crate::keys::HostKey;
 use crate::log::{EventLog, LogError};
 use crate::runtime::{CallError, Instance, InstanceContext, Interrupt, LoadedComponent, Runtime};
 use crate::store::Store;
@@ -102,6 +103,8 @@ pub struct RunnerDeps {
     pub log: Arc<dyn EventLog>,
     pub store: Arc<Store>,
     pub routing: Arc<Routing>,
+    /// Keys output and dead-letter ids.
+    pub key: HostKey,
     pub hub: Hub,
     /// Poked after a commit that put events in the outbox.
     pub outbox: Arc<Notify>,
@@ -284,6 +287,7 @@ impl Runner {
             caps: Arc::new(manifest.capabilities()),
             store: self.deps.store.clone(),
             routing: self.deps.routing.clone(),
+            key: self.deps.key.clone(),
             cancel: self.cancel.clone(),
             interrupt: self.interrupt.clone(),
         };

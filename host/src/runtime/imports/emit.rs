@@ -1,7 +1,8 @@
 //! The `broadcast` and `publish` capabilities: what a plugin emits because of an event of
 //! its batch, checked against its manifest and buffered until the call succeeds. Each gets
 //! an id derived from the plugin, the cause and a counter, so the same batch handled again
-//! (a retry, a redelivery, another host) emits the same ids.
+//! (a retry, a redelivery, another host) emits the same ids; they are keyed with the host's
+//! secret (see `keys`), so a producer cannot publish an event under an id in advance.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use super::GuestEnvelope;
 use crate::effects::Broadcast;
 use crate::envelope::{Envelope, Routing, check_event_type, check_json_shape};
+use crate::keys::HostKey;
 use crate::log::AppendItem;
 use crate::runtime::capabilities::{Capabilities, Refusal};
 
@@ -32,6 +34,8 @@ enum Effect {
 pub(super) struct Emitter {
     plugin: Arc<str>,
     routing: Arc<Routing>,
+    /// Makes the ids: the same on every host sharing the log, unpredictable to producers.
+    key: HostKey,
     /// The batch being handled (empty outside `handle`).
     batch: Arc<[GuestEnvelope]>,
     /// eventId → what was published and broadcast for it, for the batch being handled;
@@ -42,10 +46,11 @@ pub(super) struct Emitter {
 }
 
 impl Emitter {
-    pub(super) fn new(plugin: Arc<str>, routing: Arc<Routing>) -> Emitter {
+    pub(super) fn new(plugin: Arc<str>, routing: Arc<Routing>, key: HostKey) -> Emitter {
         Emitter {
             plugin,
             routing,
+            key,
             batch: Arc::new([]),
             causes: HashMap::new(),
             broadcasts: Vec::new(),
@@ -133,7 +138,8 @@ impl Emitter {
             }
         };
         *count += 1;
-        Ok((uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()), counts.timestamp.clone()))
+        let timestamp = counts.timestamp.clone();
+        Ok((self.key.id(&name), timestamp))
     }
 
     /// What was published and broadcast so far for the event `id` of the current batch.
@@ -154,6 +160,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::{Emitter, GuestEnvelope, Refusal};
+    use crate::keys::HostKey;
     use crate::runtime::capabilities::Capabilities;
 
     fn event(id: &str) -> GuestEnvelope {
@@ -173,7 +180,7 @@ mod tests {
 
     fn broadcast_ids(batch: &[&str], causes: &[&str]) -> Vec<uuid::Uuid> {
         let caps = Capabilities { broadcast: true, ..Capabilities::default() };
-        let mut emitter = Emitter::new("p".into(), Arc::default());
+        let mut emitter = Emitter::new("p".into(), Arc::default(), HostKey::from_secret(b"test"));
         emitter.begin(batch.iter().map(|id| event(id)).collect());
         for cause in causes {
             emitter.broadcast(&caps, cause.to_string(), "all".into(), "{}".into()).unwrap();
@@ -191,7 +198,7 @@ mod tests {
 
     #[test]
     fn plugin_output_nested_past_the_ingress_limit_is_refused() {
-        let mut emitter = Emitter::new("p".into(), Arc::default());
+        let mut emitter = Emitter::new("p".into(), Arc::default(), HostKey::from_secret(b"test"));
         emitter.begin(Arc::new([event("e1")]));
         let caps =
             Capabilities { broadcast: true, publish: vec![crate::envelope::Pattern::new("*")], ..Default::default() };
@@ -204,7 +211,7 @@ mod tests {
 
     #[test]
     fn a_cause_outside_the_batch_or_the_manifest_is_refused() {
-        let mut emitter = Emitter::new("p".into(), Arc::default());
+        let mut emitter = Emitter::new("p".into(), Arc::default(), HostKey::from_secret(b"test"));
         emitter.begin(Arc::new([event("e1")]));
         let no_caps = Capabilities::default();
         let refused = emitter.broadcast(&no_caps, "e1".into(), "all".into(), "{}".into());

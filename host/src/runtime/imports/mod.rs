@@ -68,7 +68,7 @@ impl HostState {
             caps: cx.caps.clone(),
             read_only: false,
             state: StateAccess::new(cx.namespace.clone(), cx.store.clone()),
-            emit: Emitter::new(cx.plugin.clone(), cx.routing.clone()),
+            emit: Emitter::new(cx.plugin.clone(), cx.routing.clone(), cx.key.clone()),
         }
     }
 
