@@ -40,6 +40,8 @@ pub struct Config {
     /// Frames queued for one WebSocket client; one that falls this far behind is
     /// disconnected (and told to resume from its last offset).
     pub client_queue: usize,
+    /// ... or this many bytes of frames (`/ws`).
+    pub client_queue_bytes: usize,
     /// Kernel send buffer of each connection, in bytes (0: the system's default). Smaller
     /// means a client that stops reading is noticed sooner.
     pub socket_send_buffer: usize,
@@ -73,6 +75,7 @@ impl Default for Config {
             fanout_retention: 100_000,
             fanout_max_age_secs: 86_400,
             client_queue: 1024,
+            client_queue_bytes: 8 << 20,
             socket_send_buffer: 0,
             max_upload_mb: 64,
             compile_timeout_ms: 60_000,
@@ -171,6 +174,7 @@ impl Config {
     pub fn client_limits(&self) -> crate::fanout::ClientLimits {
         crate::fanout::ClientLimits {
             queue: self.client_queue,
+            queue_bytes: self.client_queue_bytes,
             max_message: self.ws_max_message_bytes,
             max_rooms: self.max_rooms_per_client,
             max_clients: self.max_clients,
@@ -190,6 +194,9 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&self.client_queue) {
             return invalid("client_queue must be 1 to 1000000".into());
+        }
+        if !(4096..=1 << 30).contains(&self.client_queue_bytes) {
+            return invalid("client_queue_bytes must be 4096 to 1073741824".into());
         }
         if !(1..=1024).contains(&self.max_upload_mb) {
             return invalid("max_upload_mb must be 1 to 1024".into());

@@ -94,3 +94,54 @@ async fn a_client_that_never_reads_is_disconnected_and_nobody_else_waits() {
     }
     assert!(host.log().contains("fell too far behind"), "the disconnect is logged");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_queue_is_bounded_in_bytes_as_well_as_frames() {
+    // Room for 100,000 frames but only 64 KiB: large broadcasts fill the bytes long before
+    // the frames.
+    let config = "client_queue = 100000\nclient_queue_bytes = 65536\nsocket_send_buffer = 4096\n";
+    let host = Host::with_config(&[shipped("ws-broadcast")], config);
+    let ws_url = format!("{}/ws", host.base.replace("http://", "ws://"));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(host.base.trim_start_matches("http://").parse().unwrap()).await.unwrap();
+    let (mut slow, _) = tokio_tungstenite::client_async(&ws_url, tcp).await.expect("the slow client connects");
+    let mut reader = host.ws("").await;
+    // A client that reads as the broadcasts come is never cut off: the publisher stays at
+    // most two broadcasts ahead of it (a burst larger than the byte limit would cut it off
+    // too, which is the point of the limit).
+    let (progress_tx, progress) = tokio::sync::watch::channel(0u64);
+    let reading = tokio::spawn(async move {
+        for n in 0..300u64 {
+            let frame = reader.next_event(Duration::from_secs(60)).await.expect("a reading client gets everything");
+            assert_eq!(frame["event"]["data"]["n"], n);
+            let _ = progress_tx.send(n + 1);
+        }
+    });
+
+    // 300 broadcasts of about 16 KiB each: about 4.8 MB, seventy times the byte limit.
+    let big = "x".repeat(16 << 10);
+    for n in 0..300u64 {
+        let mut seen = progress.clone();
+        tokio::time::timeout(Duration::from_secs(60), seen.wait_for(|read| *read + 2 >= n)).await.unwrap().unwrap();
+        let e = event("incident.created", json!({"id": n, "n": n, "blob": big}));
+        assert_eq!(host.post_events(&e).await.0, 201);
+    }
+    reading.await.unwrap();
+
+    let mut frames = 0;
+    let reason = loop {
+        match tokio::time::timeout(Duration::from_secs(30), slow.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => frames += 1,
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| f.reason.to_string()),
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) => break None,
+            Err(_) => panic!("the slow client was never disconnected ({frames} frames)"),
+        }
+    };
+    assert!(frames < 300, "cut off by bytes, long before 100,000 frames: got {frames}");
+    if let Some(reason) = reason {
+        assert!(reason.contains("too slow"), "{reason}");
+    }
+    assert!(host.log().contains("fell too far behind"), "the disconnect is logged");
+}

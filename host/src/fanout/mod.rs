@@ -35,6 +35,8 @@ const MIRROR_CATCH_UP: Duration = Duration::from_secs(3);
 pub struct ClientLimits {
     /// Frames queued for one client; a client this far behind is disconnected.
     pub queue: usize,
+    /// ... or this many bytes of frames (`/ws`).
+    pub queue_bytes: usize,
     /// Largest message a client may send (`/ws` frames, Socket.IO packets).
     pub max_message: usize,
     /// Rooms one client may be in (besides `all`).
@@ -45,7 +47,7 @@ pub struct ClientLimits {
 
 impl Default for ClientLimits {
     fn default() -> Self {
-        ClientLimits { queue: 1024, max_message: 64 << 10, max_rooms: 100, max_clients: 10_000 }
+        ClientLimits { queue: 1024, queue_bytes: 8 << 20, max_message: 64 << 10, max_rooms: 100, max_clients: 10_000 }
     }
 }
 

@@ -7,12 +7,21 @@
 //! `unsubscribe` with a list of rooms later. After `since` it first gets what it missed
 //! (with `gap` and `reset` events where `/ws` sends those notices; possibly a frame it also
 //! gets live: deduplicate by `offset`).
+//!
+//! Each socket's queue holds `client_queue` packets. Nothing is dropped silently: catch-up
+//! waits (asynchronously, up to a limit) for room in a slow client's queue, and a client
+//! whose queue is full when a live broadcast comes is disconnected (reason `io server
+//! disconnect`), to reconnect with `since` = the last offset it got.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Value, json};
+use socketioxide::SocketError;
 use socketioxide::SocketIo;
 use socketioxide::extract::{SocketRef, TryData};
+use socketioxide::socket::Sid;
 use tokio::sync::broadcast;
 
 use super::catch_up::{CatchUp, Item};
@@ -56,7 +65,15 @@ fn refuse(socket: &SocketRef, error: String, disconnect: bool) {
 
 /// Set up the default namespace; returns the layer to add to the router.
 pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, SocketIo) {
-    let (layer, io) = SocketIo::builder().max_payload(hub.limits().max_message as u64).build_layer();
+    let limits = hub.limits();
+    // `max_payload` bounds long-polling bodies only; WebSocket messages and frames have
+    // their own limits (64 MiB by default), so all three are set.
+    let (layer, io) = SocketIo::builder()
+        .max_payload(limits.max_message as u64)
+        .ws_max_message_size(limits.max_message)
+        .ws_max_frame_size(limits.max_message)
+        .max_buffer_size(limits.queue.max(1))
+        .build_layer();
     io.ns("/", move |socket: SocketRef, TryData(hello): TryData<Value>| {
         let (auth, hub) = (auth.clone(), hub.clone());
         async move {
@@ -95,20 +112,50 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
     (layer, io)
 }
 
-/// Emit what a resuming client missed, with the same notices as `/ws`.
+/// How long catch-up waits for room in a slow client's queue before it gives up on it.
+const CATCH_UP_STALL: Duration = Duration::from_secs(30);
+
+/// Emit what a resuming client missed, with the same notices as `/ws`. A full queue is
+/// waited on (without holding a thread); a client that stays full is disconnected.
 async fn catch_up(socket: &SocketRef, hub: &Hub, rooms: &[String], resume: Resume) {
     let (_, start) = hub.start(resume).await;
-    if let Some(notice) = &start.reset {
-        let _ = socket.emit("reset", notice);
+    if let Some(notice) = &start.reset
+        && !emit_waiting(socket, "reset", notice).await
+    {
+        return;
     }
     let Some(after) = start.after else { return };
     let mut pages = CatchUp::new(after);
     while let Ok(Some(page)) = pages.next_page(hub.store(), |room| rooms.iter().any(|r| r == room)) {
         for item in page {
-            let _ = match item {
-                Item::Notice(notice) => socket.emit("gap", &notice),
-                Item::Record(record) => socket.emit(event_name(&record), &frame(&record)),
+            let sent = match item {
+                Item::Notice(notice) => emit_waiting(socket, "gap", &notice).await,
+                Item::Record(record) => emit_waiting(socket, &event_name(&record), &frame(&record)).await,
             };
+            if !sent {
+                return;
+            }
+        }
+    }
+}
+
+/// Emit, waiting while the socket's queue is full; false (the socket disconnected) when it
+/// is closed or stays full for `CATCH_UP_STALL`.
+async fn emit_waiting(socket: &SocketRef, name: &str, data: &Value) -> bool {
+    let deadline = tokio::time::Instant::now() + CATCH_UP_STALL;
+    loop {
+        match socket.emit(name, data) {
+            Ok(()) => return true,
+            Err(socketioxide::SendError::Socket(SocketError::InternalChannelFull))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(error) => {
+                tracing::info!(%error, "disconnecting a Socket.IO client that stopped taking its catch-up");
+                let _ = socket.clone().disconnect();
+                return false;
+            }
         }
     }
 }
@@ -136,13 +183,38 @@ fn on_room_changes(socket: &SocketRef, grant: Grant, max_rooms: usize) {
     });
 }
 
-/// Emit every live broadcast to its room, in offset order.
+/// Emit every live broadcast to its room, in offset order. A socket whose queue is full
+/// misses that broadcast, so it is disconnected (and gets nothing more meanwhile) rather
+/// than left with a silent gap.
 pub async fn bridge(io: SocketIo, mut live: broadcast::Receiver<Arc<Live>>) {
+    // Sockets that fell behind and could not be disconnected yet (their queue was full).
+    let mut behind: HashSet<Sid> = HashSet::new();
     loop {
         match live.recv().await {
             Ok(live) => {
                 let record = &live.record;
-                let _ = io.to(record.room.clone()).emit(event_name(record), &frame(record)).await;
+                let (name, frame) = (event_name(record), frame(record));
+                for socket in io.to(record.room.clone()).sockets() {
+                    if behind.contains(&socket.id) {
+                        continue;
+                    }
+                    match socket.emit(&name, &frame) {
+                        Ok(()) => {}
+                        Err(socketioxide::SendError::Socket(SocketError::InternalChannelFull)) => {
+                            tracing::info!(
+                                offset = record.offset,
+                                "disconnecting a Socket.IO client that fell too far behind"
+                            );
+                            behind.insert(socket.id);
+                        }
+                        Err(_) => {}
+                    }
+                }
+                // Retry the disconnects their full queues refused; forget sockets that are gone.
+                behind.retain(|sid| match io.get_socket(*sid) {
+                    Some(socket) => socket.disconnect().is_err(),
+                    None => false,
+                });
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(missed, "Socket.IO fell behind the fan-out log");

@@ -1,9 +1,10 @@
-//! The `/ws` transport: one WebSocket client. Frames go through a bounded queue to a writer
-//! of their own, so a client that does not read is cut off with a reason instead of holding
-//! anything up.
+//! The `/ws` transport: one WebSocket client. Frames go through a queue bounded in frames
+//! and in bytes to a writer of their own, so a client that does not read is cut off with a
+//! reason instead of holding anything up.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -29,9 +30,40 @@ enum Ending {
     Silent,
 }
 
+/// The bytes of the text frames in one client's queue: added when queued, taken off by its
+/// writer once written.
+#[derive(Clone, Default)]
+struct QueuedBytes(Arc<AtomicUsize>);
+
+impl QueuedBytes {
+    fn add(&self, message: &Message) {
+        self.0.fetch_add(text_len(message), Ordering::AcqRel);
+    }
+
+    fn written(&self, message: &Message) {
+        self.0.fetch_sub(text_len(message), Ordering::AcqRel);
+    }
+
+    /// Whether `message` fits under `max` (always, into an empty queue: one frame larger
+    /// than the limit still goes out).
+    fn fits(&self, message: &Message, max: usize) -> bool {
+        let queued = self.0.load(Ordering::Acquire);
+        queued == 0 || queued + text_len(message) <= max
+    }
+}
+
+fn text_len(message: &Message) -> usize {
+    match message {
+        Message::Text(text) => text.len(),
+        _ => 0,
+    }
+}
+
 /// One client's side of the hub: its rooms and its queue.
 struct Client<'a> {
     queue: &'a mpsc::Sender<Message>,
+    bytes: QueuedBytes,
+    max_bytes: usize,
     rooms: HashSet<String>,
     max_rooms: usize,
     grant: Grant,
@@ -47,10 +79,19 @@ impl Hub {
         let (sink, mut incoming) = socket.split();
         let (queue, outgoing) = mpsc::channel::<Message>(self.limits.queue.max(1));
         let (close_tx, close_rx) = oneshot::channel::<CloseFrame>();
-        let writer = tokio::spawn(write_frames(sink, outgoing, close_rx));
+        let bytes = QueuedBytes::default();
+        let writer = tokio::spawn(write_frames(sink, outgoing, close_rx, bytes.clone()));
         let mut rooms: HashSet<String> = rooms.into_iter().filter(|r| !r.is_empty()).collect();
         rooms.insert(ROOM_ALL.to_owned());
-        let mut client = Client { queue: &queue, rooms, max_rooms: self.limits.max_rooms, grant, sent: None };
+        let mut client = Client {
+            queue: &queue,
+            bytes,
+            max_bytes: self.limits.queue_bytes,
+            rooms,
+            max_rooms: self.limits.max_rooms,
+            grant,
+            sent: None,
+        };
         let close = match self.client_loop(&mut client, &mut incoming, since).await {
             Ending::Gone => None,
             Ending::TooSlow(sent) => {
@@ -75,13 +116,13 @@ impl Hub {
     ) -> Ending {
         let (live, start) = self.start(resume).await;
         let welcome = start.welcome(&sorted(&client.rooms));
-        if client.queue.send(Message::Text(welcome.to_string().into())).await.is_err() {
-            return Ending::Gone;
+        if let Err(ending) = client.try_queue(Message::Text(welcome.to_string().into())) {
+            return ending;
         }
         if let Some(notice) = &start.reset
-            && client.queue.send(Message::Text(notice.to_string().into())).await.is_err()
+            && let Err(ending) = client.try_queue(Message::Text(notice.to_string().into()))
         {
-            return Ending::Gone;
+            return ending;
         }
         if let Some(after) = start.after
             && let Err(ending) = self.catch_up(client, after).await
@@ -95,9 +136,18 @@ impl Hub {
     /// rooms, waiting (up to a limit) for a slow reader rather than dropping anything.
     async fn catch_up(&self, client: &mut Client<'_>, since: Option<u64>) -> Result<(), Ending> {
         let mut pages = CatchUp::new(since);
-        let queue = client.queue;
+        let (queue, bytes, max_bytes) = (client.queue, &client.bytes, client.max_bytes);
         let send = |text: String| async move {
-            match tokio::time::timeout(CATCH_UP_STALL, queue.send(Message::Text(text.into()))).await {
+            let message = Message::Text(text.into());
+            let waiting = async {
+                // Room in bytes first (the writer frees it as it writes), then in frames.
+                while !bytes.fits(&message, max_bytes) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                bytes.add(&message);
+                queue.send(message).await
+            };
+            match tokio::time::timeout(CATCH_UP_STALL, waiting).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Ending::Gone),
                 Err(_) => Err(Ending::TooSlow(since)),
@@ -139,7 +189,7 @@ impl Client<'_> {
                     match message {
                         Some(Ok(Message::Text(text))) => {
                             let reply = handle_client_message(&mut self.rooms, &self.grant, self.max_rooms, text.as_str());
-                            self.queue.try_send(Message::Text(reply.into())).map_err(|_| Ending::TooSlow(self.sent))
+                            self.try_queue(Message::Text(reply.into()))
                         }
                         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Err(Ending::Gone),
                         Some(Ok(_)) => Ok(()),
@@ -149,7 +199,7 @@ impl Client<'_> {
                     if heard.elapsed() > KEEP_ALIVE * 3 {
                         Err(Ending::Silent)
                     } else {
-                        self.queue.try_send(Message::Ping(Default::default())).map_err(|_| Ending::TooSlow(self.sent))
+                        self.try_queue(Message::Ping(Default::default()))
                     }
                 }
             };
@@ -166,14 +216,27 @@ impl Client<'_> {
             return Ok(());
         }
         if self.rooms.contains(&record.room) {
-            match self.queue.try_send(Message::Text(live.frame.clone())) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => return Err(Ending::TooSlow(self.sent)),
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Ending::Gone),
-            }
+            self.try_queue(Message::Text(live.frame.clone()))?;
         }
         self.sent = Some(record.offset);
         Ok(())
+    }
+
+    /// Queue `message` now, or end the client: too slow if its queue is full in frames or
+    /// in bytes.
+    fn try_queue(&self, message: Message) -> Result<(), Ending> {
+        if !self.bytes.fits(&message, self.max_bytes) {
+            return Err(Ending::TooSlow(self.sent));
+        }
+        self.bytes.add(&message);
+        match self.queue.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                self.bytes.written(&message);
+                Err(Ending::TooSlow(self.sent))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Ending::Gone),
+        }
     }
 }
 
@@ -184,6 +247,7 @@ async fn write_frames(
     mut sink: SplitSink<WebSocket, Message>,
     mut outgoing: mpsc::Receiver<Message>,
     mut close: oneshot::Receiver<CloseFrame>,
+    bytes: QueuedBytes,
 ) {
     loop {
         let message = tokio::select! {
@@ -195,10 +259,14 @@ async fn write_frames(
             },
         };
         let write = async {
+            bytes.written(&message);
             sink.feed(message).await?;
             for _ in 1..WRITE_BATCH {
                 match outgoing.try_recv() {
-                    Ok(message) => sink.feed(message).await?,
+                    Ok(message) => {
+                        bytes.written(&message);
+                        sink.feed(message).await?
+                    }
                     Err(_) => break,
                 }
             }
