@@ -9,6 +9,7 @@ mod browser;
 mod containment;
 mod doors;
 mod durability;
+mod hostile_input;
 mod lifecycle;
 mod misbehaving;
 mod on_iggy;
