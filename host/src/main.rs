@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.config()?;
             let runtime = tokio::runtime::Runtime::new()?;
-            Ok(runtime.block_on(owlery::server::run(config, owlery::server::shutdown_signal()))?)
+            Ok(runtime.block_on(async { owlery::server::run(config, owlery::server::shutdown_signal()).await })?)
         }
         #[cfg(feature = "bench")]
         Command::Bench(args) => {

@@ -120,7 +120,17 @@ pub async fn serve(
     tasks.spawn(until(stop.clone(), crate::fanout::socketio::bridge(io, hub.subscribe())));
     let max_upload = config.max_upload_mb << 20;
     let producer_topics = routing.topics().into_iter().chain(config.extra_topics.iter().cloned()).collect();
-    let state = AppState { auth, log, plugins: plugins.clone(), hub, routing, backend, max_upload, producer_topics };
+    let state = AppState {
+        auth,
+        log,
+        plugins: plugins.clone(),
+        hub,
+        routing,
+        backend,
+        max_upload,
+        producer_topics,
+        store: store.clone(),
+    };
     axum::serve(tuned(listener, config.socket_send_buffer), router(state, socketio))
         .with_graceful_shutdown(shutdown)
         .await
@@ -230,24 +240,31 @@ fn tuned(listener: TcpListener, send_buffer: usize) -> impl axum::serve::Listene
     })
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called (inside
+/// the runtime), not when the future is first polled: a SIGTERM that arrives while the
+/// host is still starting then stops it cleanly instead of killing it.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            match (interrupt, terminate) {
+                (Ok(mut interrupt), Ok(mut terminate)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

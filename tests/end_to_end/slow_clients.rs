@@ -124,7 +124,9 @@ async fn a_client_queue_is_bounded_in_bytes_as_well_as_frames() {
     for n in 0..300u64 {
         let mut seen = progress.clone();
         tokio::time::timeout(Duration::from_secs(60), seen.wait_for(|read| *read + 2 >= n)).await.unwrap().unwrap();
-        let e = event("incident.created", json!({"id": n, "n": n, "blob": big}));
+        let mut e = event("incident.created", json!({"id": n, "n": n, "blob": big}));
+        // One reporter: one partition, so one order.
+        e["userId"] = json!("one-reporter");
         assert_eq!(host.post_events(&e).await.0, 201);
     }
     reading.await.unwrap();

@@ -117,7 +117,7 @@ pub async fn mirror(log: Arc<dyn EventLog>, store: Arc<Store>, hub: Hub, key: Ho
 /// Wait until the topic's epoch is known; a new one (the topic was deleted and made again,
 /// or this host is new to it) starts the mirror afresh, one window back before the
 /// retained part so that it knows which ids that part repeats.
-async fn meet_the_log(log: &dyn EventLog, store: &Store) {
+async fn meet_the_log(log: &dyn EventLog, store: &Arc<Store>) {
     let mut warned = false;
     loop {
         let epoch = match log.topic_epoch(FANOUT_TOPIC).await {
@@ -140,7 +140,9 @@ async fn meet_the_log(log: &dyn EventLog, store: &Store) {
         };
         let from = end.saturating_sub(store.fanout_window().saturating_mul(2));
         tracing::info!(epoch, from, end, "mirroring the shared fan-out log");
-        match store.reset_fanout(epoch, from) {
+        let resetting = store.clone();
+        let reset = tokio::task::spawn_blocking(move || resetting.reset_fanout(epoch, from)).await;
+        match reset.expect("resetting the fan-out mirror does not panic") {
             Ok(()) => return,
             Err(error) => {
                 tracing::error!(%error, "resetting the fan-out mirror failed");
@@ -151,10 +153,14 @@ async fn meet_the_log(log: &dyn EventLog, store: &Store) {
 }
 
 /// Mirror one page read from the topic and hand what is kept to the clients.
-async fn mirror_page(store: &Store, hub: &Hub, key: &HostKey, records: &[Record], from: u64) {
+async fn mirror_page(store: &Arc<Store>, hub: &Hub, key: &HostKey, records: &[Record], from: u64) {
     let next = records.last().map_or(from, |r| r.offset + 1);
     let decoded = records.iter().filter_map(|r| decode(key, r)).collect();
-    match store.mirror_fanout(decoded, next) {
+    // A write transaction that waits on the commit lock runner threads hold: off the
+    // async workers.
+    let writing = store.clone();
+    let written = tokio::task::spawn_blocking(move || writing.mirror_fanout(decoded, next)).await;
+    match written.expect("the fan-out mirror's write does not panic") {
         Ok(kept) => {
             tracing::debug!(read = records.len(), kept = kept.len(), next, "mirrored the shared fan-out log");
             hub.publish(kept)

@@ -30,6 +30,10 @@ pub(super) async fn log_status(State(state): State<AppState>) -> axum::Json<Valu
         plugins.insert(plugin.name.clone(), json!({"lag": lag, "offsets": plugin.offsets, "state": plugin.state}));
     }
     status["plugins"] = plugins.into();
+    let store = state.store.clone();
+    if let Ok(Ok((pending, set_aside))) = tokio::task::spawn_blocking(move || store.outbox_counts()).await {
+        status["outbox"] = json!({"pending": pending, "setAside": set_aside});
+    }
     axum::Json(status)
 }
 

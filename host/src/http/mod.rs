@@ -38,6 +38,8 @@ pub struct AppState {
     pub backend: &'static str,
     /// Largest `.wasm` upload (`max_upload_mb`).
     pub max_upload: usize,
+    /// For the outbox's counts in the status.
+    pub store: Arc<crate::store::Store>,
     /// Topics a producer may name: the routing table's and `extra_topics`.
     pub producer_topics: Arc<[String]>,
 }

@@ -17,6 +17,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 pub use commit::{BatchCommit, Broadcast, BroadcastEncoder};
 pub use fanout::FanoutRecord;
+pub use outbox::Peeked;
 
 /// (plugin, key) → value
 const STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("plugin_state");
@@ -26,6 +27,8 @@ const OFFSETS: TableDefinition<(&str, &str, u32), u64> = TableDefinition::new("p
 const FANOUT: TableDefinition<u64, &[u8]> = TableDefinition::new("fanout");
 /// outbox sequence → OutboxEntry JSON
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// outbox sequence → {reason, at, entry}: entries that could not be forwarded, kept
+const OUTBOX_ASIDE: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_aside");
 /// counters: "fanout_next", "outbox_next", and "epoch" (random, fixed when the store is made;
 /// with a shared fan-out log, that log's)
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -82,6 +85,7 @@ impl Store {
         txn.open_table(OFFSETS)?;
         txn.open_table(FANOUT)?;
         txn.open_table(OUTBOX)?;
+        txn.open_table(OUTBOX_ASIDE)?;
         txn.open_table(FANOUT_IDS)?;
         txn.open_table(FANOUT_ID_AT)?;
         {

@@ -90,7 +90,9 @@ impl ReplayPlan {
 
     /// Records the replay will read.
     pub fn total(&self) -> u64 {
-        self.target.iter().map(|(tp, high)| high - self.start.get(tp).unwrap_or(0)).sum()
+        // Saturating: a start past the target (a timestamp replay, offsets from the caller)
+        // reads nothing rather than wrapping.
+        self.target.iter().map(|(tp, high)| high.saturating_sub(self.start.get(tp).unwrap_or(0))).sum()
     }
 }
 
