@@ -135,8 +135,15 @@ impl Auth {
             return Ok(Grant::everything());
         }
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
-        if let Some(found) = self.config.tokens.iter().find(|t| constant_time_eq(t.token.as_bytes(), token.as_bytes()))
-        {
+        // Every configured token is compared, in constant time, whatever matches: neither
+        // timing nor position tells a caller how close it came.
+        let mut matched = None;
+        for candidate in &self.config.tokens {
+            if constant_time_eq(&sha256(candidate.token.as_bytes()), &sha256(token.as_bytes())) && matched.is_none() {
+                matched = Some(candidate);
+            }
+        }
+        if let Some(found) = matched {
             return Ok(Grant {
                 subject: found.name.clone().unwrap_or_else(|| "static token".into()),
                 scopes: found.scopes.clone(),
@@ -163,7 +170,13 @@ impl Auth {
     }
 }
 
-/// Equal without an early exit on the first differing byte (the length is not secret).
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// Equal without an early exit on the first differing byte (callers compare digests, so
+/// lengths are equal and say nothing).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

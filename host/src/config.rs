@@ -239,6 +239,13 @@ impl Config {
                 crate::keys::MIN_SECRET_BYTES
             ));
         }
+        if self.auth.enabled && self.log == LogBackend::Iggy && self.cluster_secret.is_none() {
+            return invalid(
+                "on Iggy with [auth] on, set cluster_secret (32 bytes or more, the same on every host): \
+                 without it output ids and fan-out signatures are keyed from the Iggy credentials"
+                    .into(),
+            );
+        }
         if self.auth.enabled && self.auth.tokens.is_empty() && self.auth.jwt_secret.is_none() {
             return invalid("[auth] is enabled but has no tokens and no jwt_secret".into());
         }

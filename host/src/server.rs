@@ -116,8 +116,8 @@ pub async fn serve(
         tracing::info!("authentication is on");
     }
     let auth = Arc::new(crate::auth::Auth::new(config.auth.clone()));
-    let (socketio, io) = crate::fanout::socketio::layer(auth.clone(), hub.clone());
-    tasks.spawn(until(stop.clone(), crate::fanout::socketio::bridge(io, hub.subscribe())));
+    let (socketio, bridge) = crate::fanout::socketio::layer(auth.clone(), hub.clone());
+    tasks.spawn(until(stop.clone(), crate::fanout::socketio::bridge(bridge, hub.subscribe())));
     let max_upload = config.max_upload_mb << 20;
     let producer_topics = routing.topics().into_iter().chain(config.extra_topics.iter().cloned()).collect();
     let state = AppState {

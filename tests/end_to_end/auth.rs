@@ -131,6 +131,10 @@ async fn short_secrets_refuse_to_start() {
     for (toml, expected) in [
         ("[auth]\nenabled = true\njwt_secret = \"change-me\"\n", "jwt_secret must be at least 32 bytes"),
         ("cluster_secret = \"too short\"\n", "cluster_secret must be at least 32 bytes"),
+        (
+            "log = \"iggy\"\n[auth]\nenabled = true\n[[auth.tokens]]\ntoken = \"t\"\nscopes = [\"admin\"]\n",
+            "on Iggy with [auth] on, set cluster_secret",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("owlery.toml"), toml).unwrap();

@@ -191,3 +191,112 @@ async fn socket_io_clients_meet_the_same_limits_as_websocket_ones() {
     let oversized = step("oversized message");
     assert_eq!(oversized["event"], "disconnect", "{oversized}");
 }
+
+/// A Socket.IO client over a raw WebSocket (engine.io v4 frames) whose TCP receive buffer is
+/// tiny and who does not read until told: what a browser tab on a bad link looks like.
+async fn raw_socket_io_client(host: &Host, auth: &Value) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(host.base.trim_start_matches("http://").parse().unwrap()).await.unwrap();
+    let url = format!("{}/socket.io/?EIO=4&transport=websocket", host.base.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.expect("the raw client connects");
+    let open = ws.next().await.unwrap().unwrap();
+    assert!(open.to_text().unwrap().starts_with('0'), "engine.io open: {open:?}");
+    ws.send(Message::Text(format!("40{auth}").into())).await.unwrap();
+    loop {
+        let message = ws.next().await.unwrap().unwrap();
+        match message.to_text().unwrap() {
+            // engine.io ping: pong.
+            "2" => ws.send(Message::Text("3".into())).await.unwrap(),
+            text if text.starts_with("40") => return ws,
+            other => panic!("expected socket.io's connect, got {other:?}"),
+        }
+    }
+}
+
+/// What a raw client reads until its connection ends: each event's `data.n`, and whether
+/// the server said disconnect (`41`).
+async fn read_until_disconnected(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> (Vec<u64>, bool) {
+    use futures_util::StreamExt;
+    let mut ns = Vec::new();
+    loop {
+        let message = match tokio::time::timeout(std::time::Duration::from_secs(30), ws.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(_) => return (ns, false),
+            Err(_) => panic!("neither more frames nor a disconnect in 30 s, after {} events", ns.len()),
+        };
+        let Ok(text) = message.to_text() else { continue };
+        if text == "41" {
+            return (ns, true);
+        }
+        if let Some(array) = text.strip_prefix("42") {
+            let event: Value = serde_json::from_str(array).unwrap();
+            if let Some(n) = event[1]["event"]["data"]["n"].as_u64() {
+                ns.push(n);
+            }
+        }
+    }
+}
+
+fn numbered(n: u64, blob: &str) -> Value {
+    json!({"eventType": "incident.created", "userId": "one-reporter", "source": "test",
+           "data": {"id": n, "n": n, "blob": blob}})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_socket_io_client_is_disconnected_never_left_with_a_gap() {
+    let config = "client_queue = 16\nsocket_send_buffer = 4096\n";
+    let host = Host::with_config(&[shipped("ws-broadcast")], config);
+    let mut slow = raw_socket_io_client(&host, &json!({})).await;
+    let blob = "x".repeat(2048);
+    for chunk in 0..10u64 {
+        let batch: Vec<Value> = (chunk * 30..(chunk + 1) * 30).map(|n| numbered(n, &blob)).collect();
+        assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    }
+    host.caught_up("ws-broadcast").await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (ns, disconnected) = read_until_disconnected(&mut slow).await;
+    assert!(disconnected, "a client that missed broadcasts is told so by a disconnect (got {} events)", ns.len());
+    assert!(ns.len() < 300, "it fell behind: {}", ns.len());
+    assert_eq!(ns, (0..ns.len() as u64).collect::<Vec<_>>(), "what it got has no gap");
+    assert!(host.log().contains("disconnecting a Socket.IO client that fell too far behind"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_io_catch_up_waits_for_a_slow_reader_instead_of_dropping() {
+    let config = "client_queue = 16\nsocket_send_buffer = 4096\n";
+    let host = Host::with_config(&[shipped("ws-broadcast")], config);
+    let blob = "x".repeat(2048);
+    for chunk in 0..10u64 {
+        let batch: Vec<Value> = (chunk * 30..(chunk + 1) * 30).map(|n| numbered(n, &blob)).collect();
+        assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    }
+    host.caught_up("ws-broadcast").await;
+    // Resumes from the start, reading slowly: every missed broadcast arrives, in order.
+    let mut client = raw_socket_io_client(&host, &json!({"since": -1})).await;
+    let mut ns = Vec::new();
+    while ns.len() < 300 {
+        use futures_util::StreamExt;
+        let message = tokio::time::timeout(std::time::Duration::from_secs(30), client.next())
+            .await
+            .unwrap_or_else(|_| panic!("catch-up stopped after {} events", ns.len()))
+            .expect("the connection stays open")
+            .unwrap();
+        let Ok(text) = message.to_text() else { continue };
+        assert_ne!(text, "41", "disconnected during catch-up after {} events", ns.len());
+        if let Some(array) = text.strip_prefix("42") {
+            let event: Value = serde_json::from_str(array).unwrap();
+            if let Some(n) = event[1]["event"]["data"]["n"].as_u64() {
+                ns.push(n);
+                if ns.len() % 50 == 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    assert_eq!(ns, (0..300).collect::<Vec<_>>());
+}

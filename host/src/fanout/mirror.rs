@@ -152,10 +152,31 @@ async fn meet_the_log(log: &dyn EventLog, store: &Arc<Store>) {
     }
 }
 
-/// Mirror one page read from the topic and hand what is kept to the clients.
+/// Mirror one page read from the topic and hand what is kept to the clients. Records
+/// skipped are logged once per page (a flood of forged records is one line a page).
 async fn mirror_page(store: &Arc<Store>, hub: &Hub, key: &HostKey, records: &[Record], from: u64) {
     let next = records.last().map_or(from, |r| r.offset + 1);
-    let decoded = records.iter().filter_map(|r| decode(key, r)).collect();
+    let max_age_ms = store.fanout_max_age_ms();
+    let mut decoded = Vec::with_capacity(records.len());
+    let mut skipped: Option<(u64, String)> = None;
+    let mut skipped_count = 0;
+    for record in records {
+        match decode(key, record, max_age_ms) {
+            Ok(record) => decoded.push(record),
+            Err(why) => {
+                skipped_count += 1;
+                skipped.get_or_insert((record.offset, why));
+            }
+        }
+    }
+    if let Some((offset, why)) = skipped {
+        tracing::warn!(
+            topic = FANOUT_TOPIC,
+            count = skipped_count,
+            first = offset,
+            "skipping records of the fan-out topic; the first: {why}"
+        );
+    }
     // A write transaction that waits on the commit lock runner threads hold: off the
     // async workers.
     let writing = store.clone();
@@ -172,41 +193,33 @@ async fn mirror_page(store: &Arc<Store>, hub: &Hub, key: &HostKey, records: &[Re
     }
 }
 
-/// The fan-out record a record of the shared fan-out topic carries; `None` (logged) for
-/// anything else, and for a record this host's key did not sign.
-fn decode(key: &HostKey, record: &Record) -> Option<FanoutRecord> {
-    let skip = |why: &str| {
-        tracing::warn!(topic = FANOUT_TOPIC, offset = record.offset, "skipping a record of the fan-out topic: {why}")
-    };
+/// The fan-out record a record of the shared fan-out topic carries; why not, for anything
+/// else, for a record this host's key did not sign, and for one older than `max_age_ms`
+/// (0: no limit), so that a signed record copied back into the topic later is not served
+/// again once its id is no longer remembered.
+fn decode(key: &HostKey, record: &Record, max_age_ms: u64) -> Result<FanoutRecord, String> {
     let envelope = match Envelope::from_bytes(&record.payload) {
         Ok(envelope) if envelope.event_type == BROADCAST_TYPE => envelope,
-        Ok(envelope) => {
-            skip(&format!("not a broadcast but {:?}", envelope.event_type));
-            return None;
-        }
-        Err(error) => {
-            skip(&format!("not an envelope: {error}"));
-            return None;
-        }
+        Ok(envelope) => return Err(format!("not a broadcast but {:?}", envelope.event_type)),
+        Err(error) => return Err(format!("not an envelope: {error}")),
     };
     let text = |key: &str| envelope.data.get(key).and_then(|v| v.as_str()).map(str::to_owned);
     let (Some(room), Some(plugin), Some(payload)) = (text("room"), text("plugin"), envelope.data.get("payload")) else {
-        skip("a broadcast without room, plugin or payload");
-        return None;
+        return Err("a broadcast without room, plugin or payload".into());
     };
     let Some(at_ms) = envelope.data.get("atMs").and_then(|v| v.as_u64()) else {
-        skip("a broadcast without atMs");
-        return None;
+        return Err("a broadcast without atMs".into());
     };
     let payload = payload.to_string();
     let signature = envelope.metadata.get(SIGNATURE).and_then(|v| v.as_str()).unwrap_or_default();
     let signed = Signed { id: &envelope.event_id, room: &room, plugin: &plugin, at_ms, payload: &payload };
     if !signed.verify(key, signature) {
-        skip(
-            "its signature is missing or wrong: not written by an Owlery host with this host's key \
-              (hosts sharing a log need the same cluster_secret)",
-        );
-        return None;
+        return Err("its signature is missing or wrong: not written by an Owlery host with this host's key \
+                    (hosts sharing a log need the same cluster_secret)"
+            .into());
     }
-    Some(FanoutRecord { offset: record.offset, id: envelope.event_id, room, plugin, payload, at_ms })
+    if max_age_ms > 0 && crate::envelope::now_millis().saturating_sub(at_ms) > max_age_ms {
+        return Err("older than fanout_max_age_secs".into());
+    }
+    Ok(FanoutRecord { offset: record.offset, id: envelope.event_id, room, plugin, payload, at_ms })
 }

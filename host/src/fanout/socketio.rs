@@ -9,9 +9,11 @@
 //! gets live: deduplicate by `offset`).
 //!
 //! Each socket's queue holds `client_queue` packets. Nothing is dropped silently: catch-up
-//! waits (asynchronously, up to a limit) for room in a slow client's queue, and a client
-//! whose queue is full when a live broadcast comes is disconnected (reason `io server
-//! disconnect`), to reconnect with `since` = the last offset it got.
+//! waits (asynchronously, up to a limit) for room in a slow client's queue, and a socket
+//! that misses anything (its queue full when a live broadcast comes, a catch-up that could
+//! not finish, the bridge itself falling behind) gets nothing more and is disconnected
+//! (reason `io server disconnect`; retried until its queue takes the disconnect), to
+//! reconnect with `since` = the last offset it has seen in order.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -63,8 +65,47 @@ fn refuse(socket: &SocketRef, error: String, disconnect: bool) {
     }
 }
 
-/// Set up the default namespace; returns the layer to add to the router.
-pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, SocketIo) {
+/// Sockets that missed something and must be disconnected; they get nothing more.
+#[derive(Clone, Default)]
+pub struct Laggards(Arc<std::sync::Mutex<HashSet<Sid>>>);
+
+impl Laggards {
+    fn add(&self, socket: &SocketRef) {
+        self.set().insert(socket.id);
+        // Right away if its queue takes the disconnect; else the bridge tries again.
+        if socket.clone().disconnect().is_ok() {
+            self.set().remove(&socket.id);
+        }
+    }
+
+    fn contains(&self, sid: &Sid) -> bool {
+        self.set().contains(sid)
+    }
+
+    /// Disconnect again those whose queues refused it; forget the ones gone.
+    fn retry(&self, io: &SocketIo) {
+        self.set().retain(|sid| match io.get_socket(*sid) {
+            Some(socket) => socket.disconnect().is_err(),
+            None => false,
+        });
+    }
+
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<Sid>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What the bridge needs: the server, and the sockets to cut off.
+pub struct Bridge {
+    io: SocketIo,
+    laggards: Laggards,
+}
+
+/// Set up the default namespace; returns the layer to add to the router, and what
+/// `bridge` runs on.
+pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, Bridge) {
+    let laggards = Laggards::default();
+    let for_sockets = laggards.clone();
     let limits = hub.limits();
     // `max_payload` bounds long-polling bodies only; WebSocket messages and frames have
     // their own limits (64 MiB by default), so all three are set.
@@ -75,7 +116,7 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
         .max_buffer_size(limits.queue.max(1))
         .build_layer();
     io.ns("/", move |socket: SocketRef, TryData(hello): TryData<Value>| {
-        let (auth, hub) = (auth.clone(), hub.clone());
+        let (auth, hub, laggards) = (auth.clone(), hub.clone(), for_sockets.clone());
         async move {
             // Its place among `max_clients`, held until the socket is gone.
             let Some(slot) = hub.admit() else {
@@ -104,36 +145,49 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
                 return refuse(&socket, format!("at most {} rooms per client", hub.limits().max_rooms), true);
             }
             rooms.push(ROOM_ALL.to_owned());
-            socket.join(rooms.clone());
-            catch_up(&socket, &hub, &rooms, resume(&hello)).await;
+            // Room changes are heard during catch-up too.
             on_room_changes(&socket, grant, hub.limits().max_rooms);
+            // Joined before catch-up, so nothing committed meanwhile is missed (a record may
+            // come both ways: clients deduplicate by offset).
+            socket.join(rooms.clone());
+            if !catch_up(&socket, &hub, &rooms, resume(&hello)).await {
+                laggards.add(&socket);
+            }
         }
     });
-    (layer, io)
+    (layer, Bridge { io, laggards })
 }
 
 /// How long catch-up waits for room in a slow client's queue before it gives up on it.
 const CATCH_UP_STALL: Duration = Duration::from_secs(30);
 
 /// Emit what a resuming client missed, with the same notices as `/ws`. A full queue is
-/// waited on (without holding a thread); a client that stays full is disconnected.
-async fn catch_up(socket: &SocketRef, hub: &Hub, rooms: &[String], resume: Resume) {
+/// waited on (without holding a thread); false when the client did not get all of it.
+async fn catch_up(socket: &SocketRef, hub: &Hub, rooms: &[String], resume: Resume) -> bool {
     let (_, start) = hub.start(resume).await;
     if let Some(notice) = &start.reset
         && !emit_waiting(socket, "reset", notice).await
     {
-        return;
+        return false;
     }
-    let Some(after) = start.after else { return };
+    let Some(after) = start.after else { return true };
     let mut pages = CatchUp::new(after);
-    while let Ok(Some(page)) = pages.next_page(hub.store(), |room| rooms.iter().any(|r| r == room)) {
+    loop {
+        let page = match pages.next_page(hub.store(), |room| rooms.iter().any(|r| r == room)) {
+            Ok(Some(page)) => page,
+            Ok(None) => return true,
+            Err(error) => {
+                tracing::error!(%error, "reading the fan-out table for a Socket.IO catch-up failed");
+                return false;
+            }
+        };
         for item in page {
             let sent = match item {
                 Item::Notice(notice) => emit_waiting(socket, "gap", &notice).await,
                 Item::Record(record) => emit_waiting(socket, &event_name(&record), &frame(&record)).await,
             };
             if !sent {
-                return;
+                return false;
             }
         }
     }
@@ -153,7 +207,6 @@ async fn emit_waiting(socket: &SocketRef, name: &str, data: &Value) -> bool {
             }
             Err(error) => {
                 tracing::info!(%error, "disconnecting a Socket.IO client that stopped taking its catch-up");
-                let _ = socket.clone().disconnect();
                 return false;
             }
         }
@@ -184,40 +237,43 @@ fn on_room_changes(socket: &SocketRef, grant: Grant, max_rooms: usize) {
 }
 
 /// Emit every live broadcast to its room, in offset order. A socket whose queue is full
-/// misses that broadcast, so it is disconnected (and gets nothing more meanwhile) rather
-/// than left with a silent gap.
-pub async fn bridge(io: SocketIo, mut live: broadcast::Receiver<Arc<Live>>) {
-    // Sockets that fell behind and could not be disconnected yet (their queue was full).
-    let mut behind: HashSet<Sid> = HashSet::new();
+/// misses that broadcast, so it is cut off rather than left with a silent gap; so is every
+/// socket if the bridge itself falls behind the hub.
+pub async fn bridge(bridge: Bridge, mut live: broadcast::Receiver<Arc<Live>>) {
+    let Bridge { io, laggards } = bridge;
+    let mut retry = tokio::time::interval(Duration::from_millis(100));
     loop {
-        match live.recv().await {
+        let received = tokio::select! {
+            received = live.recv() => received,
+            _ = retry.tick() => {
+                laggards.retry(&io);
+                continue;
+            }
+        };
+        match received {
             Ok(live) => {
                 let record = &live.record;
                 let (name, frame) = (event_name(record), frame(record));
                 for socket in io.to(record.room.clone()).sockets() {
-                    if behind.contains(&socket.id) {
+                    if laggards.contains(&socket.id) {
                         continue;
                     }
-                    match socket.emit(&name, &frame) {
-                        Ok(()) => {}
-                        Err(socketioxide::SendError::Socket(SocketError::InternalChannelFull)) => {
-                            tracing::info!(
-                                offset = record.offset,
-                                "disconnecting a Socket.IO client that fell too far behind"
-                            );
-                            behind.insert(socket.id);
-                        }
-                        Err(_) => {}
+                    if let Err(socketioxide::SendError::Socket(SocketError::InternalChannelFull)) =
+                        socket.emit(&name, &frame)
+                    {
+                        tracing::info!(
+                            offset = record.offset,
+                            "disconnecting a Socket.IO client that fell too far behind"
+                        );
+                        laggards.add(&socket);
                     }
                 }
-                // Retry the disconnects their full queues refused; forget sockets that are gone.
-                behind.retain(|sid| match io.get_socket(*sid) {
-                    Some(socket) => socket.disconnect().is_err(),
-                    None => false,
-                });
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "Socket.IO fell behind the fan-out log");
+                tracing::warn!(missed, "Socket.IO fell behind the fan-out log; disconnecting its clients to resume");
+                for socket in io.sockets() {
+                    laggards.add(&socket);
+                }
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }

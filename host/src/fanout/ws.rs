@@ -40,8 +40,8 @@ impl QueuedBytes {
         self.0.fetch_add(text_len(message), Ordering::AcqRel);
     }
 
-    fn written(&self, message: &Message) {
-        self.0.fetch_sub(text_len(message), Ordering::AcqRel);
+    fn written(&self, bytes: usize) {
+        self.0.fetch_sub(bytes, Ordering::AcqRel);
     }
 
     /// Whether `message` fits under `max` (always, into an empty queue: one frame larger
@@ -232,7 +232,7 @@ impl Client<'_> {
         match self.queue.try_send(message) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(message)) => {
-                self.bytes.written(&message);
+                self.bytes.written(text_len(&message));
                 Err(Ending::TooSlow(self.sent))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Ending::Gone),
@@ -258,19 +258,23 @@ async fn write_frames(
                 None => return,
             },
         };
+        // Bytes count as queued until flushed: a writer stuck on a client that does not
+        // read holds them, and the client's limit sees them.
         let write = async {
-            bytes.written(&message);
+            let mut fed = vec![text_len(&message)];
             sink.feed(message).await?;
             for _ in 1..WRITE_BATCH {
                 match outgoing.try_recv() {
                     Ok(message) => {
-                        bytes.written(&message);
+                        fed.push(text_len(&message));
                         sink.feed(message).await?
                     }
                     Err(_) => break,
                 }
             }
-            sink.flush().await
+            sink.flush().await?;
+            bytes.written(fed.iter().sum());
+            Ok::<(), axum::Error>(())
         };
         tokio::select! {
             biased;

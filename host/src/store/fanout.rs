@@ -167,6 +167,11 @@ impl Store {
         self.fanout_retention
     }
 
+    /// How old a fan-out record may be, in ms (0: no limit).
+    pub fn fanout_max_age_ms(&self) -> u64 {
+        self.fanout_max_age_ms
+    }
+
     /// The fan-out log's epoch: a new store (a reset log) has a new one.
     pub fn epoch(&self) -> Result<u64, StoreError> {
         Store::meta(&self.read()?.open_table(META)?, "epoch")
