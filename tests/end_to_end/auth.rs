@@ -93,6 +93,11 @@ async fn tokens_and_scopes_guard_publish_admin_and_rooms() {
     // A token that names no rooms fails closed: room `all` only.
     let refused = tokio_tungstenite::connect_async(ws_url("?token=no-rooms&rooms=incident:1")).await;
     assert!(refused.is_err(), "a token without rooms may not join incident:1");
+    // The same over Socket.IO: refused with an error, then disconnected.
+    let mut refused_io =
+        crate::socketio::raw_socket_io_client(&host, &json!({"token": "no-rooms", "rooms": ["incident:1"]})).await;
+    let (_, disconnected) = crate::socketio::read_until_disconnected(&mut refused_io).await;
+    assert!(disconnected, "a token without rooms may not join incident:1 over Socket.IO either");
     let mut all_only = host.ws("?token=no-rooms").await;
     all_only.send_json(&json!({"subscribe": ["incident:1"]})).await;
     assert_eq!(all_only.next_json(Duration::from_secs(10)).await.unwrap()["type"], "error");

@@ -3,6 +3,7 @@
 //! bounded run of raw bytes on the socket. Neither may produce a 5xx, a panic or a hang,
 //! and what was accepted before stays readable afterwards.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -189,7 +190,25 @@ struct Request {
     query: String,
     content_type: Option<String>,
     origin: Option<String>,
+    /// Other headers: Host, Authorization, Sec-Fetch-Site, Content-Length lies...
+    headers: Vec<(String, String)>,
     body: Vec<u8>,
+}
+
+fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
+    let header = prop_oneof![
+        proptest::sample::select(&["localhost", "evil.example", "127.0.0.1:1", "[::1]", "", "a b"][..])
+            .prop_map(|v| ("host".to_owned(), v.to_owned())),
+        proptest::sample::select(
+            &["Bearer ", "Bearer x", "Basic Zm9vOmJhcg==", "bearer", "Bearer a.b.c", "Bearer fuzz-admin"][..]
+        )
+        .prop_map(|v| ("authorization".to_owned(), v.to_owned())),
+        proptest::sample::select(&["cross-site", "same-origin", "none", "???"][..])
+            .prop_map(|v| ("sec-fetch-site".to_owned(), v.to_owned())),
+        proptest::sample::select(&["websocket", "h2c", ""][..]).prop_map(|v| ("upgrade".to_owned(), v.to_owned())),
+        ("x-[a-z]{1,10}", "[ -~]{0,60}"),
+    ];
+    proptest::collection::vec(header, 0..3)
 }
 
 fn request() -> impl Strategy<Value = Request> {
@@ -202,8 +221,16 @@ fn request() -> impl Strategy<Value = Request> {
         reqwest::Method::OPTIONS,
         reqwest::Method::HEAD,
     ]);
-    (method, path(), query(), content_type(), origin(), body()).prop_map(
-        |(method, path, query, content_type, origin, body)| Request { method, path, query, content_type, origin, body },
+    (method, path(), query(), content_type(), origin(), headers(), body()).prop_map(
+        |(method, path, query, content_type, origin, headers, body)| Request {
+            method,
+            path,
+            query,
+            content_type,
+            origin,
+            headers,
+            body,
+        },
     )
 }
 
@@ -231,15 +258,12 @@ async fn still_there(host: &Host, ids: &[String]) {
     assert!(!log.contains("panicked"), "the host panicked: {}", host.log_tail());
 }
 
-#[test]
-fn random_requests_never_get_a_5xx_a_panic_or_a_hang() {
-    let tokio = tokio::runtime::Runtime::new().unwrap();
-    let host = Host::with_plugins(&[shipped("ws-broadcast"), shipped("analytics")]);
-    let before = tokio.block_on(accepted_before(&host));
+/// Send `cases` random requests to `host`; every one must be answered, below 500. Returns
+/// how many got each status.
+fn random_requests(tokio: &tokio::runtime::Runtime, host: &Host, cases: u32) -> BTreeMap<u16, u32> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-    let cases = std::env::var("OWLERY_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(1000);
     let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
-    let statuses = std::sync::Mutex::new(std::collections::BTreeMap::<u16, u32>::new());
+    let statuses = std::sync::Mutex::new(BTreeMap::<u16, u32>::new());
     runner
         .run(&request(), |r| {
             let url = format!("{}{}{}", host.base, r.path, r.query);
@@ -250,6 +274,9 @@ fn random_requests_never_get_a_5xx_a_panic_or_a_hang() {
             }
             if let Some(o) = &r.origin {
                 builder = builder.header("origin", o);
+            }
+            for (name, value) in &r.headers {
+                builder = builder.header(name, value);
             }
             let answered = tokio.block_on(async { builder.send().await.map(|response| response.status()) });
             match answered {
@@ -262,11 +289,36 @@ fn random_requests_never_get_a_5xx_a_panic_or_a_hang() {
             Ok(())
         })
         .unwrap();
-    // Which answers the run got: most must be refusals, some acceptances.
     let statuses = statuses.into_inner().unwrap();
     eprintln!("answers to {cases} random requests: {statuses:?}");
+    statuses
+}
+
+fn cases() -> u32 {
+    std::env::var("OWLERY_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(1000)
+}
+
+#[test]
+fn random_requests_never_get_a_5xx_a_panic_or_a_hang() {
+    let tokio = tokio::runtime::Runtime::new().unwrap();
+    let host = Host::with_plugins(&[shipped("ws-broadcast"), shipped("analytics")]);
+    let before = tokio.block_on(accepted_before(&host));
+    let statuses = random_requests(&tokio, &host, cases());
+    // Most must be refusals, some acceptances.
     assert!(statuses.keys().any(|s| (200..300).contains(s)) && statuses.keys().any(|s| (400..500).contains(s)));
     tokio.block_on(still_there(&host, &before));
+}
+
+#[test]
+fn random_requests_with_auth_on_never_get_a_5xx_a_panic_or_a_hang() {
+    let tokio = tokio::runtime::Runtime::new().unwrap();
+    let config = "[auth]\nenabled = true\n[[auth.tokens]]\ntoken = \"fuzz-admin\"\nscopes = [\"admin\"]\n";
+    let host = Host::with_config(&[shipped("ws-broadcast"), shipped("analytics")], config);
+    let statuses = random_requests(&tokio, &host, cases() / 2);
+    assert!(statuses.contains_key(&401), "{statuses:?}");
+    let (status, _) = tokio.block_on(host.get("/health"));
+    assert_eq!(status, 200);
+    assert!(!host.log().contains("panicked"), "the host panicked: {}", host.log_tail());
 }
 
 /// Bytes that are almost a request: a valid one with random bytes changed, cut or added.
@@ -306,7 +358,7 @@ fn raw_bytes_on_the_http_port_leave_the_host_serving_and_the_log_intact() {
     let host = Host::with_plugins(&[shipped("ws-broadcast")]);
     let before = tokio.block_on(accepted_before(&host));
     let address = host.base.trim_start_matches("http://").to_owned();
-    let cases = std::env::var("OWLERY_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(1000);
+    let cases = cases();
     let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
     let heads = std::sync::Mutex::new(std::collections::BTreeMap::<String, u32>::new());
     runner

@@ -194,7 +194,10 @@ async fn socket_io_clients_meet_the_same_limits_as_websocket_ones() {
 
 /// A Socket.IO client over a raw WebSocket (engine.io v4 frames) whose TCP receive buffer is
 /// tiny and who does not read until told: what a browser tab on a bad link looks like.
-async fn raw_socket_io_client(host: &Host, auth: &Value) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+pub async fn raw_socket_io_client(
+    host: &Host,
+    auth: &Value,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -218,7 +221,7 @@ async fn raw_socket_io_client(host: &Host, auth: &Value) -> tokio_tungstenite::W
 
 /// What a raw client reads until its connection ends: each event's `data.n`, and whether
 /// the server said disconnect (`41`).
-async fn read_until_disconnected(
+pub async fn read_until_disconnected(
     ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
 ) -> (Vec<u64>, bool) {
     use futures_util::StreamExt;
