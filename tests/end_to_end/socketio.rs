@@ -252,10 +252,21 @@ fn numbered(n: u64, blob: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_socket_io_client_is_disconnected_never_left_with_a_gap() {
-    let config = "client_queue = 16\nsocket_send_buffer = 4096\n";
+    slow_socket_io_client_is_cut_off("client_queue = 16\nsocket_send_buffer = 4096\n", 2048).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_socket_io_client_queue_is_bounded_in_bytes_as_well_as_frames() {
+    let config = "client_queue = 100000\nclient_queue_bytes = 65536\nsocket_send_buffer = 4096\n";
+    slow_socket_io_client_is_cut_off(config, 8192).await;
+}
+
+/// A client that does not read while 300 broadcasts of about `blob` bytes go out gets a
+/// gapless prefix of them, then a disconnect.
+async fn slow_socket_io_client_is_cut_off(config: &str, blob: usize) {
     let host = Host::with_config(&[shipped("ws-broadcast")], config);
     let mut slow = raw_socket_io_client(&host, &json!({})).await;
-    let blob = "x".repeat(2048);
+    let blob = "x".repeat(blob);
     for chunk in 0..10u64 {
         let batch: Vec<Value> = (chunk * 30..(chunk + 1) * 30).map(|n| numbered(n, &blob)).collect();
         assert_eq!(host.post_events(&json!(batch)).await.0, 201);

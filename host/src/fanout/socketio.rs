@@ -8,15 +8,18 @@
 //! (with `gap` and `reset` events where `/ws` sends those notices; possibly a frame it also
 //! gets live: deduplicate by `offset`).
 //!
-//! Each socket's queue holds `client_queue` packets. Nothing is dropped silently: catch-up
+//! Live broadcasts go to each socket through a queue of its own, bounded like `/ws`'s
+//! (`client_queue` frames, `client_queue_bytes` bytes), drained by a task per socket into
+//! socketioxide's small packet buffer. Nothing is dropped silently: catch-up
 //! waits (asynchronously, up to a limit) for room in a slow client's queue, and a socket
 //! that misses anything (its queue full when a live broadcast comes, a catch-up that could
 //! not finish, the bridge itself falling behind) gets nothing more and is disconnected
 //! (reason `io server disconnect`; retried until its queue takes the disconnect), to
 //! reconnect with `since` = the last offset it has seen in order.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -24,10 +27,10 @@ use socketioxide::SocketError;
 use socketioxide::SocketIo;
 use socketioxide::extract::{SocketRef, TryData};
 use socketioxide::socket::Sid;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use super::catch_up::{CatchUp, Item};
-use super::{Hub, Live, ROOM_ALL, Resume};
+use super::{ClientLimits, Hub, Live, ROOM_ALL, Resume};
 use crate::auth::{Auth, Grant, Scope};
 use crate::store::FanoutRecord;
 
@@ -95,38 +98,104 @@ impl Laggards {
     }
 }
 
-/// What the bridge needs: the server, and the sockets to cut off.
+/// A broadcast as every socket emits it; `bytes` is what it counts against a queue.
+struct Emit {
+    name: String,
+    frame: Value,
+    bytes: usize,
+}
+
+/// One socket's queue of live broadcasts.
+struct Outgoing {
+    queue: mpsc::Sender<Arc<Emit>>,
+    /// Bytes queued and not yet handed to socketioxide.
+    bytes: Arc<AtomicUsize>,
+}
+
+/// Every connected socket's queue.
+#[derive(Clone, Default)]
+struct Queues(Arc<std::sync::Mutex<HashMap<Sid, Outgoing>>>);
+
+impl Queues {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Sid, Outgoing>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Make `socket`'s queue, and the task that drains it into the socket.
+    fn open(&self, socket: &SocketRef, limits: &ClientLimits, laggards: Laggards) {
+        let (queue, mut pending) = mpsc::channel::<Arc<Emit>>(limits.queue.max(1));
+        let bytes = Arc::new(AtomicUsize::new(0));
+        self.map().insert(socket.id, Outgoing { queue, bytes: bytes.clone() });
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            while let Some(emit) = pending.recv().await {
+                if !emit_waiting(&socket, &emit.name, &emit.frame).await {
+                    laggards.add(&socket);
+                    return;
+                }
+                bytes.fetch_sub(emit.bytes, Ordering::AcqRel);
+            }
+        });
+    }
+
+    fn close(&self, sid: &Sid) {
+        self.map().remove(sid);
+    }
+
+    /// Queue `emit` for `sid`; false when its queue is full in frames or bytes.
+    fn push(&self, sid: &Sid, emit: &Arc<Emit>, max_bytes: usize) -> bool {
+        let map = self.map();
+        let Some(out) = map.get(sid) else { return true };
+        let queued = out.bytes.load(Ordering::Acquire);
+        if queued > 0 && queued + emit.bytes > max_bytes {
+            return false;
+        }
+        out.bytes.fetch_add(emit.bytes, Ordering::AcqRel);
+        match out.queue.try_send(emit.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                out.bytes.fetch_sub(emit.bytes, Ordering::AcqRel);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => true,
+        }
+    }
+}
+
+/// What the bridge needs: the server, the sockets' queues, and the sockets to cut off.
 pub struct Bridge {
     io: SocketIo,
+    queues: Queues,
     laggards: Laggards,
+    max_bytes: usize,
 }
+
+/// Packets socketioxide buffers per socket; the backlog waits in the socket's own queue.
+const SOCKETIO_BUFFER: usize = 64;
 
 /// Set up the default namespace; returns the layer to add to the router, and what
 /// `bridge` runs on.
 pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, Bridge) {
     let laggards = Laggards::default();
-    let for_sockets = laggards.clone();
-    let limits = hub.limits();
+    let queues = Queues::default();
+    let (for_sockets, queues_for_sockets) = (laggards.clone(), queues.clone());
+    let limits = *hub.limits();
     // `max_payload` bounds long-polling bodies only; WebSocket messages and frames have
     // their own limits (64 MiB by default), so all three are set.
     let (layer, io) = SocketIo::builder()
         .max_payload(limits.max_message as u64)
         .ws_max_message_size(limits.max_message)
         .ws_max_frame_size(limits.max_message)
-        .max_buffer_size(limits.queue.max(1))
+        .max_buffer_size(SOCKETIO_BUFFER)
         .build_layer();
     io.ns("/", move |socket: SocketRef, TryData(hello): TryData<Value>| {
-        let (auth, hub, laggards) = (auth.clone(), hub.clone(), for_sockets.clone());
+        let (auth, hub, laggards, queues) =
+            (auth.clone(), hub.clone(), for_sockets.clone(), queues_for_sockets.clone());
         async move {
             // Its place among `max_clients`, held until the socket is gone.
             let Some(slot) = hub.admit() else {
                 return refuse(&socket, "too many clients connected (max_clients); try again later".into(), true);
             };
-            let slot = Arc::new(slot);
-            socket.on_disconnect(move |_: SocketRef| {
-                let _held = &slot;
-                async {}
-            });
             let hello = hello.unwrap_or(Value::Null);
             let token = hello.get("token").and_then(|t| t.as_str());
             let grant = match auth.require(token, Scope::Subscribe) {
@@ -147,6 +216,14 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
             rooms.push(ROOM_ALL.to_owned());
             // Room changes are heard during catch-up too.
             on_room_changes(&socket, grant, hub.limits().max_rooms);
+            // Its queue, given back (with its place) when it goes.
+            queues.open(&socket, hub.limits(), laggards.clone());
+            let (on_close, slot) = (queues.clone(), Arc::new(slot));
+            socket.on_disconnect(move |socket: SocketRef| {
+                let _held = &slot;
+                on_close.close(&socket.id);
+                async {}
+            });
             // Joined before catch-up, so nothing committed meanwhile is missed (a record may
             // come both ways: clients deduplicate by offset).
             socket.join(rooms.clone());
@@ -155,7 +232,7 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
             }
         }
     });
-    (layer, Bridge { io, laggards })
+    (layer, Bridge { io, queues, laggards, max_bytes: limits.queue_bytes })
 }
 
 /// How long catch-up waits for room in a slow client's queue before it gives up on it.
@@ -206,7 +283,7 @@ async fn emit_waiting(socket: &SocketRef, name: &str, data: &Value) -> bool {
                 tokio::time::sleep(Duration::from_millis(5)).await
             }
             Err(error) => {
-                tracing::info!(%error, "disconnecting a Socket.IO client that stopped taking its catch-up");
+                tracing::info!(%error, "disconnecting a Socket.IO client that stopped taking what it is sent");
                 return false;
             }
         }
@@ -240,7 +317,7 @@ fn on_room_changes(socket: &SocketRef, grant: Grant, max_rooms: usize) {
 /// misses that broadcast, so it is cut off rather than left with a silent gap; so is every
 /// socket if the bridge itself falls behind the hub.
 pub async fn bridge(bridge: Bridge, mut live: broadcast::Receiver<Arc<Live>>) {
-    let Bridge { io, laggards } = bridge;
+    let Bridge { io, queues, laggards, max_bytes } = bridge;
     let mut retry = tokio::time::interval(Duration::from_millis(100));
     loop {
         let received = tokio::select! {
@@ -253,14 +330,12 @@ pub async fn bridge(bridge: Bridge, mut live: broadcast::Receiver<Arc<Live>>) {
         match received {
             Ok(live) => {
                 let record = &live.record;
-                let (name, frame) = (event_name(record), frame(record));
+                let emit = Arc::new(Emit { name: event_name(record), frame: frame(record), bytes: live.frame.len() });
                 for socket in io.to(record.room.clone()).sockets() {
                     if laggards.contains(&socket.id) {
                         continue;
                     }
-                    if let Err(socketioxide::SendError::Socket(SocketError::InternalChannelFull)) =
-                        socket.emit(&name, &frame)
-                    {
+                    if !queues.push(&socket.id, &emit, max_bytes) {
                         tracing::info!(
                             offset = record.offset,
                             "disconnecting a Socket.IO client that fell too far behind"
