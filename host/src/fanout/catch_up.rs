@@ -54,6 +54,7 @@ pub enum Item {
 }
 
 /// The stored records after a point, page by page.
+#[derive(Clone, Copy)]
 pub struct CatchUp {
     /// What the client asked for (reported in a `gap` notice).
     since: Option<u64>,
@@ -75,6 +76,24 @@ impl CatchUp {
 
     /// The next page of what the client should get, only records of rooms `wanted` keeps;
     /// `None` once caught up with what the store holds.
+    /// `next_page` for a client in `rooms`, read on a blocking thread: a store read may wait
+    /// on the disk, and an async worker must not.
+    pub async fn next_page_blocking(
+        &mut self,
+        store: &std::sync::Arc<Store>,
+        rooms: std::collections::HashSet<String>,
+    ) -> Result<Option<Vec<Item>>, StoreError> {
+        let (mut pages, store) = (*self, store.clone());
+        let (pages, page) = tokio::task::spawn_blocking(move || {
+            let page = pages.next_page(&store, |room| rooms.contains(room));
+            (pages, page)
+        })
+        .await
+        .expect("reading a catch-up page does not panic");
+        *self = pages;
+        page
+    }
+
     pub fn next_page(&mut self, store: &Store, wanted: impl Fn(&str) -> bool) -> Result<Option<Vec<Item>>, StoreError> {
         if self.done {
             return Ok(None);

@@ -250,7 +250,7 @@ async fn catch_up(socket: &SocketRef, hub: &Hub, rooms: &[String], resume: Resum
     let Some(after) = start.after else { return true };
     let mut pages = CatchUp::new(after);
     loop {
-        let page = match pages.next_page(hub.store(), |room| rooms.iter().any(|r| r == room)) {
+        let page = match pages.next_page_blocking(hub.store(), rooms.iter().cloned().collect()).await {
             Ok(Some(page)) => page,
             Ok(None) => return true,
             Err(error) => {

@@ -154,7 +154,7 @@ impl Hub {
             }
         };
         let rooms = &client.rooms;
-        while let Some(page) = pages.next_page(self.store(), |room| rooms.contains(room)).map_err(|_| Ending::Gone)? {
+        while let Some(page) = pages.next_page_blocking(self.store(), rooms.clone()).await.map_err(|_| Ending::Gone)? {
             for item in page {
                 send(match item {
                     Item::Notice(notice) => notice.to_string(),
