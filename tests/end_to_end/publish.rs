@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{Host, event};
+use crate::support::{Host, event, shipped};
 
 async fn total_records(host: &Host) -> usize {
     let mut total = 0;
@@ -68,4 +68,35 @@ async fn bad_requests_get_400_naming_the_problem_and_the_log_is_unchanged() {
     assert_eq!(answer["field"], "topic");
     let (status, answer) = host.get("/api/plugins/nope/query").await;
     assert_eq!(status, 404, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn analytics_state_stays_bounded_however_many_incidents_and_sources() {
+    // 30,000 open incidents with long ids and 3,000 distinct sources: kept in one state
+    // value, as before, they outgrow the host's 1 MiB per value and the plugin fails.
+    let host = Host::with_plugins(&[shipped("analytics")]);
+    let long = "incident-with-a-rather-long-identifier-".repeat(2);
+    for chunk in 0..30u64 {
+        let batch: Vec<Value> = (chunk * 1000..(chunk + 1) * 1000)
+            .map(|n| {
+                json!({"eventType": "incident.created", "source": format!("sensor-{}", n % 3000),
+                       "data": {"id": format!("{long}{n}"), "severity": "HIGH"}})
+            })
+            .collect();
+        assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    }
+    // Half of them resolved, and one resolved before it was created.
+    let resolved: Vec<Value> =
+        (0..15_000u64).map(|n| json!({"eventType": "incident.resolved", "data": {"id": format!("{long}{n}")}})).collect();
+    for part in resolved.chunks(5000) {
+        assert_eq!(host.post_events(&json!(part)).await.0, 201);
+    }
+    host.caught_up("analytics").await;
+    let counts = host.query("analytics", "").await;
+    assert_eq!(host.plugin("analytics").await["state"], "running", "{}", host.log_tail());
+    assert_eq!(counts["total"], 45_000);
+    assert_eq!(counts["openBySeverity"], json!({"HIGH": 15_000}));
+    let sources = counts["bySource"].as_object().unwrap();
+    assert_eq!(sources.len(), 1001, "1,000 sources and (other)");
+    assert_eq!(sources.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 45_000);
 }

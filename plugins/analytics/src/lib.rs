@@ -4,6 +4,12 @@
 //! event's own timestamp, so a replay rebuilds the same buckets), and open incidents by
 //! severity (`incident.created` minus `incident.resolved`, matched by incident id).
 //! `query` returns the whole picture as JSON.
+//!
+//! State stays bounded whatever producers send: the summary (one state value) keeps at
+//! most `MAX_DISTINCT` distinct event types, sources and severities (the rest counted under
+//! `(other)`) and `MAX_MINUTES` minutes; each open incident is a state key of its own
+//! (`open/<id>`), as is each incident resolved before its creation was seen (`early/<id>`),
+//! so a month of incidents never makes one value outgrow the host's limit.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,6 +20,11 @@ use serde::{Deserialize, Serialize};
 const STATE_KEY: &str = "analytics";
 /// Per-minute buckets kept (one day); older ones are dropped.
 const MAX_MINUTES: usize = 1440;
+/// Distinct event types, sources and severities counted each; more go to `OTHER`.
+const MAX_DISTINCT: usize = 1000;
+const OTHER: &str = "(other)";
+/// Incident ids longer than this are counted but not tracked (a state key has a limit).
+const MAX_ID_BYTES: usize = 512;
 
 #[derive(Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -24,11 +35,11 @@ struct Counts {
     by_severity: BTreeMap<String, u64>,
     per_minute: BTreeMap<String, u64>,
     open_by_severity: BTreeMap<String, u64>,
-    /// incident id → severity, for incidents created and not yet resolved.
+    /// Earlier versions kept open incidents here: moved to their own keys on first use.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     open_incidents: BTreeMap<String, String>,
-    /// Incidents resolved before their creation was seen: events of one incident may sit
-    /// in different partitions, and partitions are read independently.
-    #[serde(default)]
+    /// Likewise for incidents resolved before their creation was seen.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     resolved_early: BTreeSet<String>,
 }
 
@@ -39,18 +50,33 @@ thread_local! {
 }
 
 fn incident_id(data: &serde_json::Value) -> Option<String> {
-    match data.get("id").or_else(|| data.get("incidentId"))? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
+    let id = match data.get("id").or_else(|| data.get("incidentId"))? {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    (id.len() <= MAX_ID_BYTES).then_some(id)
+}
+
+/// Count one under `key`, or under `OTHER` once `MAX_DISTINCT` keys are counted.
+fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
+    let key = if map.contains_key(key) || map.len() < MAX_DISTINCT { key } else { OTHER };
+    *map.entry(key.to_owned()).or_default() += 1;
+}
+
+fn open_key(id: &str) -> String {
+    format!("open/{id}")
+}
+
+fn early_key(id: &str) -> String {
+    format!("early/{id}")
 }
 
 impl Counts {
     fn apply(&mut self, event: &Envelope) {
         self.total += 1;
-        *self.by_event_type.entry(event.event_type.clone()).or_default() += 1;
-        *self.by_source.entry(event.source.clone()).or_default() += 1;
+        bump(&mut self.by_event_type, &event.event_type);
+        bump(&mut self.by_source, &event.source);
         if let Some(minute) = event.timestamp.get(..16) {
             *self.per_minute.entry(minute.to_owned()).or_default() += 1;
             while self.per_minute.len() > MAX_MINUTES {
@@ -60,27 +86,30 @@ impl Counts {
         let data = event.data_json();
         let severity = data.get("severity").and_then(|s| s.as_str()).map(str::to_owned);
         if let Some(severity) = &severity {
-            *self.by_severity.entry(severity.clone()).or_default() += 1;
+            bump(&mut self.by_severity, severity);
         }
         match event.event_type.as_str() {
             "incident.created" => {
                 let severity = severity.unwrap_or_else(|| "UNKNOWN".to_owned());
                 let id = incident_id(&data).unwrap_or_else(|| event.event_id.clone());
-                if self.resolved_early.remove(&id) {
+                if state::get(&early_key(&id)).is_some() {
+                    state::delete(&early_key(&id));
                     return;
                 }
-                if let Some(previous) = self.open_incidents.insert(id, severity.clone()) {
-                    self.close(&previous);
+                if let Some(previous) = state::get(&open_key(&id)) {
+                    self.close(&String::from_utf8_lossy(&previous));
                 }
-                *self.open_by_severity.entry(severity).or_default() += 1;
+                state::set(&open_key(&id), severity.as_bytes());
+                bump(&mut self.open_by_severity, &severity);
             }
             "incident.resolved" => {
                 let Some(id) = incident_id(&data) else { return };
-                match self.open_incidents.remove(&id) {
-                    Some(previous) => self.close(&previous),
-                    None => {
-                        self.resolved_early.insert(id);
+                match state::get(&open_key(&id)) {
+                    Some(previous) => {
+                        state::delete(&open_key(&id));
+                        self.close(&String::from_utf8_lossy(&previous));
                     }
+                    None => state::set(&early_key(&id), b""),
                 }
             }
             _ => {}
@@ -88,11 +117,22 @@ impl Counts {
     }
 
     fn close(&mut self, severity: &str) {
+        let severity = if self.open_by_severity.contains_key(severity) { severity } else { OTHER };
         if let Some(n) = self.open_by_severity.get_mut(severity) {
             *n -= 1;
             if *n == 0 {
                 self.open_by_severity.remove(severity);
             }
+        }
+    }
+
+    /// Move what earlier versions kept in the summary to keys of their own.
+    fn migrate(&mut self) {
+        for (id, severity) in std::mem::take(&mut self.open_incidents) {
+            state::set(&open_key(&id), severity.as_bytes());
+        }
+        for id in std::mem::take(&mut self.resolved_early) {
+            state::set(&early_key(&id), b"");
         }
     }
 }
@@ -110,6 +150,7 @@ impl Plugin for Analytics {
 
     fn handle(batch: Vec<Envelope>) -> Result<(), HandleError> {
         with_counts(|counts| {
+            counts.migrate();
             for event in &batch {
                 counts.apply(event);
             }
