@@ -154,3 +154,37 @@ async fn an_outbox_entry_that_cannot_be_read_is_set_aside_and_the_rest_goes_out(
     }
     assert!(host.log().contains("setting an outbox entry aside"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_replay_neither_broadcasts_history_again_nor_skips_the_rest() {
+    let mut host = Host::with_plugins(&[shipped("ws-broadcast"), shipped("analytics")]);
+    for chunk in 0..4 {
+        let batch: Vec<_> = (0..5000)
+            .map(|n| {
+                let mut e = event("incident.updated", json!({"id": 5, "n": chunk * 5000 + n}));
+                e["userId"] = json!("reporter-5");
+                e
+            })
+            .collect();
+        assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    }
+    host.caught_up("ws-broadcast").await;
+    host.caught_up("analytics").await;
+    let before = host.query("analytics", "").await;
+    for plugin in ["ws-broadcast", "analytics"] {
+        let response = host.http.post(host.url(&format!("/api/plugins/{plugin}/replay"))).json(&json!({"from": 0}));
+        assert_eq!(response.send().await.unwrap().status(), 202);
+    }
+    host.kill9();
+    host.start();
+    let mut client = host.ws("?rooms=incident:5").await;
+    host.caught_up("ws-broadcast").await;
+    host.caught_up("analytics").await;
+    eprintln!("resumed a replay after the restart: {}", host.log().contains("resuming the replay under way"));
+    assert_eq!(host.query("analytics", "").await, before, "the replay's state is complete and counted once");
+    let mut marker = event("incident.updated", json!({"id": 5, "n": "marker"}));
+    marker["userId"] = json!("reporter-5");
+    assert_eq!(host.post_events(&marker).await.0, 201);
+    let frame = client.next_in_room("incident:5", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(frame["event"]["data"]["n"], "marker", "history was broadcast again: {frame}");
+}

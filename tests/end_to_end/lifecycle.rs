@@ -383,3 +383,33 @@ async fn pause_and_resume_from_the_cli() {
     assert!(ok, "{err}");
     assert_eq!(host.get("/api/plugins/counter").await.0, 404);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_still_broadcasts_what_the_plugin_had_not_handled() {
+    let host = Host::with_plugins(&[shipped("ws-broadcast")]);
+    let mut client = host.ws("?rooms=incident:8").await;
+    let update = |marker: &str| {
+        let mut e = event("incident.updated", json!({"id": 8, "marker": marker}));
+        e["userId"] = json!("reporter-8");
+        e
+    };
+    host.post_events(&update("handled")).await;
+    let frame = client.next_in_room("incident:8", WAIT).await.unwrap();
+    assert_eq!(frame["event"]["data"]["marker"], "handled");
+
+    // Paused, it does not handle the next one; then it is replayed from zero.
+    assert_eq!(post(&host, "/api/plugins/ws-broadcast/pause", json!({})).await.0, 200);
+    host.post_events(&update("while-paused")).await;
+    let (status, body) = post(&host, "/api/plugins/ws-broadcast/replay", json!({"from": 0})).await;
+    assert_eq!(status, 202, "{body}");
+    if host.plugin("ws-broadcast").await["state"] == "paused" {
+        assert_eq!(post(&host, "/api/plugins/ws-broadcast/resume", json!({})).await.0, 200);
+    }
+    host.caught_up("ws-broadcast").await;
+    // The handled one is not sent again; the one it never handled is sent now, once.
+    let frame = client.next_in_room("incident:8", WAIT).await.expect("the unhandled event is broadcast");
+    assert_eq!(frame["event"]["data"]["marker"], "while-paused", "{frame}");
+    host.post_events(&update("after")).await;
+    let frame = client.next_in_room("incident:8", WAIT).await.unwrap();
+    assert_eq!(frame["event"]["data"]["marker"], "after", "{frame}");
+}

@@ -86,8 +86,9 @@ async fn analytics_state_stays_bounded_however_many_incidents_and_sources() {
         assert_eq!(host.post_events(&json!(batch)).await.0, 201);
     }
     // Half of them resolved, and one resolved before it was created.
-    let resolved: Vec<Value> =
-        (0..15_000u64).map(|n| json!({"eventType": "incident.resolved", "data": {"id": format!("{long}{n}")}})).collect();
+    let resolved: Vec<Value> = (0..15_000u64)
+        .map(|n| json!({"eventType": "incident.resolved", "data": {"id": format!("{long}{n}")}}))
+        .collect();
     for part in resolved.chunks(5000) {
         assert_eq!(host.post_events(&json!(part)).await.0, 201);
     }

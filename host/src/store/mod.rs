@@ -32,6 +32,10 @@ const OUTBOX_ASIDE: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_a
 /// counters: "fanout_next", "outbox_next", and "epoch" (random, fixed when the store is made;
 /// with a shared fan-out log, that log's)
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// plugin → the replay under way: JSON `[[topic, partition, target], ...]`, the offsets up
+/// to which it had handled the stream when the replay began (its broadcasts below them are
+/// not sent again)
+const REPLAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("replays");
 /// broadcast id → fan-out offset, for the records mirrored from a shared fan-out log
 const FANOUT_IDS: TableDefinition<u128, u64> = TableDefinition::new("fanout_ids");
 /// fan-out offset → broadcast id, to forget the oldest ids
@@ -86,6 +90,7 @@ impl Store {
         txn.open_table(FANOUT)?;
         txn.open_table(OUTBOX)?;
         txn.open_table(OUTBOX_ASIDE)?;
+        txn.open_table(REPLAYS)?;
         txn.open_table(FANOUT_IDS)?;
         txn.open_table(FANOUT_ID_AT)?;
         {

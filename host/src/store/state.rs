@@ -5,7 +5,10 @@ use std::collections::HashMap;
 
 use redb::ReadableTable;
 
-use super::{OFFSETS, STATE, Store, StoreError};
+use super::{OFFSETS, REPLAYS, STATE, Store, StoreError};
+
+/// (topic, partition, offset)
+pub type PartitionOffset = (String, u32, u64);
 
 impl Store {
     pub fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -54,12 +57,58 @@ impl Store {
         Ok(out)
     }
 
-    /// Drop a plugin's state and offsets (replay from zero, purge).
+    /// Drop a plugin's state, offsets and replay (purge, a fresh shadow).
     pub fn reset_plugin(&self, plugin: &str) -> Result<(), StoreError> {
+        self.start_replay(plugin, &[], &[])
+    }
+
+    /// In one transaction: drop the plugin's state, set its offsets to `start`, and keep
+    /// `target` as its replay under way (none if empty). A crash leaves either the old
+    /// plugin or the reset one with its replay, never a reset without its offsets.
+    pub fn start_replay(
+        &self,
+        plugin: &str,
+        start: &[PartitionOffset],
+        target: &[PartitionOffset],
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
             txn.open_table(STATE)?.retain(|(owner, _), _| owner != plugin)?;
-            txn.open_table(OFFSETS)?.retain(|(owner, _, _), _| owner != plugin)?;
+            let mut offsets = txn.open_table(OFFSETS)?;
+            offsets.retain(|(owner, _, _), _| owner != plugin)?;
+            for (topic, partition, next) in start {
+                offsets.insert((plugin, topic.as_str(), *partition), *next)?;
+            }
+            let mut replays = txn.open_table(REPLAYS)?;
+            if target.is_empty() {
+                replays.remove(plugin)?;
+            } else {
+                replays.insert(plugin, serde_json::to_vec(target)?.as_slice())?;
+            }
+        }
+        Ok(txn.commit()?)
+    }
+
+    /// The plugin's replay under way, if any (see `start_replay`).
+    pub fn replay(&self, plugin: &str) -> Result<Option<Vec<PartitionOffset>>, StoreError> {
+        let table = self.read()?.open_table(REPLAYS)?;
+        let Some(value) = table.get(plugin)? else { return Ok(None) };
+        Ok(Some(serde_json::from_slice(value.value())?))
+    }
+
+    /// Keep `target` as the plugin's replay under way (after a promotion), or none.
+    pub fn set_replay(&self, plugin: &str, target: Option<&[PartitionOffset]>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut replays = txn.open_table(REPLAYS)?;
+            match target {
+                Some(target) => {
+                    replays.insert(plugin, serde_json::to_vec(target)?.as_slice())?;
+                }
+                None => {
+                    replays.remove(plugin)?;
+                }
+            }
         }
         Ok(txn.commit()?)
     }
@@ -96,6 +145,10 @@ impl Store {
                 offsets.insert((to, topic.as_str(), *partition), *next)?;
             }
             offsets.retain(|(owner, _, _), _| owner != from)?;
+            // A replay either had under way is not the promoted state's.
+            let mut replays = txn.open_table(REPLAYS)?;
+            replays.remove(to)?;
+            replays.remove(from)?;
         }
         Ok(txn.commit()?)
     }

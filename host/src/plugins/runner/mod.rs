@@ -276,6 +276,15 @@ impl Runner {
         let topics = self.subscribed_topics()?;
         self.log.ensure_topics(&topics)?;
         self.reload_positions();
+        // A replay under way when the host stopped goes on, still quiet for what the
+        // plugin had handled.
+        if self.mode == Mode::Live
+            && let Some(stored) = self.deps.store.replay(&self.namespace)?
+        {
+            tracing::info!("resuming the replay under way");
+            self.lifecycle.set_replay(replay::Replay::from_stored(stored));
+            self.finish_replay_if_done();
+        }
         Ok(())
     }
 

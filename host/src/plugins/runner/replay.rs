@@ -9,7 +9,6 @@ use super::offsets::{Offsets, TopicPartition};
 use super::status::ReplayProgress;
 use crate::envelope::Envelope;
 use crate::log::LogError;
-use crate::store::BatchCommit;
 
 /// Where a replay starts.
 #[derive(Debug, Clone)]
@@ -22,8 +21,10 @@ pub enum ReplayFrom {
     Timestamp(chrono::DateTime<chrono::Utc>),
 }
 
-/// A replay under way: the high watermark of each partition when it began. The events
-/// below it were delivered before, so their broadcasts are not sent again.
+/// A replay under way: how far the plugin had handled each partition when it began. Its
+/// broadcasts for the events below were sent before, so they are not sent again; events it
+/// had not handled (it was paused, or behind) are broadcast as usual. Kept in the store, so
+/// a restart mid-replay goes on with it.
 #[derive(Debug, Clone)]
 pub struct Replay {
     target: Offsets,
@@ -32,6 +33,15 @@ pub struct Replay {
 impl Replay {
     pub fn new(target: Offsets) -> Self {
         Replay { target }
+    }
+
+    /// As the store keeps it.
+    pub fn to_stored(&self) -> Vec<(String, u32, u64)> {
+        self.target.to_commit()
+    }
+
+    pub fn from_stored(stored: Vec<(String, u32, u64)>) -> Self {
+        Replay { target: stored.into_iter().map(|(t, p, n)| (TopicPartition::new(t, p), n)).collect() }
     }
 
     /// After a promotion: the partitions where the promoted state is behind `handled`,
@@ -68,8 +78,15 @@ pub struct ReplayPlan {
 }
 
 impl ReplayPlan {
-    /// The plan for every partition of `topics`, as they are now.
-    pub fn new(log: &LogAccess, topics: Vec<String>, from: &ReplayFrom) -> Result<ReplayPlan, LogError> {
+    /// The plan for every partition of `topics`, as they are now, for a plugin that had
+    /// handled each partition up to `handled`: the replay's target is that, not the log's
+    /// end, so that only what it had handled is kept quiet.
+    pub fn new(
+        log: &LogAccess,
+        topics: Vec<String>,
+        from: &ReplayFrom,
+        handled: &Offsets,
+    ) -> Result<ReplayPlan, LogError> {
         let mut start = Offsets::default();
         let mut target = Offsets::default();
         for topic in topics {
@@ -81,8 +98,11 @@ impl ReplayPlan {
                     ReplayFrom::Offsets(offsets) => offsets.get(&tp).unwrap_or(0).min(high),
                     ReplayFrom::Timestamp(at) => first_offset_at(log, &tp, *at, high)?,
                 };
+                let until = handled.get(&tp).unwrap_or(0).min(high);
                 start.insert(tp.clone(), first);
-                target.insert(tp, high);
+                if until > first {
+                    target.insert(tp, until);
+                }
             }
         }
         Ok(ReplayPlan { start, target })
@@ -124,9 +144,9 @@ impl Runner {
     /// Drop the plugin's state and offsets and read again from `from`.
     pub(super) fn start_replay(&mut self, from: ReplayFrom) -> Result<(), RunnerError> {
         let topics = self.subscribed_topics()?;
-        let plan = ReplayPlan::new(&self.log, topics, &from)?;
-        self.deps.store.reset_plugin(&self.namespace)?;
-        self.commit(BatchCommit { offsets: plan.start.to_commit(), ..BatchCommit::default() })?;
+        let plan = ReplayPlan::new(&self.log, topics, &from, &self.positions)?;
+        // The reset, the new offsets and the replay's target in one transaction.
+        self.deps.store.start_replay(&self.namespace, &plan.start.to_commit(), &plan.target.to_commit())?;
         let total = plan.total();
         self.positions = plan.start;
         self.seen.forget();
@@ -158,6 +178,10 @@ impl Runner {
         let Some(replay) = self.lifecycle.replaying() else { return };
         self.update_replay_progress();
         if replay.is_done(&self.positions) {
+            if let Err(error) = self.deps.store.set_replay(&self.namespace, None) {
+                // Kept, it is found done again after a restart and dropped then.
+                tracing::warn!(%error, "forgetting the finished replay failed");
+            }
             self.lifecycle.finish_replay();
             self.status.update(|s| {
                 if let Some(progress) = s.replay.as_mut() {

@@ -72,6 +72,9 @@ impl Runner {
         self.instance = None;
         self.reload_positions();
         if let Some(behind) = Replay::behind(&handled, &self.positions) {
+            if let Err(error) = self.deps.store.set_replay(&self.namespace, Some(&behind.to_stored())) {
+                tracing::warn!(%error, "keeping the promoted version's replay failed; a restart would broadcast again");
+            }
             self.lifecycle.set_replay(behind);
         }
         self.lifecycle.recover();
