@@ -117,22 +117,31 @@ async fn tokens_and_scopes_guard_publish_admin_and_rooms() {
     assert_eq!(frame["room"], "incident:1", "incident:2 must never reach a viewer of incident:1: {frame}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_public_address_without_auth_is_refused() {
+/// `owlery serve` in an empty directory with this `owlery.toml` (if any) and these flags
+/// must refuse to start, saying `expected`.
+fn refuses_to_start(owlery_toml: Option<&str>, listen: &str, expected: &str) {
     let dir = tempfile::tempdir().unwrap();
+    if let Some(text) = owlery_toml {
+        std::fs::write(dir.path().join("owlery.toml"), text).unwrap();
+    }
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_owlery"))
-        .args(["serve", "--listen", "0.0.0.0:0"])
+        .args(["serve", "--listen", listen])
         .current_dir(dir.path())
         .env_remove("OWLERY_CONFIG")
         .output()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("without authentication"), "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn short_secrets_refuse_to_start() {
+#[test]
+fn a_public_address_without_auth_is_refused() {
+    refuses_to_start(None, "0.0.0.0:0", "without authentication");
+}
+
+#[test]
+fn short_secrets_refuse_to_start() {
     for (toml, expected) in [
         ("[auth]\nenabled = true\njwt_secret = \"change-me\"\n", "jwt_secret must be at least 32 bytes"),
         ("cluster_secret = \"too short\"\n", "cluster_secret must be at least 32 bytes"),
@@ -141,16 +150,6 @@ async fn short_secrets_refuse_to_start() {
             "on Iggy with [auth] on, set cluster_secret",
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("owlery.toml"), toml).unwrap();
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_owlery"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .current_dir(dir.path())
-            .env_remove("OWLERY_CONFIG")
-            .output()
-            .unwrap();
-        assert!(!output.status.success());
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains(expected), "{stderr}");
+        refuses_to_start(Some(toml), "127.0.0.1:0", expected);
     }
 }
