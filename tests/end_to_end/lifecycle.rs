@@ -413,3 +413,46 @@ async fn a_replay_still_broadcasts_what_the_plugin_had_not_handled() {
     let frame = client.next_in_room("incident:8", WAIT).await.unwrap();
     assert_eq!(frame["event"]["data"]["marker"], "after", "{frame}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promoted_shadow_never_skips_what_live_had_not_handled() {
+    let host = Host::with_plugins(&[shipped("alerts")]);
+    // Live is paused: it has not handled the critical incident when the shadow starts.
+    assert_eq!(post(&host, "/api/plugins/alerts/pause", json!({})).await.0, 200);
+    let cause = uuid::Uuid::new_v4().to_string();
+    let incident = json!({"eventId": cause, "eventType": "incident.created", "source": "test",
+                          "data": {"id": 11, "severity": "CRITICAL"}});
+    assert_eq!(host.post_events(&incident).await.0, 201);
+    let (_, wasm, manifest) = shipped("alerts");
+    let response = host
+        .http
+        .post(host.url("/api/plugins/alerts/shadow"))
+        .query(&[("manifest", manifest.as_str())])
+        .header("content-type", "application/wasm")
+        .body(std::fs::read(wasm).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    // The shadow reads no further than live has handled: nothing, here.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = host.plugin("alerts").await;
+    assert_eq!(status["shadow"]["processed"], 0, "the shadow went ahead of live: {status}");
+
+    // Promoted (forced: it lags), then resumed: the incident is handled live, its alert
+    // published, not dropped with the shadow's output.
+    let (code, body) = post(&host, "/api/plugins/alerts/promote?force=true", json!({})).await;
+    assert_eq!(code, 200, "{body}");
+    if host.plugin("alerts").await["state"] == "paused" {
+        assert_eq!(post(&host, "/api/plugins/alerts/resume", json!({})).await.0, 200);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let alerts = host.topic_records("alert-events").await;
+        if alerts.iter().any(|r| r["event"]["metadata"]["causationId"] == cause.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the alert for the incident live had not handled was never published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -123,6 +123,9 @@ pub struct Plugins {
     running: Mutex<BTreeMap<String, Running>>,
     /// One install or removal at a time (watcher, uploads and start-up all install).
     changing: Mutex<()>,
+    /// One shadow change at a time (start, discard, promote): two shadow uploads at once
+    /// would otherwise leave one runner unlisted, still writing into the shadow key space.
+    shadows: tokio::sync::Mutex<()>,
 }
 
 /// Plugin names: the file stem; letters, digits, `-` and `_`.
@@ -139,7 +142,13 @@ fn shadow_namespace(name: &str) -> String {
 
 impl Plugins {
     pub fn new(deps: Arc<RunnerDeps>, dir: PathBuf) -> Plugins {
-        Plugins { deps, dir, running: Mutex::new(BTreeMap::new()), changing: Mutex::new(()) }
+        Plugins {
+            deps,
+            dir,
+            running: Mutex::new(BTreeMap::new()),
+            changing: Mutex::new(()),
+            shadows: tokio::sync::Mutex::new(()),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -389,6 +398,7 @@ impl Plugins {
     /// Run a candidate version from offset zero beside the live one, in its own key space,
     /// with its broadcasts and publishes dropped. Replaces an earlier shadow. Blocking.
     pub fn start_shadow(&self, name: &str, wasm: &[u8], manifest_text: Option<&str>) -> Result<(), PluginError> {
+        let _one_at_a_time = self.shadows.blocking_lock();
         let manifest_text = match manifest_text {
             Some(text) => Some(text.to_owned()),
             None => self.lock().get(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?.manifest_text.clone(),
@@ -398,7 +408,7 @@ impl Plugins {
         if self.lock().get(name).is_none_or(|r| r.thread.is_none()) {
             return Err(PluginError::NotFound(name.to_owned()));
         }
-        self.discard_shadow(name).ok();
+        self.discard_shadow_locked(name).ok();
         let running = self.spawn(RunnerSpec {
             name: name.to_owned(),
             namespace: shadow_namespace(name),
@@ -421,7 +431,13 @@ impl Plugins {
         }
     }
 
+    /// Blocking.
     pub fn discard_shadow(&self, name: &str) -> Result<(), PluginError> {
+        let _one_at_a_time = self.shadows.blocking_lock();
+        self.discard_shadow_locked(name)
+    }
+
+    fn discard_shadow_locked(&self, name: &str) -> Result<(), PluginError> {
         let shadow = self.take_shadow(name)?;
         stop(shadow.running);
         self.deps.store.reset_plugin(&shadow_namespace(name)).map_err(|e| failed(name, e))
@@ -440,6 +456,7 @@ impl Plugins {
         if shadow_lag > 0 && !force {
             return Err(PluginError::ShadowBehind { name: name.to_owned(), lag: shadow_lag });
         }
+        let _one_at_a_time = self.shadows.lock().await;
         let shadow = self.take_shadow(name)?;
         let Shadow { running, component, manifest, wasm, manifest_text } = *shadow;
         let hash = component.hash.clone();
@@ -552,9 +569,12 @@ fn snapshot(r: &Running) -> (PluginStatus, Option<PluginStatus>) {
 }
 
 /// Write to a hidden temp file beside `path`, then rename: readers never see half a file.
+/// Each write has a temp file of its own, so two at once never write into one.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("plugin");
-    let tmp: PathBuf = path.with_file_name(format!(".{name}.tmp"));
+    let tmp: PathBuf = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
 }

@@ -62,15 +62,25 @@ impl Runner {
         let max = self.version.manifest.limits.max_batch;
         // While replaying, read only up to where the replay began.
         let replay = self.lifecycle.replaying();
+        // A shadow reads only what the live version has handled: promoted, it must not be
+        // ahead of live, whose broadcasts and publishes for the events between would never
+        // be made (a shadow's are dropped).
+        let live = match self.mode {
+            super::Mode::Shadow => Some(self.deps.store.offsets(&self.name).unwrap_or_default()),
+            super::Mode::Live => None,
+        };
         let mut open: Vec<(TopicPartition, u64, u64)> = self
             .positions
             .iter()
             .filter_map(|(tp, from)| {
-                let until = match replay {
+                let mut until = match replay {
                     Some(replay) => replay.read_until(tp, from)?,
                     None => u64::MAX,
                 };
-                Some((tp.clone(), from, until))
+                if let Some(live) = &live {
+                    until = until.min(live.get(&(tp.topic.clone(), tp.partition)).copied().unwrap_or(0));
+                }
+                (until > from).then(|| (tp.clone(), from, until))
             })
             .collect();
         // All partitions at once (one round trip, not one per partition, on a remote log),
