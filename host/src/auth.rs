@@ -28,12 +28,26 @@ pub struct Grant {
     pub scopes: Vec<Scope>,
     /// Room patterns a subscriber may join besides `all`; `*` is every room.
     pub rooms: Vec<Pattern>,
+    /// When it stops granting anything (a JWT's `exp`, seconds since the epoch): a socket
+    /// opened with it is closed then.
+    pub expires_at: Option<u64>,
 }
 
 impl Grant {
     /// Everything: what a request gets when auth is off.
     pub fn everything() -> Grant {
-        Grant { subject: "anonymous".into(), scopes: vec![Scope::Admin], rooms: vec![Pattern::new("*")] }
+        Grant {
+            subject: "anonymous".into(),
+            scopes: vec![Scope::Admin],
+            rooms: vec![Pattern::new("*")],
+            expires_at: None,
+        }
+    }
+
+    /// How long until it expires (zero if it has); `None` if it never does.
+    pub fn time_left(&self) -> Option<std::time::Duration> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.expires_at.map(|at| std::time::Duration::from_secs(at).saturating_sub(now))
     }
 
     pub fn has(&self, scope: Scope) -> bool {
@@ -85,6 +99,8 @@ struct Claims {
     scopes: Vec<Scope>,
     #[serde(default)]
     rooms: Vec<String>,
+    #[serde(default)]
+    exp: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -148,6 +164,7 @@ impl Auth {
                 subject: found.name.clone().unwrap_or_else(|| "static token".into()),
                 scopes: found.scopes.clone(),
                 rooms: found.rooms.iter().map(Pattern::new).collect(),
+                expires_at: None,
             });
         }
         let Some(key) = &self.jwt_key else { return Err(AuthError::Invalid("unknown token".into())) };
@@ -158,6 +175,7 @@ impl Auth {
             subject: claims.sub.unwrap_or_else(|| "jwt".into()),
             scopes: claims.scopes,
             rooms: claims.rooms.iter().map(Pattern::new).collect(),
+            expires_at: claims.exp,
         })
     }
 

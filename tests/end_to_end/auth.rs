@@ -117,6 +117,36 @@ async fn tokens_and_scopes_guard_publish_admin_and_rooms() {
     assert_eq!(frame["room"], "incident:1", "incident:2 must never reach a viewer of incident:1: {frame}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn sockets_close_when_their_token_expires() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let host = Host::with_config(&[shipped("ws-broadcast")], CONFIG);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims =
+        json!({"sub": "short-lived", "scopes": ["subscribe"], "rooms": ["*"], "exp": now + 2, "aud": "owlery-tests"});
+    let token = jwt(claims, SECRET);
+
+    let url = format!("{}/ws?token={token}", host.base.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("a valid token connects");
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("the socket is closed once its token expires");
+    assert_eq!(closed, Some((4001, "token expired".to_owned())));
+
+    let mut io = crate::socketio::raw_socket_io_client(&host, &json!({"token": token})).await;
+    let (_, disconnected) = crate::socketio::read_until_disconnected(&mut io).await;
+    assert!(disconnected, "a Socket.IO client is disconnected once its token expires");
+}
+
 /// `owlery serve` in an empty directory with this `owlery.toml` (if any) and these flags
 /// must refuse to start, saying `expected`.
 fn refuses_to_start(owlery_toml: Option<&str>, listen: &str, expected: &str) {

@@ -214,6 +214,16 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
                 return refuse(&socket, format!("at most {} rooms per client", hub.limits().max_rooms), true);
             }
             rooms.push(ROOM_ALL.to_owned());
+            // A socket lives no longer than its token.
+            if let Some(left) = grant.time_left() {
+                let expiring = socket.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(left).await;
+                    if expiring.connected() {
+                        refuse(&expiring, "the token expired".into(), true);
+                    }
+                });
+            }
             // Room changes are heard during catch-up too.
             on_room_changes(&socket, grant, hub.limits().max_rooms);
             // Its queue, given back (with its place) when it goes.

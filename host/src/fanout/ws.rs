@@ -28,6 +28,8 @@ enum Ending {
     Gone,
     TooSlow(Option<u64>),
     Silent,
+    /// The token it connected with expired.
+    Expired,
 }
 
 /// The bytes of the text frames in one client's queue: added when queued, taken off by its
@@ -100,6 +102,7 @@ impl Hub {
                 Some(CloseFrame { code: 4008, reason: Utf8Bytes::from(format!("too slow: reconnect with{resume}")) })
             }
             Ending::Silent => Some(CloseFrame { code: 4000, reason: Utf8Bytes::from("no answer to pings") }),
+            Ending::Expired => Some(CloseFrame { code: 4001, reason: Utf8Bytes::from("token expired") }),
         };
         if let Some(frame) = close {
             let _ = close_tx.send(frame);
@@ -177,8 +180,15 @@ impl Client<'_> {
     ) -> Ending {
         let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
         let mut heard = tokio::time::Instant::now();
+        // A socket lives no longer than its token (never, for one without `exp`).
+        let expiry = match self.grant.time_left() {
+            Some(left) => tokio::time::sleep(left),
+            None => tokio::time::sleep(Duration::from_secs(u64::from(u32::MAX))),
+        };
+        tokio::pin!(expiry);
         loop {
             let step = tokio::select! {
+                _ = &mut expiry => Err(Ending::Expired),
                 record = live.recv() => match record {
                     Ok(record) => self.deliver(&record),
                     Err(broadcast::error::RecvError::Lagged(_)) => Err(Ending::TooSlow(self.sent)),
