@@ -482,3 +482,65 @@ async fn broadcasts_written_into_iggy_by_others_reach_no_client_and_claim_no_id(
     }
     assert!(host.log().contains("signature is missing or wrong"), "{}", host.log_tail());
 }
+
+/// Another client makes a topic again with fewer partitions, under a running host: events
+/// accepted for a partition the topic no longer has still reach Iggy (a key's events share
+/// the partition they go to instead), and the spool does not stop.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(owlery_skip_iggy, ignore = "SKIPPED: OWLERY_SKIP_IGGY=1")]
+async fn a_topic_made_again_with_fewer_partitions_does_not_stop_the_spool() {
+    use iggy::prelude::{
+        Client, CompressionAlgorithm, Consumer, Identifier, IggyClient, IggyExpiry, MaxTopicSize, MessageClient,
+        PollingStrategy, TopicClient,
+    };
+
+    let iggy = IggyServer::start(false);
+    let host = Host::on_iggy(&iggy, &[]);
+    topics_in_iggy(&host).await;
+    let client = IggyClient::from_connection_string(&format!("iggy://iggy:iggy@{}", iggy.address())).unwrap();
+    client.connect().await.unwrap();
+    let (stream, topic) = (Identifier::named("owlery").unwrap(), Identifier::named("incident-events").unwrap());
+    client.delete_topic(&stream, &topic).await.unwrap();
+    client
+        .create_topic(
+            &stream,
+            "incident-events",
+            1,
+            CompressionAlgorithm::None,
+            None,
+            IggyExpiry::NeverExpire,
+            MaxTopicSize::ServerDefault,
+        )
+        .await
+        .unwrap();
+
+    // Twenty users: their events are accepted for the host's eight partitions.
+    let batch: Vec<_> = (0..20)
+        .map(|i| {
+            let mut e = event("incident.updated", json!({"id": i}));
+            e["userId"] = json!(format!("u{i}"));
+            e
+        })
+        .collect();
+    let (status, body) = host.post_events(&json!(batch)).await;
+    assert_eq!(status, 201, "{body}");
+    let partitions: HashSet<u64> =
+        body["events"].as_array().unwrap().iter().map(|e| e["partition"].as_u64().unwrap()).collect();
+    assert!(partitions.iter().any(|p| *p > 0), "some were accepted for partitions the topic no longer has");
+    spool_drained(&host).await;
+
+    let consumer = Consumer::new(Identifier::named("check").unwrap());
+    let polled = client
+        .poll_messages(&stream, &topic, Some(0), &consumer, &PollingStrategy::offset(0), 1000, false)
+        .await
+        .unwrap();
+    let mut ids: Vec<u64> = polled
+        .messages
+        .iter()
+        .map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap()["data"]["id"].as_u64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..20).collect::<Vec<u64>>(), "every accepted event is in Iggy once");
+    let (_, status) = host.get("/api/monitoring/iggy-status").await;
+    assert_eq!(status["spool"], json!({"pending": 0, "setAside": 0}), "nothing was set aside: {status}");
+}

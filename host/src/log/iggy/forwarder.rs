@@ -1,21 +1,41 @@
 //! Sends the spool to Iggy in order, forever: connects (and creates the stream and topics),
 //! sends each partition's entries over its own connection, removes what Iggy acknowledged,
 //! and after a lost connection sends the last acknowledged entries again.
+//!
+//! Nothing in the spool can stop it for good. Requests are capped in bytes as well as in
+//! entries; an entry that cannot be read back is set aside at once; when Iggy refuses a
+//! partition's head request `SPLIT_AFTER` times in a row for a reason that lies in the
+//! messages (not a lost connection), that partition's entries go one by one and each one
+//! still refused is set aside (logged, counted in the status, kept in the spool's `aside`
+//! table). Entries spooled for a partition the topic no longer has (another client made it
+//! again with fewer) go to `partition % count`: one key's events still share a partition.
+//! Spool work runs on blocking threads: each acknowledgement is a durable write.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use iggy::prelude::{Identifier, IggyMessage, MessageClient, Partitioning};
+use iggy::prelude::{IggyError, IggyMessage, MessageClient, Partitioning};
 use tokio::sync::{Notify, watch};
 
-use super::client::{Remote, RemoteError, answered};
+use super::client::{Remote, RemoteError, answered, ident};
 use super::spool::{Spool, SpoolEntry};
+use crate::log::{LogError, Unavailable};
 
 /// Spool entries sent per round. A crash between Iggy's acknowledgement and the spool's
 /// cleanup resends at most this many per partition; runners remember at least as many ids
 /// per partition (`SEEN_PRIME`), so the copies are recognised.
 pub const FORWARD_BATCH: usize = 512;
+
+/// Payload bytes per request at most (an entry bigger than this goes alone): a round of
+/// entries near the publish body limit would otherwise be one request of a gigabyte.
+const REQUEST_BYTES: usize = 4 << 20;
+
+/// Refusals of one partition's head request in a row after which its entries go one by one.
+const SPLIT_AFTER: u32 = 3;
+/// The pause after a refused request before it is tried again.
+const REFUSED_PAUSE: Duration = Duration::from_millis(200);
 
 /// Acknowledged entries sent again after the connection to Iggy was lost. Iggy 0.8.0 was
 /// seen (kill -9 with every batch fsynced) to come back with the last message written
@@ -33,6 +53,64 @@ pub(super) struct Forwarder {
     pub(super) wake: Arc<Notify>,
     /// Counted up when something reached Iggy, to wake the readers.
     pub(super) changes: watch::Sender<u64>,
+    /// (topic, partition) → (spool sequence of the request Iggy refused, times in a row)
+    pub(super) refused: Mutex<HashMap<(String, u32), (u64, u32)>>,
+}
+
+/// Why one request was not acknowledged.
+enum Failure {
+    /// Iggy (or the client, checking the messages) refused what was in it.
+    Refused { head: u64, error: RemoteError },
+    /// The topic's partitions changed under the host (another client made it again): its
+    /// partitions were read again, and the next round sends to the ones it has now.
+    Stale(RemoteError),
+    /// Anything else: the connection, a time limit; sent again later as is.
+    Down(RemoteError),
+}
+
+/// What became of one partition's entries in a round.
+struct Outcome {
+    topic: String,
+    partition: u32,
+    sent: Vec<u64>,
+    failure: Option<Failure>,
+}
+
+/// Errors that lie in the messages sent, so that sending the same again is refused again.
+fn refusal(error: &IggyError) -> bool {
+    use IggyError::*;
+    matches!(
+        error,
+        InvalidMessagesCount
+            | TooBigUserHeaders
+            | InvalidHeaderKey
+            | InvalidHeaderValue
+            | TooBigMessagePayload
+            | TooManyMessages
+            | EmptyMessagePayload
+            | InvalidMessagePayloadLength
+            | InvalidMessageChecksum(..)
+            | InvalidKeyValueLength
+            | CommandLengthError(_)
+            | InvalidMessagesSize(..)
+            | TooSmallMessage(..)
+            | InvalidMessageTimestampDelta(_)
+            | InvalidBatchChecksum(..)
+            | InvalidHeaderKind(_)
+            | InvalidIndexesByteSize(_)
+            | InvalidIndexesCount(..)
+    )
+}
+
+/// The Iggy error behind a log error, if that is what it is.
+fn iggy_cause(error: &LogError) -> Option<&IggyError> {
+    match error {
+        LogError::Unavailable(u) => match u.as_ref() {
+            Unavailable::Iggy(e) => Some(e),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// What the forwarder knows of the connection between rounds.
@@ -52,19 +130,30 @@ impl Forwarder {
             }
             let losses = self.remote.health.losses();
             if losses != round.resent_for {
-                match self.spool.recent() {
+                match self.spool_work(Spool::recent).await {
                     Ok(recent) => self.resend(&mut round, recent, losses).await,
                     Err(e) => self.spool_unreadable(&e).await,
                 }
                 continue;
             }
-            let entries = match self.spool.peek(FORWARD_BATCH) {
-                Ok(entries) => entries,
+            let peeked = match self.spool_work(|s| s.peek(FORWARD_BATCH)).await {
+                Ok(peeked) => peeked,
                 Err(e) => {
                     self.spool_unreadable(&e).await;
                     continue;
                 }
             };
+            let mut entries = Vec::with_capacity(peeked.len());
+            let mut set_aside = false;
+            for (seq, entry) in peeked {
+                match entry {
+                    Ok(entry) => entries.push((seq, entry)),
+                    Err(reason) => set_aside |= self.set_aside(seq, reason).await,
+                }
+            }
+            if set_aside && entries.is_empty() {
+                continue;
+            }
             if entries.is_empty() {
                 tokio::select! {
                     _ = self.wake.notified() => {}
@@ -74,7 +163,13 @@ impl Forwarder {
             }
             match self.send(entries, true).await {
                 Ok(()) => self.changes.send_modify(|n| *n += 1),
-                Err(e) => self.failed(&mut round, &e).await,
+                // Iggy is up and answering; the refused request is tried again (then split).
+                Err(Failure::Refused { .. }) => {
+                    self.changes.send_modify(|n| *n += 1);
+                    tokio::time::sleep(REFUSED_PAUSE).await;
+                }
+                Err(Failure::Stale(_)) => self.changes.send_modify(|n| *n += 1),
+                Err(Failure::Down(e)) => self.failed(&mut round, &e).await,
             }
         }
     }
@@ -107,8 +202,8 @@ impl Forwarder {
             );
         }
         match self.send(recent, false).await {
-            Ok(()) => round.resent_for = losses,
-            Err(e) => self.failed(round, &e).await,
+            Ok(()) | Err(Failure::Refused { .. } | Failure::Stale(_)) => round.resent_for = losses,
+            Err(Failure::Down(e)) => self.failed(round, &e).await,
         }
     }
 
@@ -123,63 +218,191 @@ impl Forwarder {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
-    /// Send spool entries partition by partition, in order; with `acknowledge`, each group
-    /// Iggy acknowledged leaves the spool at once.
-    async fn send(&self, entries: Vec<(u64, SpoolEntry)>, acknowledge: bool) -> Result<(), RemoteError> {
+    /// Run spool work on a blocking thread: each write is a durable commit.
+    async fn spool_work<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Spool) -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || work(&spool)).await.expect("spool work does not panic")
+    }
+
+    /// Set entry `seq` aside; returns whether it was.
+    async fn set_aside(&self, seq: u64, reason: String) -> bool {
+        tracing::error!(entry = seq, %reason, "setting a spool entry aside (kept in the spool's aside table)");
+        match self.spool_work(move |s| s.set_aside(seq, &reason)).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(%error, "setting a spool entry aside failed");
+                false
+            }
+        }
+    }
+
+    /// Send spool entries partition by partition, in order; with `acknowledge`, what Iggy
+    /// acknowledged leaves the spool at once, request by request.
+    async fn send(&self, entries: Vec<(u64, SpoolEntry)>, acknowledge: bool) -> Result<(), Failure> {
+        let mut topics: Vec<&str> = entries.iter().map(|(_, e)| e.topic.as_str()).collect();
+        topics.dedup();
+        for topic in topics {
+            if self.remote.known_partitions(topic).is_none() {
+                self.remote.ensure_topic(topic).await.map_err(Failure::Down)?;
+            }
+        }
         let mut groups: Vec<PartitionGroup> = Vec::new();
-        for (seq, entry) in entries {
+        let mut moved = std::collections::BTreeSet::new();
+        for (seq, mut entry) in entries {
+            let count = self.remote.known_partitions(&entry.topic).unwrap_or(1).max(1);
+            if entry.partition >= count {
+                moved.insert((entry.topic.clone(), entry.partition, count));
+                entry.partition %= count;
+            }
             let key = (entry.topic.clone(), entry.partition);
             match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, group)) => group.push((seq, entry)),
                 None => groups.push((key, vec![(seq, entry)])),
             }
         }
-        for ((topic, _), _) in &groups {
-            if self.remote.known_partitions(topic).is_none() {
-                self.remote.ensure_topic(topic).await?;
-            }
+        for (topic, partition, count) in moved {
+            tracing::warn!(
+                %topic, partition, partitions = count,
+                "the topic in Iggy has fewer partitions than when events were accepted for this one; \
+                 sending them to partition {}", partition % count
+            );
         }
         // Partitions are independent: send to all of them at once, each in order.
-        let sends = groups.into_iter().map(|((topic, partition), group)| self.send_partition(topic, partition, group));
+        let sends = groups
+            .into_iter()
+            .map(|((topic, partition), group)| self.send_partition(topic, partition, group, acknowledge));
         let mut first_error = None;
-        for result in futures_util::future::join_all(sends).await {
-            match result {
-                Ok(seqs) if acknowledge => {
-                    self.spool.acknowledged(&seqs)?;
-                    self.remote.health.forwarded(seqs.len() as u64);
-                }
-                Ok(_) => {
+        for outcome in futures_util::future::join_all(sends).await {
+            if !outcome.sent.is_empty() {
+                if acknowledge {
+                    let count = outcome.sent.len() as u64;
+                    self.spool_work(move |s| s.acknowledged(&outcome.sent))
+                        .await
+                        .map_err(|e| Failure::Down(e.into()))?;
+                    self.remote.health.forwarded(count);
+                } else {
                     self.remote.health.up();
                 }
-                Err(e) => first_error = first_error.or(Some(e)),
+            }
+            match outcome.failure {
+                None => {}
+                Some(Failure::Refused { error, .. }) if !acknowledge => {
+                    // Sent and acknowledged once already: nothing is lost by not resending.
+                    tracing::warn!(%error, "Iggy refused an event it had acknowledged before; not sending it again");
+                }
+                Some(Failure::Refused { head, error }) => {
+                    let mut refused = self.refused.lock().expect("refusals lock");
+                    let entry = refused.entry((outcome.topic, outcome.partition)).or_insert((head, 0));
+                    *entry = if entry.0 == head { (head, entry.1 + 1) } else { (head, 1) };
+                    tracing::warn!(%error, times = entry.1, "Iggy refused a request");
+                    first_error = first_error.or(Some(Failure::Refused { head, error }));
+                }
+                // A lost connection matters more than anything else: it is what the round reports.
+                Some(failure) if !matches!(first_error, Some(Failure::Down(_))) => first_error = Some(failure),
+                Some(_) => {}
             }
         }
         first_error.map_or(Ok(()), Err)
     }
 
-    /// One partition's entries in one request; returns their spool sequences.
+    /// One partition's entries, in requests of at most `FORWARD_BATCH` entries and
+    /// `REQUEST_BYTES`; one by one (setting aside each refused) once its head request was
+    /// refused `SPLIT_AFTER` times in a row.
     async fn send_partition(
         &self,
         topic: String,
         partition: u32,
         group: Vec<(u64, SpoolEntry)>,
-    ) -> Result<Vec<u64>, RemoteError> {
-        let mut messages = Vec::with_capacity(group.len());
-        for (_, entry) in &group {
-            messages
-                .push(IggyMessage::builder().id(entry.event_id).payload(Bytes::from(entry.payload.clone())).build()?);
+        acknowledge: bool,
+    ) -> Outcome {
+        let head = group[0].0;
+        let one_by_one = acknowledge
+            && self
+                .refused
+                .lock()
+                .expect("refusals lock")
+                .get(&(topic.clone(), partition))
+                .is_some_and(|r| r.0 == head && r.1 >= SPLIT_AFTER);
+        let mut outcome = Outcome { topic: topic.clone(), partition, sent: Vec::new(), failure: None };
+        let mut rest = group.as_slice();
+        while !rest.is_empty() {
+            let take = if one_by_one { 1 } else { request_len(rest) };
+            let (request, after) = rest.split_at(take);
+            rest = after;
+            match self.send_request(&topic, partition, request).await {
+                Ok(()) => outcome.sent.extend(request.iter().map(|(seq, _)| *seq)),
+                Err(Failure::Refused { head, error }) if one_by_one => {
+                    self.set_aside(head, format!("refused by Iggy {SPLIT_AFTER} times and alone: {error}")).await;
+                }
+                Err(failure) => {
+                    outcome.failure = Some(failure);
+                    break;
+                }
+            }
         }
-        let topic_id = Identifier::named(&topic)?;
+        if one_by_one && outcome.failure.is_none() {
+            self.refused.lock().expect("refusals lock").remove(&(topic, partition));
+        }
+        outcome
+    }
+
+    /// One request; `Ok` once Iggy acknowledged it.
+    async fn send_request(&self, topic: &str, partition: u32, request: &[(u64, SpoolEntry)]) -> Result<(), Failure> {
+        let head = request[0].0;
+        let failed = |source: LogError| {
+            let cause = iggy_cause(&source);
+            let refused = cause.is_some_and(refusal);
+            let stale = matches!(cause, Some(IggyError::PartitionNotFound(..) | IggyError::TopicIdNotFound(..)));
+            let error = RemoteError::Send { topic: topic.to_owned(), partition, source };
+            match (refused, stale) {
+                (true, _) => Failure::Refused { head, error },
+                (_, true) => Failure::Stale(error),
+                _ => Failure::Down(error),
+            }
+        };
+        let mut messages = Vec::with_capacity(request.len());
+        for (_, entry) in request {
+            let message = IggyMessage::builder().id(entry.event_id).payload(Bytes::from(entry.payload.clone())).build();
+            messages.push(message.map_err(|e| failed(e.into()))?);
+        }
+        let topic_id = ident(topic).map_err(|e| Failure::Down(e.into()))?;
         let started = std::time::Instant::now();
         // Not acknowledged in time counts as not sent: it stays in the spool and is sent
         // again (a copy that did arrive is skipped by the runners, by its eventId).
-        let sender = self.remote.sender_for(&topic, partition);
+        let sender = self.remote.sender_for(topic, partition);
         let partitioning = Partitioning::partition_id(partition);
-        answered(sender.send_messages(&self.remote.stream, &topic_id, &partitioning, &mut messages))
-            .await
-            .map_err(|source| RemoteError::Send { topic: topic.clone(), partition, source })?;
-        tracing::debug!(%topic, partition, messages = group.len(), took = ?started.elapsed(), "sent to Iggy");
-        self.remote.ends().sent(&topic, partition);
-        Ok(group.iter().map(|(seq, _)| *seq).collect())
+        let sent = answered(sender.send_messages(&self.remote.stream, &topic_id, &partitioning, &mut messages)).await;
+        match sent.map_err(failed) {
+            Ok(_) => {}
+            Err(Failure::Stale(error)) => {
+                tracing::warn!(%error, "reading the topic's partitions again");
+                return Err(match self.remote.ensure_topic(topic).await {
+                    Ok(()) => Failure::Stale(error),
+                    Err(e) => Failure::Down(e),
+                });
+            }
+            Err(failure) => return Err(failure),
+        }
+        tracing::debug!(%topic, partition, messages = request.len(), took = ?started.elapsed(), "sent to Iggy");
+        self.remote.ends().sent(topic, partition);
+        Ok(())
     }
+}
+
+/// How many of `entries` go in the next request: up to `FORWARD_BATCH` entries and
+/// `REQUEST_BYTES` of payload, and at least one.
+fn request_len(entries: &[(u64, SpoolEntry)]) -> usize {
+    let mut bytes = 0;
+    let mut take = 0;
+    for (_, entry) in entries.iter().take(FORWARD_BATCH) {
+        bytes += entry.payload.len();
+        if take > 0 && bytes > REQUEST_BYTES {
+            break;
+        }
+        take += 1;
+    }
+    take
 }

@@ -70,6 +70,7 @@ impl IggyLog {
             spool: spool.clone(),
             wake: forward.clone(),
             changes: changes_tx.clone(),
+            refused: Default::default(),
         };
         let tasks = vec![
             tokio::spawn(forwarder.run()),
@@ -166,11 +167,55 @@ impl EventLog for IggyLog {
 mod tests {
     use std::path::Path;
     use std::sync::Arc;
+    use std::time::{Duration, Instant};
 
     use owlery_testkit::IggyServer;
 
+    use super::spool::SpoolEntry;
     use super::{IggyLog, IggySettings};
-    use crate::log::{EventLog, contract};
+    use crate::envelope::Envelope;
+    use crate::log::{AppendItem, EventLog, contract};
+
+    fn item(n: u64) -> AppendItem {
+        let envelope = Envelope::from_producer(serde_json::json!({"eventType": "a.b", "data": {"n": n}})).unwrap();
+        AppendItem { topic: "t".into(), key: "k".into(), envelope }
+    }
+
+    /// An entry that cannot be read back and one Iggy refuses every time (an empty payload)
+    /// are set aside; the events spooled before and after them reach Iggy, in order.
+    #[tokio::test(flavor = "multi_thread")]
+    #[cfg_attr(owlery_skip_iggy, ignore = "SKIPPED: OWLERY_SKIP_IGGY=1")]
+    async fn spool_entries_that_cannot_go_out_are_set_aside_and_the_rest_go_out() {
+        let server = IggyServer::start(false);
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IggySettings { address: server.address(), partitions: 1, ..IggySettings::default() };
+        let log = IggyLog::open(dir.path(), settings).unwrap();
+        log.ensure_topics(&["t".to_owned()]).await.unwrap();
+        log.append(vec![item(1)]).await.unwrap();
+        log.spool.insert_raw(b"{ not an entry");
+        let refused = SpoolEntry { topic: "t".into(), partition: 0, event_id: 7, payload: String::new() };
+        log.spool.insert_raw(&serde_json::to_vec(&refused).unwrap());
+        log.append(vec![item(2)]).await.unwrap();
+        log.forward.notify_one();
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let records = log.poll("t", 0, 0, 10).await.unwrap_or_default();
+            if records.len() >= 2 && log.spool.depth() == 0 {
+                let ns: Vec<u64> = records
+                    .iter()
+                    .map(|r| Envelope::from_bytes(&r.payload).unwrap().data["n"].as_u64().unwrap())
+                    .collect();
+                assert_eq!(ns, [1, 2], "both good events, in order, once");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the spool is stuck: depth {}", log.spool.depth());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(log.spool.set_aside_count(), 2);
+        let status = log.status().await;
+        assert_eq!(status["spool"], serde_json::json!({"pending": 0, "setAside": 2}));
+    }
 
     contract::contract_suite!(skip_if: owlery_skip_iggy, {
         let server = IggyServer::start(false);

@@ -1,6 +1,8 @@
 //! The local durable spool: every accepted publish is written here first (group commit,
 //! deduplicated by `eventId` over a window), and leaves once Iggy acknowledged it. The last
 //! acknowledged entries stay a while (`recent`), to be sent again after a lost connection.
+//! An entry that cannot be read back, or that Iggy refuses again and again, is set aside
+//! (`aside`, with the reason) so that the entries behind it still go out.
 
 use std::path::Path;
 use std::time::Duration;
@@ -21,6 +23,11 @@ const IDS_BY_SEQ: IdsByPosition = TableDefinition::new("ids_by_seq");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// spool sequence → SpoolEntry JSON: the last `keep_recent` entries Iggy acknowledged
 const RECENT: TableDefinition<u64, &[u8]> = TableDefinition::new("recent");
+/// spool sequence → JSON `{reason, at, entry}`: entries set aside, kept for inspection
+const ASIDE: TableDefinition<u64, &[u8]> = TableDefinition::new("aside");
+
+/// One spooled entry: what to send, or why it cannot be read back.
+pub(super) type Peeked = (u64, Result<SpoolEntry, String>);
 
 #[derive(Serialize, Deserialize)]
 pub(super) struct SpoolEntry {
@@ -47,6 +54,7 @@ impl Spool {
         txn.open_table(IDS_BY_SEQ)?;
         txn.open_table(META)?;
         txn.open_table(RECENT)?;
+        txn.open_table(ASIDE)?;
         txn.commit()?;
         Ok(Spool { db, keep_recent })
     }
@@ -88,25 +96,44 @@ impl Spool {
     }
 
     /// The oldest `max` entries waiting to be forwarded, in order.
-    pub(super) fn peek(&self, max: usize) -> Result<Vec<(u64, SpoolEntry)>, LogError> {
+    pub(super) fn peek(&self, max: usize) -> Result<Vec<Peeked>, LogError> {
         self.entries(SPOOL, max)
     }
 
-    /// The recently forwarded entries (see `keep_recent`), in order.
+    /// The recently forwarded entries (see `keep_recent`), in order; any that cannot be
+    /// read back are left out (they were sent once already).
     pub(super) fn recent(&self) -> Result<Vec<(u64, SpoolEntry)>, LogError> {
-        self.entries(RECENT, usize::MAX)
+        Ok(self.entries(RECENT, usize::MAX)?.into_iter().filter_map(|(seq, entry)| Some((seq, entry.ok()?))).collect())
     }
 
-    fn entries(&self, table: TableDefinition<u64, &[u8]>, max: usize) -> Result<Vec<(u64, SpoolEntry)>, LogError> {
+    fn entries(&self, table: TableDefinition<u64, &[u8]>, max: usize) -> Result<Vec<Peeked>, LogError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(table)?;
         let mut out = Vec::new();
         for entry in table.iter()?.take(max) {
             let (seq, value) = entry?;
-            let parsed: SpoolEntry = serde_json::from_slice(value.value()).map_err(StorageError::from)?;
+            let parsed =
+                serde_json::from_slice::<SpoolEntry>(value.value()).map_err(|e| format!("cannot be read back: {e}"));
             out.push((seq.value(), parsed));
         }
         Ok(out)
+    }
+
+    /// Move entry `seq` out of the way, with `reason`: kept in the `aside` table.
+    pub(super) fn set_aside(&self, seq: u64, reason: &str) -> Result<(), LogError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(SPOOL)?;
+            let Some(bytes) = table.remove(seq)? else { return Ok(()) };
+            let kept = serde_json::json!({
+                "reason": reason,
+                "at": crate::envelope::now_rfc3339(),
+                "entry": String::from_utf8_lossy(bytes.value()),
+            });
+            let kept = serde_json::to_vec(&kept).map_err(StorageError::from)?;
+            txn.open_table(ASIDE)?.insert(seq, kept.as_slice())?;
+        }
+        Ok(txn.commit()?)
     }
 
     /// Iggy acknowledged these: out of the spool, into the recently forwarded entries.
@@ -137,8 +164,30 @@ impl Spool {
 
     /// Entries waiting to be forwarded (0 if the spool cannot be read).
     pub(super) fn depth(&self) -> u64 {
+        self.count(SPOOL)
+    }
+
+    /// Entries set aside (0 if the spool cannot be read).
+    pub(super) fn set_aside_count(&self) -> u64 {
+        self.count(ASIDE)
+    }
+
+    /// Spool `bytes` as the next entry, as they are (a test's way to a damaged entry).
+    #[cfg(test)]
+    pub(super) fn insert_raw(&self, bytes: &[u8]) {
+        let txn = self.db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            let next = meta.get("next").unwrap().map_or(0, |v| v.value());
+            txn.open_table(SPOOL).unwrap().insert(next, bytes).unwrap();
+            meta.insert("next", next + 1).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    fn count(&self, table: TableDefinition<u64, &[u8]>) -> u64 {
         let Ok(txn) = self.db.begin_read() else { return 0 };
-        txn.open_table(SPOOL).ok().and_then(|t| t.len().ok()).unwrap_or(0)
+        txn.open_table(table).ok().and_then(|t| t.len().ok()).unwrap_or(0)
     }
 }
 

@@ -24,6 +24,7 @@ pub(super) async fn status(remote: &Remote, spool: &Spool) -> serde_json::Value 
         "lastError": health.last_error,
         "lastErrorAt": health.last_error_at,
         "spoolDepth": spool.depth(),
+        "spool": {"pending": spool.depth(), "setAside": spool.set_aside_count()},
         "forwarded": health.forwarded,
         "topics": topics,
     })
