@@ -13,7 +13,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// The same component with a custom section appended: a new version (new hash) with the
 /// same behaviour.
-fn version_of(wasm: &[u8], n: u32) -> Vec<u8> {
+pub(crate) fn version_of(wasm: &[u8], n: u32) -> Vec<u8> {
     let name = b"owlery-test-version";
     let payload = n.to_le_bytes();
     let mut body = vec![name.len() as u8];
@@ -455,4 +455,105 @@ async fn a_promoted_shadow_never_skips_what_live_had_not_handled() {
         assert!(Instant::now() < deadline, "the alert for the incident live had not handled was never published");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A replay asked for during a replay, and a shadow promoted while live is replaying, keep
+/// quiet everything live had broadcast before the first replay: no client sees an event
+/// again. (Both used to take live's position in the replay under way for what it had
+/// handled, and broadcast again everything between there and the replay's target.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_or_a_promotion_during_a_replay_broadcasts_nothing_again() {
+    let host = Host::with_plugins(&[shipped("ws-broadcast")]);
+    for chunk in 0..4 {
+        let batch: Vec<_> = (0..5000)
+            .map(|n| {
+                let mut e = event("incident.updated", json!({"id": 5, "n": chunk * 5000 + n}));
+                e["userId"] = json!("reporter-5");
+                e
+            })
+            .collect();
+        assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    }
+    host.caught_up("ws-broadcast").await;
+    let mut client = host.ws("?rooms=incident:5").await;
+    let marker = |n: &str| {
+        let mut e = event("incident.updated", json!({"id": 5, "n": n}));
+        e["userId"] = json!("reporter-5");
+        e
+    };
+    let replay = || post(&host, "/api/plugins/ws-broadcast/replay", json!({"from": 0}));
+
+    // A replay, and another at once, while the first is under way.
+    assert_eq!(replay().await.0, 202);
+    assert_eq!(replay().await.0, 202);
+    host.caught_up("ws-broadcast").await;
+    assert_eq!(host.post_events(&marker("first")).await.0, 201);
+    let frame = client.next_in_room("incident:5", WAIT).await.unwrap();
+    assert_eq!(frame["event"]["data"]["n"], "first", "the second replay broadcast history again: {frame}");
+
+    // A replay, paused under way; a shadow (reading no further than live's position) is
+    // promoted (forced: it lags), then resumed.
+    assert_eq!(replay().await.0, 202);
+    assert_eq!(post(&host, "/api/plugins/ws-broadcast/pause", json!({})).await.0, 200);
+    let (_, wasm, manifest) = shipped("ws-broadcast");
+    let response = host
+        .http
+        .post(host.url("/api/plugins/ws-broadcast/shadow"))
+        .query(&[("manifest", manifest.as_str())])
+        .header("content-type", "application/wasm")
+        .body(version_of(&std::fs::read(wasm).unwrap(), 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, body) = post(&host, "/api/plugins/ws-broadcast/promote?force=true", json!({})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(post(&host, "/api/plugins/ws-broadcast/resume", json!({})).await.0, 200);
+    host.caught_up("ws-broadcast").await;
+    assert_eq!(host.post_events(&marker("second")).await.0, 201);
+    let frame = client.next_in_room("incident:5", WAIT).await.unwrap();
+    assert_eq!(frame["event"]["data"]["n"], "second", "the promoted shadow broadcast history again: {frame}");
+}
+
+/// Shadow uploads at the same moment: one shadow is left, and nothing else writes into its
+/// key space (an orphaned runner counting beside it would make its count wrong).
+#[tokio::test(flavor = "multi_thread")]
+async fn shadow_uploads_at_the_same_moment_leave_one_shadow_and_no_orphan() {
+    let host = Host::with_plugins(&[shipped("analytics")]);
+    let batch: Vec<_> = (0..2000).map(|i| event("incident.created", json!({"id": i, "severity": "LOW"}))).collect();
+    assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    host.caught_up("analytics").await;
+
+    let candidate = std::fs::read(guests::MISBEHAVE).unwrap();
+    let manifest = "[subscribe]\ntopics = [\"incident-events\"]\n[config]\nmode = \"error\"\n";
+    let uploads = (0..4).map(|n| {
+        host.http
+            .post(host.url("/api/plugins/analytics/shadow"))
+            .query(&[("manifest", manifest)])
+            .header("content-type", "application/wasm")
+            .body(version_of(&candidate, n))
+            .send()
+    });
+    for response in futures_util::future::join_all(uploads).await {
+        assert_eq!(response.unwrap().status().as_u16(), 201);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = host.plugin("analytics").await;
+        if status["shadow"]["caughtUp"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shadow never caught up: {status}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Time for an orphan, if there were one, to count on.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, body) = post(&host, "/api/plugins/analytics/promote", json!({})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(host.query("analytics", "").await, json!({"count": 2000}), "each event counted once by one shadow");
+    host.post_events(&event("incident.created", json!({"id": 1}))).await;
+    host.caught_up("analytics").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(host.query("analytics", "").await, json!({"count": 2001}));
 }

@@ -6,6 +6,7 @@ mod support;
 mod auth;
 mod bench;
 mod browser;
+mod chaos;
 mod containment;
 mod doors;
 mod durability;

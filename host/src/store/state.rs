@@ -115,8 +115,14 @@ impl Store {
 
     /// Make `from`'s state and offsets `to`'s, in one transaction (a shadow's promotion).
     /// `to`'s old state and offsets are dropped, and `from` is left empty.
-    pub fn promote_namespace(&self, from: &str, to: &str) -> Result<(), StoreError> {
+    pub fn promote_namespace(
+        &self,
+        from: &str,
+        to: &str,
+        handled: &[PartitionOffset],
+    ) -> Result<Option<Vec<PartitionOffset>>, StoreError> {
         let txn = self.db.begin_write()?;
+        let behind: Vec<PartitionOffset>;
         {
             let mut state = txn.open_table(STATE)?;
             state.retain(|(owner, _), _| owner != to)?;
@@ -145,12 +151,26 @@ impl Store {
                 offsets.insert((to, topic.as_str(), *partition), *next)?;
             }
             offsets.retain(|(owner, _, _), _| owner != from)?;
-            // A replay either had under way is not the promoted state's.
+            // A replay either had under way is not the promoted state's; the promoted state
+            // replays, quietly, what `to` had handled beyond it (a partition it never read
+            // counts as read from zero).
             let mut replays = txn.open_table(REPLAYS)?;
             replays.remove(to)?;
             replays.remove(from)?;
+            behind = handled
+                .iter()
+                .filter(|(topic, partition, old)| {
+                    let new = moved.iter().find(|(t, p, _)| t == topic && p == partition).map_or(0, |m| m.2);
+                    new < *old
+                })
+                .cloned()
+                .collect();
+            if !behind.is_empty() {
+                replays.insert(to, serde_json::to_vec(&behind)?.as_slice())?;
+            }
         }
-        Ok(txn.commit()?)
+        txn.commit()?;
+        Ok((!behind.is_empty()).then_some(behind))
     }
 }
 

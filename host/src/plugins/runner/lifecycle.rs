@@ -48,6 +48,14 @@ impl Lifecycle {
         }
     }
 
+    /// The replay under way, also while paused or failed.
+    pub fn any_replay(&self) -> Option<&Replay> {
+        match self {
+            Replaying(replay) | Paused { replay: Some(replay) } | Failed { replay: Some(replay), .. } => Some(replay),
+            _ => None,
+        }
+    }
+
     fn change(&mut self, f: impl FnOnce(Lifecycle) -> Lifecycle) {
         let old = std::mem::replace(self, Running);
         *self = f(old);

@@ -35,24 +35,20 @@ impl Replay {
         Replay { target }
     }
 
-    /// As the store keeps it.
-    pub fn to_stored(&self) -> Vec<(String, u32, u64)> {
-        self.target.to_commit()
-    }
-
     pub fn from_stored(stored: Vec<(String, u32, u64)>) -> Self {
         Replay { target: stored.into_iter().map(|(t, p, n)| (TopicPartition::new(t, p), n)).collect() }
     }
 
-    /// After a promotion: the partitions where the promoted state is behind `handled`,
-    /// what the old version had handled. `None` when it is behind nowhere.
-    pub fn behind(handled: &Offsets, positions: &Offsets) -> Option<Replay> {
-        let target: Offsets = handled
-            .iter()
-            .filter(|(tp, old)| positions.get(tp).is_some_and(|new| new < *old))
-            .map(|(tp, old)| (tp.clone(), old))
-            .collect();
-        (!target.is_empty()).then_some(Replay { target })
+    /// How far a plugin at `positions` with this replay under way had handled each
+    /// partition before: the replay's target where it is ahead of the positions.
+    pub fn handled(replay: Option<&Replay>, positions: &Offsets) -> Offsets {
+        let mut handled = positions.clone();
+        for (tp, target) in replay.map(|r| r.target.iter()).into_iter().flatten() {
+            if handled.get(tp).is_none_or(|at| at < target) {
+                handled.insert(tp.clone(), target);
+            }
+        }
+        handled
     }
 
     /// Where reading `tp` from `from` stops, so that a batch is wholly replayed events or
@@ -144,7 +140,9 @@ impl Runner {
     /// Drop the plugin's state and offsets and read again from `from`.
     pub(super) fn start_replay(&mut self, from: ReplayFrom) -> Result<(), RunnerError> {
         let topics = self.subscribed_topics()?;
-        let plan = ReplayPlan::new(&self.log, topics, &from, &self.positions)?;
+        // A replay asked for during another keeps quiet what was handled before either.
+        let handled = Replay::handled(self.lifecycle.any_replay(), &self.positions);
+        let plan = ReplayPlan::new(&self.log, topics, &from, &handled)?;
         // The reset, the new offsets and the replay's target in one transaction.
         self.deps.store.start_replay(&self.namespace, &plan.start.to_commit(), &plan.target.to_commit())?;
         let total = plan.total();

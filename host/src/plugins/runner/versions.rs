@@ -66,16 +66,16 @@ impl Runner {
         component: LoadedComponent,
         manifest: Manifest,
     ) -> Result<(), RunnerError> {
-        let handled = self.positions.clone();
-        self.deps.store.promote_namespace(shadow_namespace, &self.namespace)?;
+        // What live had handled (a replay under way counts with its target): the promoted
+        // state's catch-up up to there is kept quiet, in the promotion's own transaction, so
+        // a crash right after it broadcasts nothing again.
+        let handled = Replay::handled(self.lifecycle.any_replay(), &self.positions);
+        let behind = self.deps.store.promote_namespace(shadow_namespace, &self.namespace, &handled.to_commit())?;
         self.version = Version::new(component, manifest);
         self.instance = None;
         self.reload_positions();
-        if let Some(behind) = Replay::behind(&handled, &self.positions) {
-            if let Err(error) = self.deps.store.set_replay(&self.namespace, Some(&behind.to_stored())) {
-                tracing::warn!(%error, "keeping the promoted version's replay failed; a restart would broadcast again");
-            }
-            self.lifecycle.set_replay(behind);
+        if let Some(behind) = behind {
+            self.lifecycle.set_replay(Replay::from_stored(behind));
         }
         self.lifecycle.recover();
         self.dead_letter_streak = 0;
