@@ -62,7 +62,7 @@ macro_rules! from_redb {
         }
     )*};
 }
-from_redb!(DatabaseError, TransactionError, TableError, StorageError, CommitError);
+from_redb!(DatabaseError, TransactionError, TableError, StorageError, CommitError, SetDurabilityError);
 
 pub struct Store {
     db: Database,

@@ -1,6 +1,10 @@
 //! Sends the spool to Iggy in order, forever: connects (and creates the stream and topics),
-//! sends each partition's entries over its own connection, removes what Iggy acknowledged,
-//! and after a lost connection sends the last acknowledged entries again.
+//! sends each partition's entries, removes what Iggy acknowledged, and after a lost
+//! connection sends the last acknowledged entries again.
+//!
+//! One forwarder runs per connection to Iggy (a lane), each for the partitions that go over
+//! its connection: a slow partition (Iggy's fsync of a big request) holds up only the
+//! partitions of its lane, and a lane starts its next round as soon as its own is done.
 //!
 //! Nothing in the spool can stop it for good. Requests are capped in bytes as well as in
 //! entries; an entry that cannot be read back is set aside at once; when Iggy refuses a
@@ -17,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use iggy::prelude::{IggyError, IggyMessage, MessageClient, Partitioning};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use super::client::{Remote, RemoteError, answered, ident};
 use super::spool::{Spool, SpoolEntry};
@@ -43,18 +47,23 @@ const REFUSED_PAUSE: Duration = Duration::from_millis(200);
 /// instead, and runners skip the copies of what they already applied.
 pub(super) const RESEND_AFTER_LOSS: u64 = FORWARD_BATCH as u64;
 
+/// (topic, partition) → (spool sequence of the request Iggy refused, times in a row), shared
+/// by the lanes.
+pub(super) type Refusals = Arc<Mutex<HashMap<(String, u32), (u64, u32)>>>;
+
 /// Spool entries of one (topic, partition), in order.
 type PartitionGroup = ((String, u32), Vec<(u64, SpoolEntry)>);
 
 pub(super) struct Forwarder {
     pub(super) remote: Arc<Remote>,
     pub(super) spool: Arc<Spool>,
-    /// Notified when something was spooled or a topic is wanted.
-    pub(super) wake: Arc<Notify>,
+    /// Which of the lanes (see `Remote::lane_of`) this one is.
+    pub(super) lane: usize,
+    /// Changes when something was spooled or a topic is wanted.
+    pub(super) wake: watch::Receiver<u64>,
     /// Counted up when something reached Iggy, to wake the readers.
     pub(super) changes: watch::Sender<u64>,
-    /// (topic, partition) → (spool sequence of the request Iggy refused, times in a row)
-    pub(super) refused: Mutex<HashMap<(String, u32), (u64, u32)>>,
+    pub(super) refused: Refusals,
 }
 
 /// Why one request was not acknowledged.
@@ -122,7 +131,7 @@ struct Round {
 }
 
 impl Forwarder {
-    pub(super) async fn run(self) {
+    pub(super) async fn run(mut self) {
         let mut round = Round { backoff: Duration::from_millis(100), ready: false, resent_for: 0 };
         loop {
             if !round.ready && !self.connect(&mut round).await {
@@ -131,12 +140,23 @@ impl Forwarder {
             let losses = self.remote.health.losses();
             if losses != round.resent_for {
                 match self.spool_work(Spool::recent).await {
-                    Ok(recent) => self.resend(&mut round, recent, losses).await,
+                    Ok(recent) => {
+                        let recent = recent.into_iter().filter(|(_, e)| self.mine(e)).collect();
+                        self.resend(&mut round, recent, losses).await;
+                    }
                     Err(e) => self.spool_unreadable(&e).await,
                 }
                 continue;
             }
-            let peeked = match self.spool_work(|s| s.peek(FORWARD_BATCH)).await {
+            // Marked seen before looking, so that what is spooled while looking wakes it.
+            self.wake.borrow_and_update();
+            let (remote, lane) = (self.remote.clone(), self.lane);
+            let mine = move |entry: &Result<SpoolEntry, String>| match entry {
+                Ok(entry) => remote.lane_of(&entry.topic, entry.partition) == lane,
+                // Entries that cannot be read are set aside by one lane.
+                Err(_) => lane == 0,
+            };
+            let peeked = match self.spool_work(move |s| s.peek(FORWARD_BATCH, mine)).await {
                 Ok(peeked) => peeked,
                 Err(e) => {
                     self.spool_unreadable(&e).await;
@@ -156,7 +176,7 @@ impl Forwarder {
             }
             if entries.is_empty() {
                 tokio::select! {
-                    _ = self.wake.notified() => {}
+                    _ = self.wake.changed() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
                 continue;
@@ -174,9 +194,20 @@ impl Forwarder {
         }
     }
 
-    /// Connect and prepare; returns whether that worked (else it waited a backoff).
+    /// Whether `entry` goes over this lane's connection.
+    fn mine(&self, entry: &SpoolEntry) -> bool {
+        self.remote.lane_of(&entry.topic, entry.partition) == self.lane
+    }
+
+    /// Connect and prepare (lane 0 everything, the others their own connection); returns
+    /// whether that worked (else it waited a backoff).
     async fn connect(&self, round: &mut Round) -> bool {
-        match self.remote.prepare().await {
+        if self.lane > 0 && !self.remote.health.connected() {
+            // Lane 0 makes the stream and topics and finds Iggy up; until then, wait.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return false;
+        }
+        match self.remote.prepare_lane(self.lane).await {
             Ok(()) => {
                 round.ready = true;
                 round.backoff = Duration::from_millis(100);
@@ -274,19 +305,20 @@ impl Forwarder {
         let sends = groups
             .into_iter()
             .map(|((topic, partition), group)| self.send_partition(topic, partition, group, acknowledge));
-        let mut first_error = None;
-        for outcome in futures_util::future::join_all(sends).await {
-            if !outcome.sent.is_empty() {
-                if acknowledge {
-                    let count = outcome.sent.len() as u64;
-                    self.spool_work(move |s| s.acknowledged(&outcome.sent))
-                        .await
-                        .map_err(|e| Failure::Down(e.into()))?;
-                    self.remote.health.forwarded(count);
-                } else {
-                    self.remote.health.up();
-                }
+        let outcomes = futures_util::future::join_all(sends).await;
+        // One durable write for what the whole round got acknowledged.
+        let sent: Vec<u64> = outcomes.iter().flat_map(|o| o.sent.iter().copied()).collect();
+        if !sent.is_empty() {
+            if acknowledge {
+                let count = sent.len() as u64;
+                self.spool_work(move |s| s.acknowledged(&sent)).await.map_err(|e| Failure::Down(e.into()))?;
+                self.remote.health.forwarded(count);
+            } else {
+                self.remote.health.up();
             }
+        }
+        let mut first_error = None;
+        for outcome in outcomes {
             match outcome.failure {
                 None => {}
                 Some(Failure::Refused { error, .. }) if !acknowledge => {

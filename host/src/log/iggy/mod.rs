@@ -24,9 +24,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use iggy::prelude::StreamClient;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
-use self::client::{REQUEST_TIMEOUT, Remote, answered};
+use self::client::{REQUEST_TIMEOUT, Remote, SEND_CONNECTIONS, answered};
 use self::consumer_offsets::ConsumerOffsets;
 pub use self::forwarder::FORWARD_BATCH;
 use self::forwarder::{Forwarder, RESEND_AFTER_LOSS};
@@ -38,8 +38,8 @@ use super::{AppendItem, Appended, EventLog, LogError, Record};
 pub struct IggyLog {
     remote: Arc<Remote>,
     spool: Arc<Spool>,
-    /// Wakes the forwarder: something was spooled, or a topic is wanted.
-    forward: Arc<Notify>,
+    /// Wakes the forwarder's lanes: something was spooled, or a topic is wanted.
+    forward: watch::Sender<u64>,
     /// Kept so `changes` stays open while the background tasks are replaced or gone.
     _changes_tx: watch::Sender<u64>,
     changes: watch::Receiver<u64>,
@@ -55,28 +55,32 @@ impl IggyLog {
         let spool = Arc::new(Spool::open(dir, RESEND_AFTER_LOSS)?);
         let remote = Arc::new(Remote::new(settings)?);
         let (changes_tx, changes) = watch::channel(0);
-        let forward = Arc::new(Notify::new());
+        let (forward, _) = watch::channel(0u64);
         let writer = {
             let (spool, remote, forward) = (spool.clone(), remote.clone(), forward.clone());
             GroupCommit::start("spool writer", move |group: &[Vec<AppendItem>]| {
                 let accepted = spool.accept(group, |topic| remote.plan_topic(topic), remote.settings.dedup_window)?;
-                forward.notify_one();
+                forward.send_modify(|n| *n += 1);
                 Ok(accepted)
             })?
         };
         let consumer_offsets = Arc::new(ConsumerOffsets::default());
-        let forwarder = Forwarder {
-            remote: remote.clone(),
-            spool: spool.clone(),
-            wake: forward.clone(),
-            changes: changes_tx.clone(),
-            refused: Default::default(),
-        };
-        let tasks = vec![
-            tokio::spawn(forwarder.run()),
-            tokio::spawn(tailer::run(remote.clone(), changes_tx.clone())),
-            tokio::spawn(consumer_offsets::record(remote.clone(), consumer_offsets.clone())),
-        ];
+        let refused = Arc::default();
+        let mut tasks: Vec<_> = (0..SEND_CONNECTIONS)
+            .map(|lane| {
+                let forwarder = Forwarder {
+                    remote: remote.clone(),
+                    spool: spool.clone(),
+                    lane,
+                    wake: forward.subscribe(),
+                    changes: changes_tx.clone(),
+                    refused: Arc::clone(&refused),
+                };
+                tokio::spawn(forwarder.run())
+            })
+            .collect();
+        tasks.push(tokio::spawn(tailer::run(remote.clone(), changes_tx.clone())));
+        tasks.push(tokio::spawn(consumer_offsets::record(remote.clone(), consumer_offsets.clone())));
         Ok(IggyLog { remote, spool, forward, _changes_tx: changes_tx, changes, consumer_offsets, tasks, writer })
     }
 }
@@ -104,10 +108,10 @@ impl EventLog for IggyLog {
                     Err(_) => "Iggy did not answer in time".to_owned(),
                 };
                 tracing::warn!(%topic, %error, "creating the topic in Iggy failed; will retry");
-                self.forward.notify_one();
+                self.forward.send_modify(|n| *n += 1);
             }
         } else if !new.is_empty() {
-            self.forward.notify_one();
+            self.forward.send_modify(|n| *n += 1);
         }
         Ok(())
     }
@@ -196,7 +200,7 @@ mod tests {
         let refused = SpoolEntry { topic: "t".into(), partition: 0, event_id: 7, payload: String::new() };
         log.spool.insert_raw(&serde_json::to_vec(&refused).unwrap());
         log.append(vec![item(2)]).await.unwrap();
-        log.forward.notify_one();
+        log.forward.send_modify(|n| *n += 1);
 
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

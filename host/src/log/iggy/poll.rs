@@ -3,7 +3,7 @@
 
 use iggy::prelude::{Consumer, IggyError, MessageClient, PollingStrategy};
 
-use super::client::{REQUEST_TIMEOUT, Remote, end_of, ident};
+use super::client::{REQUEST_TIMEOUT, Remote, connect_signed_in, end_of, ident};
 use crate::log::{LogError, Record, Unavailable};
 
 /// Why one poll request failed.
@@ -93,10 +93,16 @@ impl Remote {
         let consumer = Consumer::new(ident("owlery")?);
         let topic_id = ident(topic)?;
         let strategy = PollingStrategy::offset(from);
+        let poller = self.poller();
         let request =
-            self.reader.poll_messages(&self.stream, &topic_id, Some(partition), &consumer, &strategy, count, false);
+            poller.poll_messages(&self.stream, &topic_id, Some(partition), &consumer, &strategy, count, false);
         let polled = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
             Ok(Ok(polled)) => polled,
+            Ok(Err(IggyError::Unauthenticated)) => {
+                // Reconnected by the client after a server restart, but signed out.
+                let _ = connect_signed_in(poller, &self.settings).await;
+                return Err(LogError::from(IggyError::Unauthenticated).into());
+            }
             Ok(Err(e)) => return Err(self.poll_failed(e, topic, partition)),
             Err(_) => return Err(LogError::from(Unavailable::NoAnswer(REQUEST_TIMEOUT)).into()),
         };

@@ -95,9 +95,27 @@ impl Spool {
         Ok(results)
     }
 
-    /// The oldest `max` entries waiting to be forwarded, in order.
-    pub(super) fn peek(&self, max: usize) -> Result<Vec<Peeked>, LogError> {
-        self.entries(SPOOL, max)
+    /// The oldest `max` entries waiting to be forwarded that `wanted` picks, in order.
+    pub(super) fn peek(
+        &self,
+        max: usize,
+        wanted: impl Fn(&Result<SpoolEntry, String>) -> bool,
+    ) -> Result<Vec<Peeked>, LogError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SPOOL)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (seq, value) = entry?;
+            let parsed =
+                serde_json::from_slice::<SpoolEntry>(value.value()).map_err(|e| format!("cannot be read back: {e}"));
+            if wanted(&parsed) {
+                out.push((seq.value(), parsed));
+                if out.len() == max {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The recently forwarded entries (see `keep_recent`), in order; any that cannot be
