@@ -21,6 +21,16 @@ impl BenchHost {
     /// A host running `plugins` (with their manifests from `--manifest-dir`, where there are
     /// any), on `iggy` when given, else on the embedded log.
     pub(super) fn start(args: &BenchArgs, plugins: &[&str], iggy: Option<&IggyServer>) -> anyhow::Result<BenchHost> {
+        Self::start_with(args, plugins, iggy, None)
+    }
+
+    /// `start`, with `owlery_toml` as the host's configuration file.
+    pub(super) fn start_with(
+        args: &BenchArgs,
+        plugins: &[&str],
+        iggy: Option<&IggyServer>,
+        owlery_toml: Option<&str>,
+    ) -> anyhow::Result<BenchHost> {
         let dir = tempfile::tempdir()?;
         // OWLERY_BENCH_HOST_LOG=<filter> shows the hosts' logs (with that RUST_LOG filter).
         let host_log = std::env::var("OWLERY_BENCH_HOST_LOG").ok();
@@ -29,6 +39,9 @@ impl BenchHost {
             .show_log(host_log.is_some());
         if let Some(iggy) = iggy {
             process = process.env(iggy.host_env());
+        }
+        if let Some(text) = owlery_toml {
+            process.write_config(text)?;
         }
         for name in plugins {
             let manifest_path = args.manifest_dir.join(format!("{name}.toml"));

@@ -16,6 +16,7 @@ mod end_to_end;
 mod fan_out;
 mod host;
 mod hot_swap;
+mod idle;
 mod publish;
 mod replay;
 mod report;
@@ -35,8 +36,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Run only these cases (repeatable): dispatch, publish, end-to-end, replay, hot-swap,
-    /// fan-out (footprint is measured with end-to-end).
-    #[arg(long, value_parser = ["dispatch", "publish", "end-to-end", "replay", "hot-swap", "fan-out"])]
+    /// fan-out, idle (footprint is measured with end-to-end).
+    #[arg(long, value_parser = ["dispatch", "publish", "end-to-end", "replay", "hot-swap", "fan-out", "idle"])]
     pub only: Vec<String>,
     /// Events per `handle` call in the dispatch cases.
     #[arg(long, default_value_t = 64)]
@@ -44,7 +45,11 @@ pub struct BenchArgs {
     /// WebSocket clients in the fan-out case.
     #[arg(long, default_value_t = 1000)]
     pub clients: usize,
-    /// Events per second in the end-to-end and fan-out cases.
+    /// Idle WebSocket clients in the idle case.
+    #[arg(long, default_value_t = 10_000)]
+    pub idle: usize,
+    /// Events per second in the end-to-end case, and the highest the fan-out case tries
+    /// (it tries 100, 200, 400, 700 and 1,000 below it).
     #[arg(long, default_value_t = 1000)]
     pub rate: u32,
     /// Where the built plugins are (`NAME.wasm`, or `NAME_WITH_UNDERSCORES.wasm`).
@@ -83,6 +88,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if wanted("fan-out") {
         fan_out::fan_out(&args, &mut report).await?;
+    }
+    if wanted("idle") {
+        idle::idle(&args, &mut report).await?;
     }
     if let Some(path) = &args.json {
         report.write_json(path)?;

@@ -46,6 +46,11 @@ pub(super) struct WsParams {
     epoch: Option<u64>,
 }
 
+/// Bytes a WebSocket connection reserves for reading.
+const IDLE_READ_BUFFER: usize = 4 << 10;
+/// Bytes of frames gathered before a write to the socket (a flush writes them anyway).
+const WRITE_BUFFER: usize = 16 << 10;
+
 /// `GET /ws?rooms=a,b&since=N[&token=T]`: JSON text frames `{"room", "offset", "event"}`.
 /// Every room asked for must be one the token may join (403 otherwise).
 pub(super) async fn websocket(
@@ -73,6 +78,13 @@ pub(super) async fn websocket(
         Some(offset) => Resume::After { offset: offset as u64, epoch: params.epoch },
     };
     let hub = state.hub.clone();
-    let ws = ws.max_message_size(limits.max_message).max_frame_size(limits.max_message);
+    // A client sends little (subscribe, unsubscribe): a 4 KiB read buffer, grown for a
+    // bigger message, instead of tungstenite's 128 KiB reserved for each connection (an idle
+    // connection cost 136 KB of resident memory with it, 10,000 of them 1.3 GB).
+    let ws = ws
+        .max_message_size(limits.max_message)
+        .max_frame_size(limits.max_message)
+        .read_buffer_size(IDLE_READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER);
     Ok(ws.on_upgrade(move |socket| hub.serve(socket, grant, rooms, resume, slot)))
 }
