@@ -151,10 +151,10 @@ impl Forwarder {
             // Marked seen before looking, so that what is spooled while looking wakes it.
             self.wake.borrow_and_update();
             let (remote, lane) = (self.remote.clone(), self.lane);
-            let mine = move |entry: &Result<SpoolEntry, String>| match entry {
-                Ok(entry) => remote.lane_of(&entry.topic, entry.partition) == lane,
+            let mine = move |head: Option<(&str, u32)>| match head {
+                Some((topic, partition)) => remote.lane_of(topic, partition) == lane,
                 // Entries that cannot be read are set aside by one lane.
-                Err(_) => lane == 0,
+                None => lane == 0,
             };
             let peeked = match self.spool_work(move |s| s.peek(FORWARD_BATCH, mine)).await {
                 Ok(peeked) => peeked,

@@ -26,6 +26,17 @@ const RECENT: TableDefinition<u64, &[u8]> = TableDefinition::new("recent");
 /// spool sequence → JSON `{reason, at, entry}`: entries set aside, kept for inspection
 const ASIDE: TableDefinition<u64, &[u8]> = TableDefinition::new("aside");
 
+/// Entries one `peek` looks at, at most.
+const SCAN: usize = 8192;
+
+/// Where a spooled entry goes, read without its payload.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    topic: std::borrow::Cow<'a, str>,
+    partition: u32,
+}
+
 /// One spooled entry: what to send, or why it cannot be read back.
 pub(super) type Peeked = (u64, Result<SpoolEntry, String>);
 
@@ -95,24 +106,29 @@ impl Spool {
         Ok(results)
     }
 
-    /// The oldest `max` entries waiting to be forwarded that `wanted` picks, in order.
+    /// The oldest `max` entries waiting to be forwarded whose (topic, partition) `wanted`
+    /// picks (`None`: cannot be read), in order, among the oldest `SCAN` entries: a lane
+    /// with nothing of its own in a large backlog must not read all of it every round.
     pub(super) fn peek(
         &self,
         max: usize,
-        wanted: impl Fn(&Result<SpoolEntry, String>) -> bool,
+        wanted: impl Fn(Option<(&str, u32)>) -> bool,
     ) -> Result<Vec<Peeked>, LogError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(SPOOL)?;
         let mut out = Vec::new();
-        for entry in table.iter()? {
+        for entry in table.iter()?.take(SCAN) {
             let (seq, value) = entry?;
+            // Where it goes, without copying its payload.
+            let head = serde_json::from_slice::<Head<'_>>(value.value()).ok();
+            if !wanted(head.as_ref().map(|h| (h.topic.as_ref(), h.partition))) {
+                continue;
+            }
             let parsed =
                 serde_json::from_slice::<SpoolEntry>(value.value()).map_err(|e| format!("cannot be read back: {e}"));
-            if wanted(&parsed) {
-                out.push((seq.value(), parsed));
-                if out.len() == max {
-                    break;
-                }
+            out.push((seq.value(), parsed));
+            if out.len() == max {
+                break;
             }
         }
         Ok(out)
