@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::Mutex;
 
-use crate::support::{Host, event, shipped};
+use crate::support::{Host, event, reporter_5_update, reporter_5_updates, shipped};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_while_publishing_loses_nothing_and_counts_nothing_twice() {
@@ -158,15 +158,8 @@ async fn an_outbox_entry_that_cannot_be_read_is_set_aside_and_the_rest_goes_out(
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_mid_replay_neither_broadcasts_history_again_nor_skips_the_rest() {
     let mut host = Host::with_plugins(&[shipped("ws-broadcast"), shipped("analytics")]);
-    for chunk in 0..4 {
-        let batch: Vec<_> = (0..5000)
-            .map(|n| {
-                let mut e = event("incident.updated", json!({"id": 5, "n": chunk * 5000 + n}));
-                e["userId"] = json!("reporter-5");
-                e
-            })
-            .collect();
-        assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    for _ in 0..4 {
+        assert_eq!(host.post_events(&json!(reporter_5_updates(5000))).await.0, 201);
     }
     host.caught_up("ws-broadcast").await;
     host.caught_up("analytics").await;
@@ -182,8 +175,7 @@ async fn kill_9_mid_replay_neither_broadcasts_history_again_nor_skips_the_rest()
     host.caught_up("analytics").await;
     eprintln!("resumed a replay after the restart: {}", host.log().contains("resuming the replay under way"));
     assert_eq!(host.query("analytics", "").await, before, "the replay's state is complete and counted once");
-    let mut marker = event("incident.updated", json!({"id": 5, "n": "marker"}));
-    marker["userId"] = json!("reporter-5");
+    let marker = reporter_5_update(json!("marker"));
     assert_eq!(host.post_events(&marker).await.0, 201);
     let frame = client.next_in_room("incident:5", Duration::from_secs(30)).await.unwrap();
     assert_eq!(frame["event"]["data"]["n"], "marker", "history was broadcast again: {frame}");

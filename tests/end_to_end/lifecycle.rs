@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::support::{Host, event, guests, shipped};
+use crate::support::{Host, event, guests, reporter_5_update, reporter_5_updates, shipped};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -464,23 +464,12 @@ async fn a_promoted_shadow_never_skips_what_live_had_not_handled() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replay_or_a_promotion_during_a_replay_broadcasts_nothing_again() {
     let host = Host::with_plugins(&[shipped("ws-broadcast")]);
-    for chunk in 0..4 {
-        let batch: Vec<_> = (0..5000)
-            .map(|n| {
-                let mut e = event("incident.updated", json!({"id": 5, "n": chunk * 5000 + n}));
-                e["userId"] = json!("reporter-5");
-                e
-            })
-            .collect();
-        assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    for _ in 0..4 {
+        assert_eq!(host.post_events(&json!(reporter_5_updates(5000))).await.0, 201);
     }
     host.caught_up("ws-broadcast").await;
     let mut client = host.ws("?rooms=incident:5").await;
-    let marker = |n: &str| {
-        let mut e = event("incident.updated", json!({"id": 5, "n": n}));
-        e["userId"] = json!("reporter-5");
-        e
-    };
+    let marker = |n: &str| reporter_5_update(json!(n));
     let replay = || post(&host, "/api/plugins/ws-broadcast/replay", json!({"from": 0}));
 
     // A replay, and another at once, while the first is under way.

@@ -306,3 +306,15 @@ impl Ws {
 pub fn event(event_type: &str, data: Value) -> Value {
     serde_json::json!({"eventType": event_type, "source": "test", "data": data})
 }
+
+/// An update of incident 5 by one reporter (so all of them share a partition), `data.n` = `n`.
+pub fn reporter_5_update(n: Value) -> Value {
+    let mut e = event("incident.updated", serde_json::json!({"id": 5, "n": n}));
+    e["userId"] = serde_json::json!("reporter-5");
+    e
+}
+
+/// `count` such updates, numbered from 0.
+pub fn reporter_5_updates(count: u64) -> Vec<Value> {
+    (0..count).map(|n| reporter_5_update(n.into())).collect()
+}
