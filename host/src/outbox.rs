@@ -5,9 +5,12 @@
 //!
 //! Nothing in the outbox can stop it for good: an entry that cannot be read back is set
 //! aside at once, and when the log refuses a round `SPLIT_AFTER` times in a row for a reason
-//! other than being unavailable, the round's entries are appended one by one and each one
-//! still refused is set aside (logged, counted in the status, kept in the store). Store work
-//! runs off the async workers: it shares a lock with the runners' commits.
+//! about the entries themselves (see `is_refusal`), the round's entries are appended one by
+//! one and each one still refused is set aside (logged, counted in the status, kept in the
+//! store). A failure of the log's storage or connection (a full disk for a few seconds, Iggy
+//! restarting) is not a refusal: it is retried, however long it lasts, and sets nothing
+//! aside, since a good entry set aside is an output lost. Store work runs off the async
+//! workers: it shares a lock with the runners' commits.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::log::{AppendItem, EventLog, LogError};
+use crate::log::{AppendItem, EventLog, LogError, StorageError};
 use crate::store::{Store, StoreError};
 
 /// Entries appended per round.
@@ -89,7 +92,7 @@ async fn round(store: &Arc<Store>, log: &dyn EventLog, refused: &mut Refused) ->
         return Ok(true);
     }
     if let Err(error) = log.append(items).await {
-        if !matches!(error, LogError::Unavailable(_)) {
+        if is_refusal(&error) {
             refused.times = if refused.head == head { refused.times + 1 } else { 1 };
             refused.head = head;
         }
@@ -104,14 +107,14 @@ async fn round(store: &Arc<Store>, log: &dyn EventLog, refused: &mut Refused) ->
 }
 
 /// Append a refused round's entries one at a time; set aside each the log still refuses
-/// (while it is unavailable, stop and try again later).
+/// (on a failure that is not a refusal, stop and try again later).
 async fn one_by_one(store: &Arc<Store>, log: &dyn EventLog, entries: Vec<(u64, AppendItem)>) -> Result<(), ()> {
     for (seq, item) in entries {
         match log.append(vec![item]).await {
             Ok(_) => blocking(store, move |s| s.outbox_remove(seq))
                 .await
                 .map_err(|error| tracing::error!(%error, "clearing the outbox failed"))?,
-            Err(error @ LogError::Unavailable(_)) => {
+            Err(error) if !is_refusal(&error) => {
                 tracing::warn!(%error, "forwarding the outbox to the log failed; retrying");
                 return Err(());
             }
@@ -119,6 +122,30 @@ async fn one_by_one(store: &Arc<Store>, log: &dyn EventLog, entries: Vec<(u64, A
         }
     }
     Ok(())
+}
+
+/// Whether the log failed because of the entries appended (the same append would fail
+/// again however long we wait), not because its storage or connection failed (which can
+/// come back). Only these count towards setting entries aside. The match names every cause,
+/// so that a new one has to be placed on one side or the other.
+fn is_refusal(error: &LogError) -> bool {
+    match error {
+        LogError::Unavailable(_) => false,
+        LogError::NoSuchTopic(_) | LogError::NoSuchPartition { .. } => true,
+        LogError::Storage(cause) => match &**cause {
+            // An entry the log cannot encode, a topic name it cannot take.
+            StorageError::Entry(_) | StorageError::Name { .. } | StorageError::Topic { .. } => true,
+            StorageError::Redb(redb::Error::ValueTooLarge(_)) => true,
+            // A write error, a full disk, a thread that could not start, settings: the
+            // host's, not the entry's.
+            StorageError::Redb(_)
+            | StorageError::Directory { .. }
+            | StorageError::Thread { .. }
+            | StorageError::Connection(_) => false,
+            // The group commit answers every request in a failed group with its one error.
+            StorageError::Group(inner) => is_refusal(inner),
+        },
+    }
 }
 
 async fn set_aside(store: &Arc<Store>, seq: u64, reason: String) -> Result<(), ()> {
@@ -131,6 +158,7 @@ async fn set_aside(store: &Arc<Store>, seq: u64, reason: String) -> Result<(), (
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
 
     use async_trait::async_trait;
     use tokio::sync::watch;
@@ -138,41 +166,59 @@ mod tests {
     use super::*;
     use crate::envelope::Envelope;
     use crate::log::embedded::EmbeddedLog;
-    use crate::log::{Appended, Record, StorageError};
+    use crate::log::{Appended, Record, Unavailable};
     use crate::store::BatchCommit;
 
-    /// The real embedded log, except that it refuses, every time, any append holding an
-    /// entry for topic `refused` (neither real log refuses a single entry today; this is
-    /// the defence for one that does).
-    struct Refusing(EmbeddedLog);
+    /// The real embedded log, except that an append fails with what `fail` answers for its
+    /// entries, when it answers something.
+    struct Failing<F> {
+        log: EmbeddedLog,
+        fail: F,
+    }
 
     #[async_trait]
-    impl EventLog for Refusing {
+    impl<F: Fn(&[AppendItem]) -> Option<LogError> + Send + Sync + 'static> EventLog for Failing<F> {
         async fn ensure_topics(&self, topics: &[String]) -> Result<(), LogError> {
-            self.0.ensure_topics(topics).await
+            self.log.ensure_topics(topics).await
         }
         async fn append(&self, items: Vec<AppendItem>) -> Result<Vec<Appended>, LogError> {
-            if items.iter().any(|i| i.topic == "refused") {
-                let reason = "refused for the test".to_owned();
-                return Err(StorageError::Topic { topic: "refused".into(), reason }.into());
+            if let Some(error) = (self.fail)(items.as_slice()) {
+                return Err(error);
             }
-            self.0.append(items).await
+            self.log.append(items).await
         }
         async fn poll(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError> {
-            self.0.poll(topic, partition, from, max).await
+            self.log.poll(topic, partition, from, max).await
         }
         async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
-            self.0.partitions(topic).await
+            self.log.partitions(topic).await
         }
         async fn high_watermark(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-            self.0.high_watermark(topic, partition).await
+            self.log.high_watermark(topic, partition).await
         }
         async fn topics(&self) -> Result<Vec<String>, LogError> {
-            self.0.topics().await
+            self.log.topics().await
         }
         fn changes(&self) -> watch::Receiver<u64> {
-            self.0.changes()
+            self.log.changes()
         }
+    }
+
+    /// Refuses, every time, any append holding an entry for topic `refused` (neither real
+    /// log refuses a single entry today; this is the defence for one that does).
+    fn refusing(items: &[AppendItem]) -> Option<LogError> {
+        items.iter().any(|i| i.topic == "refused").then(|| {
+            let reason = "refused for the test".to_owned();
+            StorageError::Topic { topic: "refused".into(), reason }.into()
+        })
+    }
+
+    /// What the embedded log answers when its disk is full: a redb I/O error, through the
+    /// group commit.
+    fn disk_full() -> LogError {
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device (for the test)");
+        let commit: LogError = StorageError::Redb(redb::Error::Io(io)).into();
+        StorageError::Group(Arc::new(commit)).into()
     }
 
     fn item(topic: &str, n: u64) -> AppendItem {
@@ -190,7 +236,7 @@ mod tests {
     async fn an_entry_the_log_refuses_every_time_is_set_aside_and_the_rest_go_out() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
-        let log = Refusing(EmbeddedLog::open(&dir.path().join("log"), 1).unwrap());
+        let log = Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail: refusing };
         let outbox = vec![item("out", 0), item("refused", 1), item("out", 2)];
         store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
 
@@ -203,5 +249,42 @@ mod tests {
         assert_eq!(store.outbox_counts().unwrap(), (0, 1), "only the refused one is set aside");
         let sent = log.poll("out", 0, 0, 10).await.unwrap();
         assert_eq!(sent.len(), 2, "the entries around it went out, in order");
+    }
+
+    #[tokio::test]
+    async fn a_log_whose_storage_fails_for_a_while_gets_every_entry_and_sets_none_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
+        // More failures in a row than it takes to split a refused round.
+        let failures = SPLIT_AFTER + 2;
+        let left = AtomicU32::new(failures);
+        let fail = move |_: &[AppendItem]| {
+            let failing = left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+            failing.then(disk_full)
+        };
+        let log = Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail };
+        let outbox = vec![item("out", 0), item("out", 1), item("out", 2)];
+        store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
+
+        let mut refused = Refused::default();
+        for _ in 0..failures {
+            assert!(round(&store, &log, &mut refused).await.is_err(), "the round fails while the disk is full");
+            assert_eq!(refused.times, 0, "a storage failure is not a refusal");
+        }
+        assert_eq!(store.outbox_counts().unwrap(), (3, 0), "nothing set aside");
+        assert!(round(&store, &log, &mut refused).await.unwrap(), "then the round goes out");
+        assert_eq!(store.outbox_counts().unwrap(), (0, 0), "every entry went out, none set aside");
+        let sent = log.poll("out", 0, 0, 10).await.unwrap();
+        let ns: Vec<u64> =
+            sent.iter().map(|r| Envelope::from_bytes(&r.payload).unwrap().data["n"].as_u64().unwrap()).collect();
+        assert_eq!(ns, [0, 1, 2], "all of them, in order");
+    }
+
+    #[test]
+    fn only_failures_about_the_entries_are_refusals() {
+        assert!(!is_refusal(&disk_full()));
+        assert!(!is_refusal(&LogError::from(Unavailable::Closing)));
+        assert!(is_refusal(&LogError::NoSuchTopic("gone".into())));
+        assert!(is_refusal(&refusing(&[item("refused", 0)]).unwrap()));
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::support::{Host, event, reporter_5_update, reporter_5_updates, shipped};
@@ -157,26 +157,61 @@ async fn an_outbox_entry_that_cannot_be_read_is_set_aside_and_the_rest_goes_out(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_mid_replay_neither_broadcasts_history_again_nor_skips_the_rest() {
+    const PLUGINS: [&str; 2] = ["ws-broadcast", "analytics"];
     let mut host = Host::with_plugins(&[shipped("ws-broadcast"), shipped("analytics")]);
-    for _ in 0..4 {
-        assert_eq!(host.post_events(&json!(reporter_5_updates(5000))).await.0, 201);
+    // The kill must land while both replays are under way: after they finish, the test
+    // would pass whatever the host does with a stored replay. 20,000 events take each plugin
+    // far longer than the two status requests between asking for the replays and the kill;
+    // should a replay be near its end by then anyway (a fast machine), the history grows by
+    // as much again and the host is asked once more.
+    let mut before = Value::Null;
+    let mut killed_mid_replay = false;
+    for _ in 0..3 {
+        for _ in 0..4 {
+            assert_eq!(host.post_events(&json!(reporter_5_updates(5000))).await.0, 201);
+        }
+        for plugin in PLUGINS {
+            host.caught_up(plugin).await;
+        }
+        before = host.query("analytics", "").await;
+        for plugin in PLUGINS {
+            let response = host.http.post(host.url(&format!("/api/plugins/{plugin}/replay"))).json(&json!({"from": 0}));
+            assert_eq!(response.send().await.unwrap().status(), 202);
+        }
+        let mut under_way = true;
+        for plugin in PLUGINS {
+            under_way &= far_from_done(&host.plugin(plugin).await);
+        }
+        if under_way {
+            host.kill9();
+            killed_mid_replay = true;
+            break;
+        }
     }
-    host.caught_up("ws-broadcast").await;
-    host.caught_up("analytics").await;
-    let before = host.query("analytics", "").await;
-    for plugin in ["ws-broadcast", "analytics"] {
-        let response = host.http.post(host.url(&format!("/api/plugins/{plugin}/replay"))).json(&json!({"from": 0}));
-        assert_eq!(response.send().await.unwrap().status(), 202);
-    }
-    host.kill9();
+    assert!(killed_mid_replay, "no try had both replays under way at the kill:\n{}", host.log_tail());
     host.start();
     let mut client = host.ws("?rooms=incident:5").await;
-    host.caught_up("ws-broadcast").await;
-    host.caught_up("analytics").await;
-    eprintln!("resumed a replay after the restart: {}", host.log().contains("resuming the replay under way"));
+    for plugin in PLUGINS {
+        host.caught_up(plugin).await;
+    }
+    // The line the runner writes when it finds a stored replay at start (only a restart can:
+    // the first start had an empty store); its span names the plugin.
+    let log = host.log();
+    for plugin in PLUGINS {
+        let resumed = log.lines().any(|line| line.contains("resuming the replay under way") && line.contains(plugin));
+        assert!(resumed, "{plugin}'s replay, under way at the kill, was not resumed:\n{}", host.log_tail());
+    }
     assert_eq!(host.query("analytics", "").await, before, "the replay's state is complete and counted once");
     let marker = reporter_5_update(json!("marker"));
     assert_eq!(host.post_events(&marker).await.0, 201);
     let frame = client.next_in_room("incident:5", Duration::from_secs(30)).await.unwrap();
     assert_eq!(frame["event"]["data"]["n"], "marker", "history was broadcast again: {frame}");
+}
+
+/// Whether a plugin's status shows it replaying with a quarter or more still to read: so
+/// much that it cannot be over by the time the next request (the kill) is made.
+fn far_from_done(status: &Value) -> bool {
+    let progress = &status["replay"];
+    let (Some(done), Some(total)) = (progress["done"].as_u64(), progress["total"].as_u64()) else { return false };
+    status["state"] == "replaying" && total > 0 && total.saturating_sub(done) >= total / 4
 }

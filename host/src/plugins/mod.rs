@@ -569,14 +569,20 @@ fn snapshot(r: &Running) -> (PluginStatus, Option<PluginStatus>) {
 }
 
 /// Write to a hidden temp file beside `path`, then rename: readers never see half a file.
-/// Each write has a temp file of its own, so two at once never write into one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Each write has a temp file of its own (process id and a counter), so two at once, in
+/// this process or another sharing the directory, never write into one. Also how the
+/// runtime's compile cache writes. A temp file left by a failed write is removed: its name
+/// is never used again, so nothing else would.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("plugin");
     let tmp: PathBuf = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn stop(r: Running) {

@@ -37,9 +37,11 @@ impl ComponentCache {
         }
         let component = Component::new(engine, wasm)?;
         if let Ok(bytes) = component.serialize() {
-            // Written aside and renamed, so a reader never sees half a file.
-            let tmp = cached.with_extension("tmp");
-            if let Err(error) = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &cached)) {
+            // Written aside and renamed, so a reader never sees half a file; the temp file
+            // is this write's own, since two compiles of one component can run at once (two
+            // hosts sharing a data directory, an upload racing the watcher). Both then
+            // rename the same bytes into place.
+            if let Err(error) = crate::plugins::write_atomically(&cached, &bytes) {
                 tracing::warn!(path = %cached.display(), %error, "could not cache a compiled component");
             }
         }

@@ -4,23 +4,51 @@
 //! An entry that cannot be read back, or that the log refuses again and again, is set
 //! aside (moved to its own table with the reason, kept for inspection) so that the entries
 //! behind it still go out.
+//!
+//! An entry is `{"topic", "key", "envelope"}` with the envelope written in place as the
+//! bytes `Envelope::to_bytes` makes, the ones the log stores. It is read back the same way:
+//! the wrapper with the envelope left as raw text, then the envelope by `Envelope::from_bytes`,
+//! as every reader of the log parses it. So the wrapper adds nothing to the nesting the
+//! parser sees (its limit is 128 levels), and an entry can be read back whenever the record
+//! it becomes can. These are the bytes the nested form always had, so a store written before
+//! still drains.
+
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::{OUTBOX, OUTBOX_ASIDE, Store, StoreError};
+use crate::envelope::Envelope;
 use crate::log::AppendItem;
 
 /// An entry as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct OutboxEntry {
-    topic: String,
-    key: String,
-    envelope: crate::envelope::Envelope,
+#[derive(Serialize, Deserialize)]
+struct OutboxEntry<'a> {
+    #[serde(borrow)]
+    topic: Cow<'a, str>,
+    #[serde(borrow)]
+    key: Cow<'a, str>,
+    /// Skipped over, not parsed, when the entry is read (the parser does that without
+    /// recursing), then parsed on its own.
+    #[serde(borrow)]
+    envelope: &'a RawValue,
 }
 
 pub(super) fn encode(item: &AppendItem) -> Vec<u8> {
-    let entry = OutboxEntry { topic: item.topic.clone(), key: item.key.clone(), envelope: item.envelope.clone() };
+    // The same serialiser as `Envelope::to_bytes`, into a string ready to be written in place.
+    let envelope = serde_json::value::to_raw_value(&item.envelope).expect("an envelope always serialises");
+    let (topic, key) = (Cow::Borrowed(item.topic.as_str()), Cow::Borrowed(item.key.as_str()));
+    let entry = OutboxEntry { topic, key, envelope: &envelope };
     serde_json::to_vec(&entry).expect("an outbox entry serialises")
+}
+
+/// The item an entry holds, or why it cannot be read back.
+fn decode(bytes: &[u8]) -> Result<AppendItem, String> {
+    let entry: OutboxEntry<'_> = serde_json::from_slice(bytes).map_err(|e| format!("cannot be read back: {e}"))?;
+    let envelope = Envelope::from_bytes(entry.envelope.get().as_bytes())
+        .map_err(|e| format!("cannot be read back: envelope: {e}"))?;
+    Ok(AppendItem { topic: entry.topic.into_owned(), key: entry.key.into_owned(), envelope })
 }
 
 /// One outbox entry: the item, or why it cannot be read back.
@@ -33,10 +61,7 @@ impl Store {
         let mut out = Vec::new();
         for entry in redb::ReadableTable::iter(&table)?.take(max) {
             let (seq, value) = entry?;
-            let item = serde_json::from_slice::<OutboxEntry>(value.value())
-                .map(|e| AppendItem { topic: e.topic, key: e.key, envelope: e.envelope })
-                .map_err(|e| format!("cannot be read back: {e}"));
-            out.push((seq.value(), item));
+            out.push((seq.value(), decode(value.value())));
         }
         Ok(out)
     }
@@ -76,5 +101,71 @@ impl Store {
         use redb::ReadableTableMetadata;
         let txn = self.read()?;
         Ok((txn.open_table(OUTBOX)?.len()?, txn.open_table(OUTBOX_ASIDE)?.len()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::BatchCommit;
+
+    /// The entry as it was stored before: the envelope nested, parsed with the wrapper.
+    #[derive(Serialize, Deserialize)]
+    struct Nested {
+        topic: String,
+        key: String,
+        envelope: Envelope,
+    }
+
+    fn envelope(data: serde_json::Value) -> Envelope {
+        let event = json!({"eventId": uuid::Uuid::new_v4(), "eventType": "a.b", "timestamp": "2026-01-01T00:00:00Z",
+                           "source": "t", "extra": "kept", "data": data});
+        Envelope::from_bytes(event.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn an_entry_is_stored_as_before_with_the_envelopes_own_bytes() {
+        let item = AppendItem { topic: "out".into(), key: "k \"1\"".into(), envelope: envelope(json!({"n": [1, 2]})) };
+        let bytes = encode(&item);
+        let before = Nested { topic: item.topic.clone(), key: item.key.clone(), envelope: item.envelope.clone() };
+        assert_eq!(bytes, serde_json::to_vec(&before).unwrap(), "a store written before still drains");
+        let stored: OutboxEntry<'_> = serde_json::from_slice(&bytes).unwrap();
+        let logged = item.envelope.to_bytes();
+        assert_eq!(stored.envelope.get().as_bytes(), logged.as_slice(), "the bytes the log will store");
+        let read = decode(&bytes).unwrap();
+        assert_eq!((read.topic, read.key, read.envelope), (item.topic, item.key, item.envelope));
+    }
+
+    #[test]
+    fn an_envelope_nested_as_deep_as_the_parser_allows_is_read_back() {
+        // 126 arrays inside the envelope's object: 127 levels, the parser's most (128 is
+        // its limit). In the wrapper that is 128, too deep to read the nested way.
+        let mut data = json!(0);
+        for _ in 0..126 {
+            data = json!([data]);
+        }
+        let item = AppendItem { topic: "out".into(), key: "k".into(), envelope: envelope(data) };
+        assert!(Envelope::from_bytes(&item.envelope.to_bytes()).is_ok(), "the log can read the record");
+        assert!(serde_json::from_slice::<Nested>(&encode(&item)).is_err(), "read nested, it is too deep");
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 100, Duration::ZERO).unwrap();
+        let batch = BatchCommit { outbox: vec![item.clone()], ..BatchCommit::default() };
+        store.commit_batch("p", &batch, |_| {}).unwrap();
+        let peeked = store.outbox_peek(10).unwrap();
+        assert_eq!(peeked.len(), 1);
+        let read = peeked.into_iter().next().unwrap().1.unwrap();
+        assert_eq!(read.envelope, item.envelope, "read back whole");
+    }
+
+    #[test]
+    fn an_entry_that_is_not_json_says_why() {
+        assert!(decode(b"{\"topic\": \"out\"").unwrap_err().starts_with("cannot be read back"));
+        let bad_envelope = br#"{"topic": "out", "key": "k", "envelope": {"eventType": 7}}"#;
+        assert!(decode(bad_envelope).unwrap_err().starts_with("cannot be read back: envelope:"));
     }
 }

@@ -7,10 +7,13 @@
 //!
 //! State stays bounded whatever producers send: the summary (one state value) keeps at
 //! most `MAX_DISTINCT` distinct event types, sources and severities (the rest counted under
-//! `(other)`) and `MAX_MINUTES` minutes; each open incident is a state key of its own
-//! (`open/<id>`), as is each incident resolved before its creation was seen (`early/<id>`),
-//! so a month of incidents never makes one value outgrow the host's limit.
+//! `(other)`), each name at most `MAX_KEY_BYTES` (a longer one is cut and ends in `…`), and
+//! `MAX_MINUTES` minutes, so it can never outgrow the host's limit on one value (see
+//! `SUMMARY_WORST_CASE`); each open incident is a state key of its own (`open/<id>`), as is
+//! each incident resolved before its creation was seen (`early/<id>`), so a month of
+//! incidents never makes one value outgrow the host's limit either.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +26,22 @@ const MAX_MINUTES: usize = 1440;
 /// Distinct event types, sources and severities counted each; more go to `OTHER`.
 const MAX_DISTINCT: usize = 1000;
 const OTHER: &str = "(other)";
+/// The longest name (event type, source, severity) the summary keeps, in bytes as written
+/// in its JSON (escapes included). Without it, 1,000 sources of a kilobyte each would be
+/// over a megabyte, and the plugin would fail on every batch from then on.
+const MAX_KEY_BYTES: usize = 128;
+/// The end of a name cut to `MAX_KEY_BYTES`, so a cut one is never taken for a whole one.
+const CUT: &str = "…";
+/// The largest the summary can be, in bytes of JSON: four maps (event types, sources,
+/// severities, open by severity) of `MAX_DISTINCT` names and `(other)`, an entry being a
+/// quoted name, a colon, a count of up to 20 digits and a comma; `MAX_MINUTES` minutes, an
+/// entry's name 16 bytes of timestamp (96 should every byte need escaping); under 200 bytes
+/// for the total and the field names. 781,608 bytes: three quarters of the host's limit.
+const SUMMARY_WORST_CASE: usize =
+    4 * (MAX_DISTINCT + 1) * (MAX_KEY_BYTES + 2 + 1 + 20 + 1) + MAX_MINUTES * (16 * 6 + 2 + 1 + 20 + 1) + 200;
+/// The host's limit on one state value (its `CallLimits::state_value`, 1 MiB).
+const HOST_VALUE_LIMIT: usize = 1 << 20;
+const _: () = assert!(SUMMARY_WORST_CASE < HOST_VALUE_LIMIT);
 /// Incident ids longer than this are counted but not tracked (a state key has a limit).
 const MAX_ID_BYTES: usize = 512;
 
@@ -90,6 +109,34 @@ impl Data {
     }
 }
 
+/// The bytes `c` takes in a JSON string as serde_json writes it.
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\u{8}' | '\t' | '\n' | '\u{c}' | '\r' => 2,
+        '\0'..='\u{1f}' => 6,
+        _ => c.len_utf8(),
+    }
+}
+
+/// `name` as the summary keeps it: whole when its JSON takes at most `MAX_KEY_BYTES`, else
+/// cut on a character boundary and ended with `CUT` (the two within `MAX_KEY_BYTES`). Names
+/// alike up to the cut are counted together.
+fn capped(name: &str) -> Cow<'_, str> {
+    let room = MAX_KEY_BYTES - CUT.len();
+    // `end`: the last boundary so far whose prefix fits in `room`.
+    let (mut used, mut end) = (0, 0);
+    for (at, c) in name.char_indices() {
+        if used <= room {
+            end = at;
+        }
+        used += json_len(c);
+        if used > MAX_KEY_BYTES {
+            return Cow::Owned(format!("{}{CUT}", &name[..end]));
+        }
+    }
+    Cow::Borrowed(name)
+}
+
 /// Count one under `key`, or under `OTHER` once `MAX_DISTINCT` keys are counted.
 fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
     // Found without allocating, the usual case.
@@ -112,8 +159,8 @@ fn early_key(id: &str) -> String {
 impl Counts {
     fn apply(&mut self, event: &Envelope) {
         self.total += 1;
-        bump(&mut self.by_event_type, &event.event_type);
-        bump(&mut self.by_source, &event.source);
+        bump(&mut self.by_event_type, &capped(&event.event_type));
+        bump(&mut self.by_source, &capped(&event.source));
         if let Some(minute) = event.timestamp.get(..16) {
             match self.per_minute.get_mut(minute) {
                 Some(n) => *n += 1,
@@ -126,13 +173,14 @@ impl Counts {
             }
         }
         let data = Data::of(event);
-        let severity = data.severity();
-        if let Some(severity) = severity {
+        let severity = data.severity().map(capped);
+        if let Some(severity) = &severity {
             bump(&mut self.by_severity, severity);
         }
         match event.event_type.as_str() {
             "incident.created" => {
-                let severity = severity.unwrap_or("UNKNOWN").to_owned();
+                // Kept capped in `open/<id>` too, so that closing it finds its count.
+                let severity = severity.as_deref().unwrap_or("UNKNOWN").to_owned();
                 let id = data.incident_id().unwrap_or_else(|| event.event_id.clone());
                 if state::get(&early_key(&id)).is_some() {
                     state::delete(&early_key(&id));
@@ -159,11 +207,27 @@ impl Counts {
     }
 
     fn close(&mut self, severity: &str) {
-        let severity = if self.open_by_severity.contains_key(severity) { severity } else { OTHER };
+        // Capped again: an incident opened by an earlier version kept its severity whole.
+        let name = capped(severity);
+        let severity = if self.open_by_severity.contains_key(name.as_ref()) { name.as_ref() } else { OTHER };
         if let Some(n) = self.open_by_severity.get_mut(severity) {
             *n -= 1;
             if *n == 0 {
                 self.open_by_severity.remove(severity);
+            }
+        }
+    }
+
+    /// Cap the names of a summary written by an earlier version (merging the counts of those
+    /// the cut makes one), so that it too stays within `SUMMARY_WORST_CASE`.
+    fn cap_names(&mut self) {
+        let maps = [&mut self.by_event_type, &mut self.by_source, &mut self.by_severity, &mut self.open_by_severity];
+        for map in maps {
+            if map.keys().all(|name| matches!(capped(name), Cow::Borrowed(_))) {
+                continue;
+            }
+            for (name, n) in std::mem::take(&mut *map) {
+                *map.entry(capped(&name).into_owned()).or_default() += n;
             }
         }
     }
@@ -180,7 +244,13 @@ impl Counts {
 }
 
 fn with_counts<R>(f: impl FnOnce(&mut Counts) -> R) -> R {
-    COUNTS.with_borrow_mut(|slot| f(slot.get_or_insert_with(|| state::get_json(STATE_KEY).unwrap_or_default())))
+    COUNTS.with_borrow_mut(|slot| f(slot.get_or_insert_with(load)))
+}
+
+fn load() -> Counts {
+    let mut counts: Counts = state::get_json(STATE_KEY).unwrap_or_default();
+    counts.cap_names();
+    counts
 }
 
 struct Analytics;
