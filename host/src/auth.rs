@@ -25,6 +25,9 @@ pub enum Scope {
 #[derive(Debug, Clone)]
 pub struct Grant {
     pub subject: String,
+    /// Who it names, if anyone: a JWT's `sub` or a static token's `name` (presence events
+    /// use it; a connection without one is anonymous).
+    pub user: Option<String>,
     pub scopes: Vec<Scope>,
     /// Room patterns a subscriber may join besides `all`; `*` is every room.
     pub rooms: Vec<Pattern>,
@@ -38,6 +41,7 @@ impl Grant {
     pub fn everything() -> Grant {
         Grant {
             subject: "anonymous".into(),
+            user: None,
             scopes: vec![Scope::Admin],
             rooms: vec![Pattern::new("*")],
             expires_at: None,
@@ -90,15 +94,23 @@ pub struct AuthConfig {
     /// When set, a JWT must carry this `iss`.
     #[serde(default)]
     pub issuer: Option<String>,
+    /// The scopes of a JWT without a `scopes` claim (the tokens an existing API already
+    /// issues); none by default.
+    #[serde(default)]
+    pub jwt_default_scopes: Vec<Scope>,
+    /// The rooms of a JWT without a `rooms` claim; none (only `all`) by default.
+    #[serde(default)]
+    pub jwt_default_rooms: Vec<String>,
 }
 
 #[derive(Deserialize)]
 struct Claims {
     #[serde(default)]
     sub: Option<String>,
-    scopes: Vec<Scope>,
     #[serde(default)]
-    rooms: Vec<String>,
+    scopes: Option<Vec<Scope>>,
+    #[serde(default)]
+    rooms: Option<Vec<String>>,
     #[serde(default)]
     exp: Option<u64>,
 }
@@ -162,6 +174,7 @@ impl Auth {
         if let Some(found) = matched {
             return Ok(Grant {
                 subject: found.name.clone().unwrap_or_else(|| "static token".into()),
+                user: found.name.clone(),
                 scopes: found.scopes.clone(),
                 rooms: found.rooms.iter().map(Pattern::new).collect(),
                 expires_at: None,
@@ -171,10 +184,12 @@ impl Auth {
         let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         let claims = data.claims;
+        let rooms = claims.rooms.as_ref().unwrap_or(&self.config.jwt_default_rooms);
         Ok(Grant {
-            subject: claims.sub.unwrap_or_else(|| "jwt".into()),
-            scopes: claims.scopes,
-            rooms: claims.rooms.iter().map(Pattern::new).collect(),
+            subject: claims.sub.clone().unwrap_or_else(|| "jwt".into()),
+            user: claims.sub.filter(|s| !s.is_empty()),
+            scopes: claims.scopes.unwrap_or_else(|| self.config.jwt_default_scopes.clone()),
+            rooms: rooms.iter().map(Pattern::new).collect(),
             expires_at: claims.exp,
         })
     }
@@ -222,6 +237,7 @@ mod tests {
             jwt_secret: Some(SECRET.into()),
             audience: audience.map(str::to_owned),
             issuer: issuer.map(str::to_owned),
+            ..AuthConfig::default()
         })
     }
 
@@ -264,6 +280,27 @@ mod tests {
         assert!(!no_rooms.may_join("incident:1"), "a JWT without rooms joins only all");
         let endless = jwt(serde_json::json!({"scopes": ["publish"]}), SECRET.as_bytes());
         assert!(matches!(auth().check(Some(&endless)), Err(AuthError::Invalid(_))), "exp is required");
+    }
+
+    #[test]
+    fn a_jwt_without_scopes_or_rooms_gets_the_configured_defaults_and_only_those() {
+        let exp = 4_102_444_800u64;
+        let plain = jwt(serde_json::json!({"sub": "u-17", "exp": exp}), SECRET.as_bytes());
+        // By default such a token grants nothing.
+        assert_eq!(auth().require(Some(&plain), Scope::Subscribe).unwrap_err(), AuthError::Forbidden(Scope::Subscribe));
+        let mut config = auth().config;
+        config.jwt_default_scopes = vec![Scope::Subscribe];
+        config.jwt_default_rooms = vec!["incident:*".into()];
+        let defaults = Auth::new(config);
+        let grant = defaults.require(Some(&plain), Scope::Subscribe).unwrap();
+        assert_eq!(grant.user.as_deref(), Some("u-17"));
+        assert!(grant.may_join("incident:4") && !grant.may_join("presence"));
+        assert!(!grant.has(Scope::Publish) && !grant.has(Scope::Admin));
+        // A token that says its scopes and rooms gets exactly those, not the defaults.
+        let own = jwt(serde_json::json!({"scopes": ["publish"], "rooms": [], "exp": exp}), SECRET.as_bytes());
+        let grant = defaults.check(Some(&own)).unwrap();
+        assert!(grant.has(Scope::Publish) && !grant.has(Scope::Subscribe) && !grant.may_join("incident:4"));
+        assert_eq!(grant.user, None);
     }
 
     #[test]

@@ -118,6 +118,20 @@ pub struct ServeArgs {
     pub cluster_secret: Option<String>,
     #[command(flatten)]
     pub iggy: IggyArgs,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
+}
+
+/// The `[routing]` part of the overlay; the environment names are the ones the incident
+/// map's deployment already sets.
+#[derive(Debug, clap::Args, Serialize)]
+pub struct RoutingArgs {
+    /// Topic of incident, comment and severity events [default: incident-events].
+    #[arg(long, env = "IGGY_INCIDENT_TOPIC")]
+    pub incident_topic: Option<String>,
+    /// Topic of presence events [default: presence-events].
+    #[arg(long, env = "IGGY_PRESENCE_TOPIC")]
+    pub presence_topic: Option<String>,
 }
 
 /// The `[iggy]` part of the overlay.
@@ -136,6 +150,10 @@ pub struct IggyArgs {
     /// Iggy stream holding Owlery's topics [default: owlery].
     #[arg(id = "iggy_stream", long = "iggy-stream", env = "OWLERY_IGGY_STREAM")]
     pub stream: Option<String>,
+    /// The same, under the name the incident map's deployment sets (OWLERY_IGGY_STREAM wins).
+    #[arg(id = "iggy_stream_name", long = "iggy-stream-name", env = "IGGY_STREAM_NAME", hide = true)]
+    #[serde(skip)]
+    pub stream_name: Option<String>,
     /// Partitions of each topic Owlery creates in Iggy [default: 8].
     #[arg(id = "iggy_partitions", long = "iggy-partitions", env = "OWLERY_IGGY_PARTITIONS")]
     pub partitions: Option<u32>,
@@ -144,7 +162,12 @@ pub struct IggyArgs {
 impl ServeArgs {
     /// Defaults, then the file, then environment and flags.
     pub fn config(&self) -> Result<Config, ConfigError> {
-        let overlay = toml::Table::try_from(self)?;
+        let mut overlay = toml::Table::try_from(self)?;
+        if let (None, Some(name)) = (&self.iggy.stream, &self.iggy.stream_name)
+            && let Some(toml::Value::Table(iggy)) = overlay.get_mut("iggy")
+        {
+            iggy.insert("stream".into(), name.clone().into());
+        }
         match &self.config {
             Some(path) => Config::load(path, true, overlay),
             None => Config::load(Path::new("owlery.toml"), false, overlay),
@@ -240,8 +263,38 @@ mod tests {
         .unwrap();
         let Command::Serve(args) = cli.command else { panic!("serve") };
         let overlay = toml::Table::try_from(&args).unwrap();
-        assert_eq!(overlay.to_string(), "partitions = 2\n\n[iggy]\nport = 9100\n");
+        assert_eq!(overlay.to_string(), "partitions = 2\n\n[iggy]\nport = 9100\n\n[routing]\n");
         let error = args.config().unwrap_err().to_string();
         assert!(error.contains("/nonexistent/owlery.toml"), "an explicit file must exist: {error}");
+    }
+
+    #[test]
+    fn the_incident_maps_names_for_stream_and_topics_are_understood() {
+        let cli = Cli::try_parse_from([
+            "owlery",
+            "serve",
+            "--iggy-stream-name",
+            "incidents",
+            "--incident-topic",
+            "incident_events",
+            "--presence-topic",
+            "presence_events",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else { panic!("serve") };
+        let config = args.config().unwrap();
+        assert_eq!(config.iggy.stream, "incidents");
+        assert_eq!(config.routing.incident_topic, "incident_events");
+        let routing = owlery_routing(&config);
+        assert_eq!(routing.topic_for("incident.updated"), "incident_events");
+        assert_eq!(routing.topic_for("user.joined_room"), "presence_events");
+        // OWLERY_IGGY_STREAM's flag wins over the alias.
+        let cli = Cli::try_parse_from(["owlery", "serve", "--iggy-stream-name", "a", "--iggy-stream", "b"]).unwrap();
+        let Command::Serve(args) = cli.command else { panic!("serve") };
+        assert_eq!(args.config().unwrap().iggy.stream, "b");
+    }
+
+    fn owlery_routing(config: &crate::config::Config) -> crate::routing::Routing {
+        crate::routing::Routing::from_config(&config.routing).unwrap()
     }
 }

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthConfig;
 use crate::log::iggy::IggySettings;
+use crate::presence::PresenceConfig;
+use crate::routing::{RoutingConfig, RoutingError};
 
 /// Which log the host reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -60,6 +62,10 @@ pub struct Config {
     /// The secret hosts sharing a log key output ids and sign fan-out records with (at least
     /// 32 bytes; see `keys` for what is used without it).
     pub cluster_secret: Option<String>,
+    /// Event types to topics and partition keys (see `routing`).
+    pub routing: RoutingConfig,
+    /// Presence events the host publishes for fan-out clients (see `presence`).
+    pub presence: PresenceConfig,
 }
 
 impl Default for Config {
@@ -84,6 +90,8 @@ impl Default for Config {
             max_rooms_per_client: 100,
             max_clients: 10_000,
             cluster_secret: None,
+            routing: RoutingConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }
@@ -151,6 +159,8 @@ pub enum ConfigError {
     Flags(#[from] toml::ser::Error),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
 }
 
 impl Config {
@@ -217,6 +227,7 @@ impl Config {
                 return invalid(format!("extra_topics: {topic:?} is one of Owlery's own topics"));
             }
         }
+        crate::routing::Routing::from_config(&self.routing)?;
         if self.fanout_retention == 0 {
             return invalid("fanout_retention must be at least 1".into());
         }

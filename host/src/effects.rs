@@ -13,6 +13,8 @@ pub struct Broadcast {
     pub room: String,
     /// JSON text
     pub payload: String,
+    /// The event type of the event that caused it: Socket.IO names the broadcast after it.
+    pub event: String,
 }
 
 /// The buffered effects of one call; applied by the runner only if the call succeeded.

@@ -141,14 +141,6 @@ impl Envelope {
         Ok(Envelope { event_id, event_type, timestamp, source, user_id, metadata, data, extra: object })
     }
 
-    /// The partition key: the user, so one user's events stay in order, else the event.
-    pub fn partition_key(&self) -> String {
-        match &self.user_id {
-            Some(user) => user.clone(),
-            None => self.event_id.to_string(),
-        }
-    }
-
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("an envelope always serialises")
     }
@@ -258,53 +250,13 @@ impl Pattern {
     }
 }
 
-/// Maps event types to topics; the first matching route wins.
-#[derive(Debug, Clone)]
-pub struct Routing {
-    routes: Vec<(Pattern, String)>,
-    fallback: String,
-}
-
-impl Default for Routing {
-    /// The product's catalog (see DESIGN.md).
-    fn default() -> Self {
-        let route = |p: &str, t: &str| (Pattern::new(p), t.to_owned());
-        Routing {
-            routes: vec![
-                route("incident.*", "incident-events"),
-                route("comment.*", "incident-events"),
-                route("severity.*", "incident-events"),
-                route("user.connected", "presence-events"),
-                route("user.disconnected", "presence-events"),
-                route("user.joined_room", "presence-events"),
-                route("user.left_room", "presence-events"),
-                route("user.logged_in", "auth-events"),
-                route("user.logged_out", "auth-events"),
-                route("user.registered", "auth-events"),
-                route("token.*", "auth-events"),
-                route("alert.*", "alert-events"),
-            ],
-            fallback: "events".to_owned(),
-        }
-    }
-}
-
-impl Routing {
-    pub fn new(routes: Vec<(Pattern, String)>, fallback: String) -> Self {
-        Routing { routes, fallback }
-    }
-
-    pub fn topic_for(&self, event_type: &str) -> &str {
-        self.routes.iter().find(|(p, _)| p.matches(event_type)).map_or(&self.fallback, |(_, t)| t)
-    }
-
-    /// Every topic the table can route to.
-    pub fn topics(&self) -> Vec<String> {
-        let mut topics: Vec<String> = self.routes.iter().map(|(_, t)| t.clone()).collect();
-        topics.push(self.fallback.clone());
-        topics.sort();
-        topics.dedup();
-        topics
+/// An event-type pattern as config may give it: `*`, `prefix.*`, or an exact dotted type.
+pub fn check_event_pattern(pattern: &str) -> Result<(), String> {
+    match pattern.strip_suffix('*') {
+        Some("") => Ok(()),
+        Some(prefix) if prefix.ends_with('.') => check_event_type(&format!("{prefix}x")),
+        Some(_) => Err(format!("{pattern:?}: a pattern is *, prefix.* or an event type")),
+        None => check_event_type(pattern),
     }
 }
 
@@ -400,15 +352,5 @@ mod tests {
         for (value, field) in cases {
             assert_eq!(Envelope::from_producer(value.clone()).unwrap_err().field, field, "{value}");
         }
-    }
-
-    #[test]
-    fn routes_by_the_catalog() {
-        let r = Routing::default();
-        assert_eq!(r.topic_for("incident.created"), "incident-events");
-        assert_eq!(r.topic_for("severity.escalated"), "incident-events");
-        assert_eq!(r.topic_for("user.joined_room"), "presence-events");
-        assert_eq!(r.topic_for("token.refreshed"), "auth-events");
-        assert_eq!(r.topic_for("billing.paid"), "events");
     }
 }

@@ -23,6 +23,8 @@ pub mod keys;
 pub mod log;
 pub mod outbox;
 pub mod plugins;
+pub mod presence;
+pub mod routing;
 pub mod runtime;
 pub mod server;
 pub mod store;

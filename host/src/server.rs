@@ -17,7 +17,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, LogBackend};
-use crate::envelope::Routing;
 use crate::fanout::{FANOUT_TOPIC, Hub};
 use crate::http::{AppState, router};
 use crate::keys::HostKey;
@@ -25,6 +24,8 @@ use crate::log::embedded::EmbeddedLog;
 use crate::log::iggy::IggyLog;
 use crate::log::{EventLog, LogError};
 use crate::plugins::{Plugins, RunnerDeps};
+use crate::presence::Presence;
+use crate::routing::Routing;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{Store, StoreError};
 
@@ -70,7 +71,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate()?;
-    let routing = Arc::new(Routing::default());
+    let routing = Arc::new(Routing::from_config(&config.routing).map_err(ConfigError::from)?);
     let (log, backend) = open_log(&config)?;
     let shared_fanout = log.is_shared();
     let mut topics = routing.topics();
@@ -84,7 +85,14 @@ pub async fn serve(
     let store = open_store(&config, shared_fanout, &key)?;
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let hub = Hub::new(store.clone(), config.client_limits(), shared_fanout);
+    let presence = if config.presence.enabled {
+        let (presence, publisher) = Presence::start(log.clone(), routing.clone());
+        tasks.spawn(until(stop.clone(), publisher));
+        presence
+    } else {
+        Presence::disabled()
+    };
+    let hub = Hub::new(store.clone(), config.client_limits(), shared_fanout, presence);
     if shared_fanout {
         tasks.spawn(until(
             stop.clone(),

@@ -149,7 +149,7 @@ async fn sockets_close_when_their_token_expires() {
 
 /// `owlery serve` in an empty directory with this `owlery.toml` (if any) and these flags
 /// must refuse to start, saying `expected`.
-fn refuses_to_start(owlery_toml: Option<&str>, listen: &str, expected: &str) {
+pub fn refuses_to_start(owlery_toml: Option<&str>, listen: &str, expected: &str) {
     let dir = tempfile::tempdir().unwrap();
     if let Some(text) = owlery_toml {
         std::fs::write(dir.path().join("owlery.toml"), text).unwrap();

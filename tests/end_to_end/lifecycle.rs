@@ -212,6 +212,62 @@ async fn replay_from_zero_rebuilds_the_same_state_without_broadcasting_again() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn replay_from_a_timestamp_counts_what_was_stamped_from_then_and_one_in_the_future_finishes_at_once() {
+    let host = Host::with_plugins(&[shipped("analytics")]);
+    let cut = "2026-03-01T12:00:00Z";
+    let incident = |id: String, severity: &str, source: &str, timestamp: String| {
+        json!({"eventType": "incident.created", "source": source, "timestamp": timestamp,
+               "data": {"id": id, "severity": severity}})
+    };
+    // Thirty stamped before the cut, then one at it and twenty after, posted in that order:
+    // in each partition the events before the cut come first (a replay by timestamp starts
+    // each partition at its first event stamped at or after the cut).
+    let before: Vec<Value> =
+        (0..30).map(|i| incident(format!("b{i}"), "LOW", "before", format!("2026-03-01T11:{i:02}:00Z"))).collect();
+    let mut after = vec![incident("c0".into(), "HIGH", "at-cut", cut.into())];
+    after.extend((0..20).map(|i| incident(format!("a{i}"), "HIGH", "after", format!("2026-03-01T12:05:{i:02}Z"))));
+    assert_eq!(host.post_events(&json!(before)).await.0, 201);
+    assert_eq!(host.post_events(&json!(after)).await.0, 201);
+    host.caught_up("analytics").await;
+    assert_eq!(host.query("analytics", "").await["total"], 51);
+
+    let (status, body) = host.post_json("/api/plugins/analytics/replay", &json!({"timestamp": cut})).await;
+    assert_eq!(status, 202, "{body}");
+    // Exactly the events from the cut on: a start past a partition's end must not wrap.
+    assert_eq!(body["replay"]["total"], 21, "{body}");
+    host.caught_up("analytics").await;
+    let status = host.plugin("analytics").await;
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(status["replay"]["done"], status["replay"]["total"], "{status}");
+    assert_eq!(status["replay"]["total"], 21, "{status}");
+    assert!(status["replay"]["finishedAt"].is_string(), "{status}");
+    // The state was dropped and rebuilt from the cut on: nothing of what came before.
+    let counts = host.query("analytics", "").await;
+    assert_eq!(counts["total"], 21, "{counts}");
+    assert_eq!(counts["bySource"], json!({"at-cut": 1, "after": 20}));
+    assert_eq!(counts["bySeverity"], json!({"HIGH": 21}));
+    assert_eq!(counts["openBySeverity"], json!({"HIGH": 21}));
+    assert_eq!(counts["perMinute"], json!({"2026-03-01T12:00": 1, "2026-03-01T12:05": 20}));
+
+    // After everything in the log: nothing to read, so it is over at once, with empty
+    // state, and the next event is counted.
+    let future = json!({"timestamp": "2099-01-01T00:00:00Z"});
+    let (status, body) = host.post_json("/api/plugins/analytics/replay", &future).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["replay"]["total"], 0, "{body}");
+    host.caught_up("analytics").await;
+    let status = host.plugin("analytics").await;
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(status["replay"]["total"], 0, "{status}");
+    assert_eq!(status["replay"]["done"], 0, "{status}");
+    assert!(status["replay"]["finishedAt"].is_string(), "{status}");
+    assert_eq!(host.query("analytics", "").await["total"], 0);
+    assert_eq!(host.post_events(&event("incident.updated", json!({"id": "a1"}))).await.0, 201);
+    host.caught_up("analytics").await;
+    assert_eq!(host.query("analytics", "").await["total"], 1, "the replay left it reading");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_shadow_catches_up_and_is_promoted_without_a_gap() {
     let mut host = Host::with_plugins(&[shipped("analytics")]);
     let batch: Vec<_> = (0..100).map(|i| event("incident.created", json!({"id": i, "severity": "LOW"}))).collect();

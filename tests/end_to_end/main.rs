@@ -11,6 +11,7 @@ mod containment;
 mod doors;
 mod durability;
 mod hostile_input;
+mod incident_map;
 mod lifecycle;
 mod misbehaving;
 mod on_iggy;

@@ -61,7 +61,8 @@ async fn a_client_that_never_reads_is_disconnected_and_nobody_else_waits() {
         tokio::time::timeout(Duration::from_secs(60), seen.wait_for(|n| *n >= behind)).await.unwrap().unwrap();
         let batch: Vec<_> = (chunk * BATCH..(chunk + 1) * BATCH)
             .map(|n| {
-                let mut e = event("incident.created", json!({"id": n, "n": n}));
+                // One incident: one partition, so one order.
+                let mut e = event("incident.created", json!({"id": 1, "n": n}));
                 e["userId"] = json!("one-reporter");
                 e
             })
@@ -124,8 +125,8 @@ async fn a_client_queue_is_bounded_in_bytes_as_well_as_frames() {
     for n in 0..300u64 {
         let mut seen = progress.clone();
         tokio::time::timeout(Duration::from_secs(60), seen.wait_for(|read| *read + 2 >= n)).await.unwrap().unwrap();
-        let mut e = event("incident.created", json!({"id": n, "n": n, "blob": big}));
-        // One reporter: one partition, so one order.
+        let mut e = event("incident.created", json!({"id": 1, "n": n, "blob": big}));
+        // One incident: one partition, so one order.
         e["userId"] = json!("one-reporter");
         assert_eq!(host.post_events(&e).await.0, 201);
     }

@@ -14,8 +14,8 @@ const [url, rooms, since, want] = process.argv.slice(2);
 const socket = io(url, { auth: { rooms: rooms ? rooms.split(",") : [], since: Number(since) }, transports: ["websocket"] });
 const got = [];
 socket.on("connect", () => console.log(JSON.stringify({ connected: true })));
-socket.onAny((name, frame) => {
-  got.push({ name, room: frame.room, offset: frame.offset, id: frame.event && frame.event.data && frame.event.data.id });
+socket.onAny((name, payload, meta) => {
+  got.push({ name, room: meta.room, offset: meta.offset, id: payload && payload.data && payload.data.id });
   if (got.length >= Number(want)) { console.log(JSON.stringify(got)); process.exit(0); }
 });
 setTimeout(() => { console.error("timed out with " + JSON.stringify(got)); process.exit(1); }, 30000);
@@ -23,7 +23,7 @@ setTimeout(() => { console.error("timed out with " + JSON.stringify(got)); proce
 
 /// The npm packages `./test.sh` installs (`npm ci` in tests/node); panics, saying so, when
 /// they are not there.
-fn node_packages() -> &'static Path {
+pub fn node_packages() -> &'static Path {
     let dir = Path::new(guests::TEST_NODE_DIR);
     let node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
     assert!(node, "node is needed for the socket.io-client test (or set OWLERY_SKIP_NODE=1 to skip it)");
@@ -58,10 +58,12 @@ async fn the_real_socket_io_client_receives_broadcasts() {
     let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     assert!(first.contains("connected"), "{first}");
-    // One user, so one partition: events of different partitions may be handled in any order.
+    // Three incidents, so three partitions, which may be handled in any order: each is
+    // handled before the next is published.
     for (event_type, id) in [("incident.updated", 7), ("incident.updated", 42), ("incident.created", 2)] {
         let e = json!({"eventType": event_type, "userId": "reporter-1", "source": "test", "data": {"id": id}});
         assert_eq!(host.post_events(&e).await.0, 201);
+        host.caught_up("ws-broadcast").await;
     }
     let status = tokio::task::spawn_blocking(move || client.wait()).await.unwrap().unwrap();
     let out = lines.next().expect("the client prints what it got").unwrap();
@@ -110,7 +112,7 @@ const publish = (what) => new Promise((resolve) => { published.push(resolve); sa
   main.emit("unsubscribe", ["incident:1"]);
   const left = await once(main, ["rooms"]);
   const got = [];
-  main.onAny((name, frame) => { if (frame && frame.offset !== undefined) got.push({ name, room: frame.room }); });
+  main.onAny((name, payload, meta) => { if (meta && meta.offset !== undefined) got.push({ name, room: meta.room }); });
   await publish("incident.updated 1, then incident.created 9");
   await new Promise((r) => setTimeout(r, 1500));
   say({ step: "unsubscribe", left: left.data, got });
@@ -238,7 +240,7 @@ pub async fn read_until_disconnected(
         }
         if let Some(array) = text.strip_prefix("42") {
             let event: Value = serde_json::from_str(array).unwrap();
-            if let Some(n) = event[1]["event"]["data"]["n"].as_u64() {
+            if let Some(n) = event[1]["data"]["n"].as_u64() {
                 ns.push(n);
             }
         }
@@ -246,8 +248,9 @@ pub async fn read_until_disconnected(
 }
 
 fn numbered(n: u64, blob: &str) -> Value {
+    // One incident: one partition, so one order.
     json!({"eventType": "incident.created", "userId": "one-reporter", "source": "test",
-           "data": {"id": n, "n": n, "blob": blob}})
+           "data": {"id": 1, "n": n, "blob": blob}})
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -304,7 +307,7 @@ async fn socket_io_catch_up_waits_for_a_slow_reader_instead_of_dropping() {
         assert_ne!(text, "41", "disconnected during catch-up after {} events", ns.len());
         if let Some(array) = text.strip_prefix("42") {
             let event: Value = serde_json::from_str(array).unwrap();
-            if let Some(n) = event[1]["event"]["data"]["n"].as_u64() {
+            if let Some(n) = event[1]["data"]["n"].as_u64() {
                 ns.push(n);
                 if ns.len() % 50 == 0 {
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -48,6 +48,12 @@ impl Host {
         Host::with_files(plugins, Vec::new(), Some(owlery_toml))
     }
 
+    /// A host with `owlery.toml` and more environment.
+    pub fn with_config_and_env(plugins: &[(String, PathBuf, String)], owlery_toml: &str, env: &[(&str, &str)]) -> Host {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Host::with_files(plugins, env, Some(owlery_toml))
+    }
+
     fn with_env(plugins: &[(String, PathBuf, String)], env: Vec<(String, String)>) -> Host {
         Host::with_files(plugins, env, None)
     }
@@ -138,7 +144,12 @@ impl Host {
     }
 
     pub async fn post_events(&self, body: &Value) -> (u16, Value) {
-        let response = self.http.post(self.url("/api/events")).json(body).send().await.unwrap();
+        self.post_json("/api/events", body).await
+    }
+
+    /// POST a JSON body to `path`.
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self.http.post(self.url(path)).json(body).send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }

@@ -9,9 +9,10 @@ use serde_json::{Value, json};
 
 use super::BenchArgs;
 use super::report::{Report, ratio};
-use crate::envelope::{Envelope, Routing};
+use crate::envelope::Envelope;
 use crate::log::Record;
 use crate::plugins::runner::guest_from_record;
+use crate::routing::Routing;
 use crate::runtime::{CallLimits, Capabilities, InstanceContext, Runtime};
 use crate::store::Store;
 

@@ -40,6 +40,7 @@ struct Signed<'a> {
     plugin: &'a str,
     at_ms: u64,
     payload: &'a str,
+    event: &'a str,
 }
 
 impl Signed<'_> {
@@ -51,8 +52,15 @@ impl Signed<'_> {
         key.verify(&self.parts(&self.at_ms.to_be_bytes()), signature)
     }
 
-    fn parts<'b>(&'b self, at: &'b [u8; 8]) -> [&'b [u8]; 5] {
-        [self.id.as_bytes(), self.room.as_bytes(), self.plugin.as_bytes(), at, self.payload.as_bytes()]
+    fn parts<'b>(&'b self, at: &'b [u8; 8]) -> [&'b [u8]; 6] {
+        [
+            self.id.as_bytes(),
+            self.room.as_bytes(),
+            self.plugin.as_bytes(),
+            at,
+            self.payload.as_bytes(),
+            self.event.as_bytes(),
+        ]
     }
 }
 
@@ -61,7 +69,9 @@ fn envelope(key: &HostKey, plugin: &str, broadcast: &Broadcast, at_ms: u64) -> E
     let payload: serde_json::Value = serde_json::from_str(&broadcast.payload).unwrap_or(serde_json::Value::Null);
     // Signed as the reader will see it: the payload's JSON text after a round trip.
     let text = payload.to_string();
-    let signature = Signed { id: &broadcast.id, room: &broadcast.room, plugin, at_ms, payload: &text }.sign(key);
+    let signature =
+        Signed { id: &broadcast.id, room: &broadcast.room, plugin, at_ms, payload: &text, event: &broadcast.event }
+            .sign(key);
     let mut metadata = serde_json::Map::new();
     metadata.insert(SIGNATURE.into(), signature.into());
     Envelope {
@@ -71,7 +81,9 @@ fn envelope(key: &HostKey, plugin: &str, broadcast: &Broadcast, at_ms: u64) -> E
         source: format!("plugin:{plugin}"),
         user_id: None,
         metadata,
-        data: serde_json::json!({"room": broadcast.room, "plugin": plugin, "atMs": at_ms, "payload": payload}),
+        data: serde_json::json!({
+            "room": broadcast.room, "plugin": plugin, "atMs": at_ms, "event": broadcast.event, "payload": payload
+        }),
         extra: serde_json::Map::new(),
     }
 }
@@ -211,8 +223,10 @@ fn decode(key: &HostKey, record: &Record, max_age_ms: u64) -> Result<FanoutRecor
         return Err("a broadcast without atMs".into());
     };
     let payload = payload.to_string();
+    let event = text("event").unwrap_or_default();
     let signature = envelope.metadata.get(SIGNATURE).and_then(|v| v.as_str()).unwrap_or_default();
-    let signed = Signed { id: &envelope.event_id, room: &room, plugin: &plugin, at_ms, payload: &payload };
+    let signed =
+        Signed { id: &envelope.event_id, room: &room, plugin: &plugin, at_ms, payload: &payload, event: &event };
     if !signed.verify(key, signature) {
         return Err("its signature is missing or wrong: not written by an Owlery host with this host's key \
                     (hosts sharing a log need the same cluster_secret)"
@@ -221,5 +235,5 @@ fn decode(key: &HostKey, record: &Record, max_age_ms: u64) -> Result<FanoutRecor
     if max_age_ms > 0 && crate::envelope::now_millis().saturating_sub(at_ms) > max_age_ms {
         return Err("older than fanout_max_age_secs".into());
     }
-    Ok(FanoutRecord { offset: record.offset, id: envelope.event_id, room, plugin, payload, at_ms })
+    Ok(FanoutRecord { offset: record.offset, id: envelope.event_id, room, plugin, payload, at_ms, event })
 }

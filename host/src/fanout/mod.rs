@@ -23,6 +23,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::broadcast;
 
 pub use crate::auth::ROOM_ALL;
+use crate::presence::Presence;
 use crate::store::{FanoutRecord, Store};
 pub use crate::topics::FANOUT as FANOUT_TOPIC;
 pub use catch_up::Start;
@@ -71,6 +72,8 @@ pub struct Hub {
     mirroring: Arc<AtomicBool>,
     /// One permit per connected client.
     clients: Arc<tokio::sync::Semaphore>,
+    /// Where clients' connects, room changes and disconnects are reported.
+    presence: Presence,
 }
 
 /// Where a client starts.
@@ -86,7 +89,7 @@ pub enum Resume {
 
 impl Hub {
     /// `shared`: the store's fan-out table mirrors a shared log (see `mirror`).
-    pub fn new(store: Arc<Store>, limits: ClientLimits, shared: bool) -> Hub {
+    pub fn new(store: Arc<Store>, limits: ClientLimits, shared: bool, presence: Presence) -> Hub {
         // The shared channel is only a hand-off to each client's own loop, which keeps up
         // unless the host is starved; each client's own queue bounds how far it may lag.
         Hub {
@@ -96,7 +99,12 @@ impl Hub {
             shared,
             mirroring: Arc::default(),
             clients: Arc::new(tokio::sync::Semaphore::new(limits.max_clients)),
+            presence,
         }
+    }
+
+    pub fn presence(&self) -> &Presence {
+        &self.presence
     }
 
     pub fn limits(&self) -> &ClientLimits {
@@ -122,11 +130,17 @@ impl Hub {
         }
     }
 
-    /// The frame a `/ws` client receives: `{"room", "offset", "plugin", "event"}`; `event`
-    /// is the payload.
+    /// The frame a `/ws` client receives: `{"room", "offset", "plugin", "eventType",
+    /// "event"}`; `event` is the payload, `eventType` its cause's type (left out for
+    /// records from before it was kept).
     pub fn frame(record: &FanoutRecord) -> String {
+        let event_type = if record.event.is_empty() {
+            String::new()
+        } else {
+            format!(r#""eventType":{},"#, serde_json::Value::String(record.event.clone()))
+        };
         format!(
-            r#"{{"room":{},"offset":{},"plugin":{},"event":{}}}"#,
+            r#"{{"room":{},"offset":{},"plugin":{},{event_type}"event":{}}}"#,
             serde_json::Value::String(record.room.clone()),
             record.offset,
             serde_json::Value::String(record.plugin.clone()),

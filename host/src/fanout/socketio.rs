@@ -1,7 +1,9 @@
 //! The Socket.IO transport, for browsers that already speak it: the same rooms, resume
 //! offsets, notices and tokens as `/ws`, served by socketioxide at `/socket.io/`. Each
-//! broadcast is emitted as an event named after its event type with `:` for `.`
-//! (`incident:created`), carrying `{room, offset, plugin, event}`.
+//! broadcast is emitted as an event named after its cause's event type with `:` for `.`
+//! (`incident:created`), with two arguments: what the plugin broadcast, as it broadcast it
+//! (so a client written for another Socket.IO server reads `data => data.incident`), and
+//! `{room, offset, plugin, eventType}`, which is where the resume offset travels.
 //!
 //! A client sends `auth: {token, rooms, since, epoch}` when it connects, and `subscribe` /
 //! `unsubscribe` with a list of rooms later. After `since` it first gets what it missed
@@ -26,27 +28,36 @@ use serde_json::{Value, json};
 use socketioxide::SocketError;
 use socketioxide::SocketIo;
 use socketioxide::extract::{SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
 use socketioxide::socket::Sid;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use super::catch_up::{CatchUp, Item};
 use super::{ClientLimits, Hub, Live, ROOM_ALL, Resume};
 use crate::auth::{Auth, Grant, Scope};
+use crate::presence::Connection;
 use crate::store::FanoutRecord;
 
-/// The Socket.IO event name of a broadcast.
-fn event_name(record: &FanoutRecord) -> String {
-    let payload: Value = serde_json::from_str(&record.payload).unwrap_or(Value::Null);
-    payload.get("eventType").and_then(|t| t.as_str()).map_or_else(|| "broadcast".to_owned(), |t| t.replace('.', ":"))
+/// The Socket.IO event name of a broadcast: its cause's event type (for a record from
+/// before that was kept, the payload's `eventType`), `.` written `:`.
+fn event_name(record: &FanoutRecord, payload: &Value) -> String {
+    let event_type = match record.event.as_str() {
+        "" => payload.get("eventType").and_then(|t| t.as_str()),
+        event => Some(event),
+    };
+    event_type.map_or_else(|| "broadcast".to_owned(), |t| t.replace('.', ":"))
 }
 
-fn frame(record: &FanoutRecord) -> Value {
-    json!({
+/// A broadcast's emit: its name and its two arguments, the payload and where it stands.
+fn emit_of(record: &FanoutRecord) -> (String, (Value, Value)) {
+    let payload = serde_json::from_str::<Value>(&record.payload).unwrap_or(Value::Null);
+    let meta = json!({
         "room": record.room,
         "offset": record.offset,
         "plugin": record.plugin,
-        "event": serde_json::from_str::<Value>(&record.payload).unwrap_or(Value::Null),
-    })
+        "eventType": record.event,
+    });
+    (event_name(record, &payload), (payload, meta))
 }
 
 /// Where a client asked to start: `since` -1 is everything retained, an offset is after it
@@ -101,7 +112,7 @@ impl Laggards {
 /// A broadcast as every socket emits it; `bytes` is what it counts against a queue.
 struct Emit {
     name: String,
-    frame: Value,
+    args: (Value, Value),
     bytes: usize,
 }
 
@@ -129,7 +140,7 @@ impl Queues {
         let socket = socket.clone();
         tokio::spawn(async move {
             while let Some(emit) = pending.recv().await {
-                if !emit_waiting(&socket, &emit.name, &emit.frame).await {
+                if !emit_waiting(&socket, &emit.name, &emit.args).await {
                     laggards.add(&socket);
                     return;
                 }
@@ -162,6 +173,26 @@ impl Queues {
     }
 }
 
+/// What the connect handler learned of a socket, for its `subscribe` / `unsubscribe`
+/// handlers.
+#[derive(Clone)]
+struct Session {
+    grant: Grant,
+    presence: Arc<Connection>,
+}
+
+/// Where a socket's connect handler puts its session (in the socket's extensions).
+/// socketioxide acknowledges a connect before it runs the connect handler, so a client's
+/// first `subscribe`, sent as soon as it is connected, may arrive before the handler has
+/// run: the room handlers are registered by a middleware, before the acknowledgement, and
+/// wait for the session.
+#[derive(Clone)]
+struct SessionSlot(Arc<watch::Sender<Option<Session>>>);
+
+/// How long a room change waits for its socket's session before it is dropped (the
+/// socket was refused, or the host is starved).
+const SESSION_WAIT: Duration = Duration::from_secs(10);
+
 /// What the bridge needs: the server, the sockets' queues, and the sockets to cut off.
 pub struct Bridge {
     io: SocketIo,
@@ -188,7 +219,14 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
         .ws_max_frame_size(limits.max_message)
         .max_buffer_size(SOCKETIO_BUFFER)
         .build_layer();
-    io.ns("/", move |socket: SocketRef, TryData(hello): TryData<Value>| {
+    let max_rooms = limits.max_rooms;
+    let register_room_handlers = move |socket: SocketRef| async move {
+        let (slot, session) = watch::channel(None);
+        socket.extensions.insert(SessionSlot(Arc::new(slot)));
+        on_room_changes(&socket, session, max_rooms);
+        Ok::<(), std::convert::Infallible>(())
+    };
+    let connect = move |socket: SocketRef, TryData(hello): TryData<Value>| {
         let (auth, hub, laggards, queues) =
             (auth.clone(), hub.clone(), for_sockets.clone(), queues_for_sockets.clone());
         async move {
@@ -213,6 +251,8 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
             if rooms.len() > hub.limits().max_rooms {
                 return refuse(&socket, format!("at most {} rooms per client", hub.limits().max_rooms), true);
             }
+            // Says `user.disconnected` when the socket goes.
+            let presence = Arc::new(hub.presence().connect(&grant, "socket.io", rooms.iter()));
             rooms.push(ROOM_ALL.to_owned());
             // A socket lives no longer than its token.
             if let Some(left) = grant.time_left() {
@@ -224,14 +264,17 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
                     }
                 });
             }
-            // Room changes are heard during catch-up too.
-            on_room_changes(&socket, grant, hub.limits().max_rooms);
+            // Room changes are heard from now on, during catch-up too.
+            if let Some(SessionSlot(slot)) = socket.extensions.get::<SessionSlot>() {
+                slot.send_replace(Some(Session { grant, presence: presence.clone() }));
+            }
             // Its queue, given back (with its place) when it goes.
             queues.open(&socket, hub.limits(), laggards.clone());
             let (on_close, slot) = (queues.clone(), Arc::new(slot));
             socket.on_disconnect(move |socket: SocketRef| {
                 let _held = &slot;
                 on_close.close(&socket.id);
+                presence.close();
                 async {}
             });
             // Joined before catch-up, so nothing committed meanwhile is missed (a record may
@@ -241,7 +284,8 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
                 laggards.add(&socket);
             }
         }
-    });
+    };
+    io.ns("/", connect.with(register_room_handlers));
     (layer, Bridge { io, queues, laggards, max_bytes: limits.queue_bytes })
 }
 
@@ -271,7 +315,10 @@ async fn catch_up(socket: &SocketRef, hub: &Hub, rooms: &[String], resume: Resum
         for item in page {
             let sent = match item {
                 Item::Notice(notice) => emit_waiting(socket, "gap", &notice).await,
-                Item::Record(record) => emit_waiting(socket, &event_name(&record), &frame(&record)).await,
+                Item::Record(record) => {
+                    let (name, args) = emit_of(&record);
+                    emit_waiting(socket, &name, &args).await
+                }
             };
             if !sent {
                 return false;
@@ -282,7 +329,7 @@ async fn catch_up(socket: &SocketRef, hub: &Hub, rooms: &[String], resume: Resum
 
 /// Emit, waiting while the socket's queue is full; false (the socket disconnected) when it
 /// is closed or stays full for `CATCH_UP_STALL`.
-async fn emit_waiting(socket: &SocketRef, name: &str, data: &Value) -> bool {
+async fn emit_waiting<T: serde::Serialize + ?Sized>(socket: &SocketRef, name: &str, data: &T) -> bool {
     let deadline = tokio::time::Instant::now() + CATCH_UP_STALL;
     loop {
         match socket.emit(name, data) {
@@ -301,9 +348,19 @@ async fn emit_waiting(socket: &SocketRef, name: &str, data: &Value) -> bool {
 }
 
 /// `subscribe` and `unsubscribe` with a list of rooms; answered with `rooms` (the rooms
-/// joined or left) or `error`.
-fn on_room_changes(socket: &SocketRef, grant: Grant, max_rooms: usize) {
+/// joined or left) or `error`. Each waits for the socket's session (see `SessionSlot`).
+fn on_room_changes(socket: &SocketRef, session: watch::Receiver<Option<Session>>, max_rooms: usize) {
+    async fn session_of(mut session: watch::Receiver<Option<Session>>) -> Option<Session> {
+        let ready = tokio::time::timeout(SESSION_WAIT, session.wait_for(Option::is_some)).await;
+        ready.ok()?.ok().and_then(|s| s.clone())
+    }
+    fn rooms_now(socket: &SocketRef, presence: &Connection) {
+        let rooms: Vec<String> = socket.rooms().iter().map(|r| r.to_string()).collect();
+        presence.rooms_now(&rooms);
+    }
+    let for_unsubscribe = session.clone();
     socket.on("subscribe", move |socket: SocketRef, TryData(wanted): TryData<Vec<String>>| async move {
+        let Some(Session { grant, presence }) = session_of(session).await else { return };
         let wanted = wanted.unwrap_or_default();
         if let Some(denied) = wanted.iter().find(|r| !grant.may_join(r)) {
             return refuse(&socket, format!("the token may not join room {denied:?}"), false);
@@ -314,11 +371,14 @@ fn on_room_changes(socket: &SocketRef, grant: Grant, max_rooms: usize) {
             return refuse(&socket, format!("at most {max_rooms} rooms per client"), false);
         }
         socket.join(wanted.clone());
+        rooms_now(&socket, &presence);
         let _ = socket.emit("rooms", &wanted);
     });
-    socket.on("unsubscribe", |socket: SocketRef, TryData(rooms): TryData<Vec<String>>| async move {
+    socket.on("unsubscribe", move |socket: SocketRef, TryData(rooms): TryData<Vec<String>>| async move {
+        let Some(Session { presence, .. }) = session_of(for_unsubscribe).await else { return };
         let rooms: Vec<String> = rooms.unwrap_or_default().into_iter().filter(|r| r != ROOM_ALL).collect();
         socket.leave(rooms.clone());
+        rooms_now(&socket, &presence);
         let _ = socket.emit("rooms", &rooms);
     });
 }
@@ -340,7 +400,8 @@ pub async fn bridge(bridge: Bridge, mut live: broadcast::Receiver<Arc<Live>>) {
         match received {
             Ok(live) => {
                 let record = &live.record;
-                let emit = Arc::new(Emit { name: event_name(record), frame: frame(record), bytes: live.frame.len() });
+                let (name, args) = emit_of(record);
+                let emit = Arc::new(Emit { name, args, bytes: live.frame.len() });
                 for socket in io.to(record.room.clone()).sockets() {
                     if laggards.contains(&socket.id) {
                         continue;

@@ -15,6 +15,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::catch_up::{CatchUp, Item};
 use super::{ClientSlot, Hub, Live, ROOM_ALL, Resume};
 use crate::auth::Grant;
+use crate::presence::Connection;
 
 /// A ping this often; a client silent for three of these is gone.
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
@@ -69,6 +70,8 @@ struct Client<'a> {
     rooms: HashSet<String>,
     max_rooms: usize,
     grant: Grant,
+    /// What presence is told of its rooms.
+    presence: &'a Connection,
     /// Everything up to here has been delivered (or was not for this client).
     sent: Option<u64>,
 }
@@ -85,6 +88,8 @@ impl Hub {
         let writer = tokio::spawn(write_frames(sink, outgoing, close_rx, bytes.clone()));
         let mut rooms: HashSet<String> = rooms.into_iter().filter(|r| !r.is_empty()).collect();
         rooms.insert(ROOM_ALL.to_owned());
+        // Says `user.disconnected` when dropped, as the client goes.
+        let presence = self.presence().connect(&grant, "websocket", rooms.iter());
         let mut client = Client {
             queue: &queue,
             bytes,
@@ -92,6 +97,7 @@ impl Hub {
             rooms,
             max_rooms: self.limits.max_rooms,
             grant,
+            presence: &presence,
             sent: None,
         };
         let close = match self.client_loop(&mut client, &mut incoming, since).await {
@@ -199,6 +205,7 @@ impl Client<'_> {
                     match message {
                         Some(Ok(Message::Text(text))) => {
                             let reply = handle_client_message(&mut self.rooms, &self.grant, self.max_rooms, text.as_str());
+                            self.presence.rooms_now(&self.rooms);
                             self.try_queue(Message::Text(reply.into()))
                         }
                         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Err(Ending::Gone),

@@ -18,10 +18,10 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
 use crate::auth::{Auth, Scope};
-use crate::envelope::Routing;
 use crate::fanout::Hub;
 use crate::log::EventLog;
 use crate::plugins::Plugins;
+use crate::routing::Routing;
 
 pub use error::ApiError;
 

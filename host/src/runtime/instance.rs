@@ -21,8 +21,8 @@ use super::imports::{Call, HostState, StateView};
 use super::limits::LimitHit;
 use super::{LoadedComponent, Runtime};
 use crate::effects::Effects;
-use crate::envelope::Routing;
 use crate::keys::HostKey;
+use crate::routing::Routing;
 
 /// Everything an instance needs from the host.
 #[derive(Clone)]

@@ -20,6 +20,9 @@ pub struct FanoutRecord {
     /// When it was committed (ms since the epoch), for retention by age.
     #[serde(default)]
     pub at_ms: u64,
+    /// The event type of its cause (empty for records written before it was kept).
+    #[serde(default)]
+    pub event: String,
 }
 
 type FanoutTable<'t> = redb::Table<'t, u64, &'static [u8]>;
@@ -49,6 +52,7 @@ impl Store {
                 plugin: plugin.to_owned(),
                 payload: broadcast.payload.clone(),
                 at_ms: now,
+                event: broadcast.event.clone(),
             };
             table.insert(next, encode(&record).as_slice())?;
             records.push(record);
@@ -200,6 +204,7 @@ mod tests {
             plugin: "p".into(),
             payload: format!("{{\"n\":{offset}}}"),
             at_ms: crate::envelope::now_millis(),
+            event: "t.x".into(),
         }
     }
 

@@ -1,55 +1,144 @@
-//! ws-broadcast: routes incident, comment, severity and presence events to WebSocket rooms.
+//! ws-broadcast: routes the incident map's events to WebSocket and Socket.IO rooms.
 //!
-//! - `incident.created` → room `all` (every connected client)
-//! - `incident.updated`, `incident.resolved`, `comment.added`, `severity.escalated` →
-//!   room `incident:{id}`, the id taken from `data.id`, else `data.incidentId`
-//! - `user.connected|disconnected|joined_room|left_room` → room `presence`
+//! - `incident.created`, `incident.resolved`, `incident.deleted` → room `all` (everyone's
+//!   map shows or drops the incident)
+//! - `incident.updated`, `comment.added`, `comment.created`, `severity.escalated` → room
+//!   `incident:{id}`, the id taken from `data.id`, else `data.incidentId` (a comment's own
+//!   `data.id` is not its incident's: comments look at `data.incidentId` first)
+//! - `user.connected|disconnected|joined_room|left_room`, `presence.connected|disconnected`
+//!   → room `presence`
+//!
+//! `[config] payload` says what each broadcast carries: `"envelope"` (the default) the whole
+//! event; `"incident-map"` the shapes the incident map's browser code reads:
+//! `{incident, createdBy: {userId}}`, `{incident, updatedBy}`, `{incidentId, resolvedBy,
+//! resolution}`, `{incidentId, deletedBy}`, `{comment, incidentId, createdBy}`,
+//! `{incidentId, severity, escalatedBy}`, and a presence event's `data` with its `userId`.
+
+use std::cell::Cell;
 
 use owlery_plugin_sdk::{Envelope, HandleError, LogLevel, Plugin};
+use serde::Deserialize;
+use serde_json::{Value, json};
 
-struct WsBroadcast;
+/// What a broadcast carries.
+#[derive(Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum Payload {
+    #[default]
+    Envelope,
+    IncidentMap,
+}
 
-fn room_for(event: &Envelope) -> Option<String> {
-    match event.event_type.as_str() {
-        "incident.created" => Some("all".to_owned()),
-        "incident.updated" | "incident.resolved" | "comment.added" | "severity.escalated" => {
-            let data = event.data_json();
-            let id = data.get("id").or_else(|| data.get("incidentId"))?;
-            match id {
-                serde_json::Value::String(s) if !s.is_empty() => Some(format!("incident:{s}")),
-                serde_json::Value::Number(n) => Some(format!("incident:{n}")),
-                _ => None,
-            }
-        }
-        "user.connected" | "user.disconnected" | "user.joined_room" | "user.left_room" => Some("presence".to_owned()),
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Config {
+    payload: Payload,
+}
+
+thread_local! {
+    static PAYLOAD: Cell<Payload> = const { Cell::new(Payload::Envelope) };
+}
+
+/// Where an event goes: a room, or why not.
+enum Room {
+    To(String),
+    NoIncidentId,
+    NotBroadcast,
+}
+
+fn incident_id(data: &Value, comment: bool) -> Option<String> {
+    let (first, second) = if comment { ("incidentId", "id") } else { ("id", "incidentId") };
+    match data.get(first).filter(|v| !v.is_null()).or_else(|| data.get(second))? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
 }
 
+fn room_for(event_type: &str, data: &Value) -> Room {
+    match event_type {
+        "incident.created" | "incident.resolved" | "incident.deleted" => Room::To("all".to_owned()),
+        "incident.updated" | "comment.added" | "comment.created" | "severity.escalated" => {
+            match incident_id(data, event_type.starts_with("comment.")) {
+                Some(id) => Room::To(format!("incident:{id}")),
+                None => Room::NoIncidentId,
+            }
+        }
+        "user.connected"
+        | "user.disconnected"
+        | "user.joined_room"
+        | "user.left_room"
+        | "presence.connected"
+        | "presence.disconnected" => Room::To("presence".to_owned()),
+        _ => Room::NotBroadcast,
+    }
+}
+
+/// The incident map's shape of an event.
+fn incident_map(event: &Envelope, data: Value) -> Value {
+    let by = json!({ "userId": event.user_id });
+    let comment = event.event_type.starts_with("comment.");
+    let id = incident_id(&data, comment).map_or(Value::Null, Value::String);
+    match event.event_type.as_str() {
+        "incident.created" => json!({ "incident": data, "createdBy": by }),
+        "incident.updated" => json!({ "incident": data, "updatedBy": by }),
+        "incident.resolved" => json!({ "incidentId": id, "resolvedBy": by, "resolution": data.get("resolution") }),
+        "incident.deleted" => json!({ "incidentId": id, "deletedBy": by }),
+        "severity.escalated" => json!({ "incidentId": id, "severity": data.get("severity"), "escalatedBy": by }),
+        _ if comment => json!({ "comment": data, "incidentId": id, "createdBy": by }),
+        // Presence: what it said, and who.
+        _ => {
+            let mut data = if data.is_object() { data } else { json!({}) };
+            if data.get("userId").is_none_or(Value::is_null) {
+                data["userId"] = event.user_id.clone().map_or(Value::Null, Value::String);
+            }
+            data
+        }
+    }
+}
+
+struct WsBroadcast;
+
 impl Plugin for WsBroadcast {
-    fn init(_config: String) -> Result<(), String> {
+    fn init(config: String) -> Result<(), String> {
+        let config: Config = match config.trim() {
+            "" | "null" => Config::default(),
+            text => serde_json::from_str(text)
+                .map_err(|e| format!("ws-broadcast config: {e} (payload is \"envelope\" or \"incident-map\")"))?,
+        };
+        PAYLOAD.set(config.payload);
         Ok(())
     }
 
-    fn handle(batch: Vec<owlery_plugin_sdk::Envelope>) -> Result<(), HandleError> {
+    fn handle(batch: Vec<Envelope>) -> Result<(), HandleError> {
+        let shape = PAYLOAD.get();
         for (index, event) in batch.iter().enumerate() {
-            match room_for(event) {
-                Some(room) => owlery_plugin_sdk::broadcast(&event.event_id, &room, &event.to_json())
-                    .map_err(|e| HandleError::at(index, e))?,
-                None if event.event_type != "incident.created" && event.event_type.starts_with("incident.") => {
-                    owlery_plugin_sdk::log(
-                        LogLevel::Warn,
-                        &format!("{} {} has no data.id or data.incidentId", event.event_type, event.event_id),
-                    );
+            let data = event.data_json();
+            match room_for(&event.event_type, &data) {
+                Room::To(room) => {
+                    let payload = match shape {
+                        Payload::Envelope => event.to_json(),
+                        Payload::IncidentMap => incident_map(event, data).to_string(),
+                    };
+                    owlery_plugin_sdk::broadcast(&event.event_id, &room, &payload)
+                        .map_err(|e| HandleError::at(index, e))?
                 }
-                None => {}
+                Room::NoIncidentId => owlery_plugin_sdk::log(
+                    LogLevel::Warn,
+                    &format!("{} {} has no data.id or data.incidentId", event.event_type, event.event_id),
+                ),
+                Room::NotBroadcast => {}
             }
         }
         Ok(())
     }
 
     fn query(_request: String) -> Result<String, String> {
-        Ok(r#"{"rooms":["all","incident:{id}","presence"]}"#.to_owned())
+        let payload = match PAYLOAD.get() {
+            Payload::Envelope => "envelope",
+            Payload::IncidentMap => "incident-map",
+        };
+        Ok(json!({"rooms": ["all", "incident:{id}", "presence"], "payload": payload}).to_string())
     }
 }
 

@@ -28,10 +28,10 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::manifest::{Manifest, Start};
-use crate::envelope::Routing;
 use crate::fanout::Hub;
 use crate::keys::HostKey;
 use crate::log::{EventLog, LogError};
+use crate::routing::Routing;
 use crate::runtime::{CallError, Instance, InstanceContext, Interrupt, LoadedComponent, Runtime};
 use crate::store::Store;
 use dead_letter::FAIL_AFTER_DEAD_LETTERS;

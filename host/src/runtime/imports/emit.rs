@@ -9,14 +9,16 @@ use std::sync::Arc;
 
 use super::GuestEnvelope;
 use crate::effects::Broadcast;
-use crate::envelope::{Envelope, Routing, check_event_type, check_json_shape};
+use crate::envelope::{Envelope, check_event_type, check_json_shape};
 use crate::keys::HostKey;
 use crate::log::AppendItem;
+use crate::routing::Routing;
 use crate::runtime::capabilities::{Capabilities, Refusal};
 
 /// An event of the batch being handled, as a `cause` of publishes and broadcasts.
 struct Cause {
     timestamp: String,
+    event_type: String,
     /// Events published for it so far.
     published: u32,
     /// Broadcasts made for it so far.
@@ -88,7 +90,8 @@ impl Emitter {
         }
         check_json_shape(payload.as_bytes()).map_err(|e| Refusal::Shape(e.message))?;
         let (id, _) = self.derive_id(&cause, Effect::Broadcast)?;
-        self.broadcasts.push(Broadcast { id, room, payload });
+        let event = self.causes.get(&cause).map(|c| c.event_type.clone()).unwrap_or_default();
+        self.broadcasts.push(Broadcast { id, room, payload, event });
         Ok(())
     }
 
@@ -118,8 +121,9 @@ impl Emitter {
             data,
             extra: serde_json::Map::new(),
         };
-        let topic = self.routing.topic_for(&envelope.event_type).to_owned();
-        self.publishes.push(AppendItem { topic, key: event_id.to_string(), envelope });
+        let route = self.routing.route(&envelope.event_type);
+        let (topic, key) = (route.topic().to_owned(), route.key_of(&envelope));
+        self.publishes.push(AppendItem { topic, key, envelope });
         Ok(())
     }
 
@@ -148,7 +152,15 @@ impl Emitter {
             self.causes = self
                 .batch
                 .iter()
-                .map(|e| (e.event_id.clone(), Cause { timestamp: e.timestamp.clone(), published: 0, broadcast: 0 }))
+                .map(|e| {
+                    let cause = Cause {
+                        timestamp: e.timestamp.clone(),
+                        event_type: e.event_type.clone(),
+                        published: 0,
+                        broadcast: 0,
+                    };
+                    (e.event_id.clone(), cause)
+                })
                 .collect();
         }
         self.causes.get_mut(id)
