@@ -13,6 +13,15 @@ for plugin in ws-broadcast analytics alerts; do
     cp "plugins/target/wasm32-wasip2/release/${plugin//-/_}.wasm" "plugins/.${plugin}.wasm.tmp"
     mv "plugins/.${plugin}.wasm.tmp" "plugins/${plugin}.wasm"
 done
+# The JavaScript plugin (presence) too, when npm is there: componentize-js from npm.
+if command -v npm >/dev/null; then
+    (cd plugins/js && { cmp -s package-lock.json node_modules/.package-lock.json || npm ci --no-audit --no-fund --loglevel=error; } &&
+        node sdk/build.mjs presence/presence.js ../target/wasm32-wasip2/release/presence.wasm)
+    cp plugins/target/wasm32-wasip2/release/presence.wasm plugins/.presence.wasm.tmp
+    mv plugins/.presence.wasm.tmp plugins/presence.wasm
+else
+    echo "npm not found: the JavaScript plugin (presence) is left out" >&2
+fi
 cargo build --release --locked -p owlery
 echo "Try: examples/publish.sh   and   websocat ws://127.0.0.1:8080/ws?rooms=incident:42" >&2
 exec target/release/owlery serve "$@"

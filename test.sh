@@ -4,7 +4,8 @@
 # cargo test (`./test.sh on_iggy` runs the Iggy tests only).
 #
 # Installs: the wasm32-wasip2 target (rustup), Chromium (apt), the Python Iggy SDK
-# apache-iggy==0.8.0 (pip), the npm packages in tests/node (npm ci). The Iggy server itself
+# apache-iggy==0.8.0 (pip), the npm packages in tests/node and plugins/js (npm ci:
+# socket.io-client, componentize-js). The Iggy server itself
 # is found, not installed: IGGY_SERVER_BIN, ../shared/iggy/iggy-server, or iggy-server on PATH.
 #
 # A test whose outside part is missing fails and names it. To skip such tests instead, set
@@ -48,11 +49,14 @@ if ! skipping "${OWLERY_SKIP_PYTHON:-}" && ! skipping "${OWLERY_SKIP_IGGY:-}"; t
 fi
 
 if ! skipping "${OWLERY_SKIP_NODE:-}"; then
-    # npm ci only when the lock file changed since the last install.
-    if ! cmp -s tests/node/package-lock.json tests/node/node_modules/.package-lock.json; then
-        say "installing the npm packages in tests/node (npm ci)"
-        (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
-    fi
+    # npm ci only when the lock file changed since the last install: the test clients
+    # (tests/node), and componentize-js for the JavaScript plugins (plugins/js).
+    for dir in tests/node plugins/js; do
+        if ! cmp -s "$dir/package-lock.json" "$dir/node_modules/.package-lock.json"; then
+            say "installing the npm packages in $dir (npm ci)"
+            (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+        fi
+    done
 fi
 
 if ! skipping "${OWLERY_SKIP_IGGY:-}"; then
@@ -67,6 +71,11 @@ if ! skipping "${OWLERY_SKIP_IGGY:-}"; then
 fi
 
 status=0
+if ! skipping "${OWLERY_SKIP_NODE:-}"; then
+    # The JavaScript SDK and presence plugin's own logic, in Node against a fake host (the
+    # built components run in the real host in cargo's end-to-end tests below).
+    (cd plugins/js && npm test --silent) || status=$?
+fi
 cargo test --workspace --locked "$@" || status=$?
 
 for part in IGGY BROWSER NODE PYTHON; do

@@ -21,6 +21,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Manage the plugins of a running host.
     Plugins(PluginsArgs),
+    /// Write a new plugin project, or test a plugin offline.
+    #[command(subcommand)]
+    Plugin(crate::kit::KitAction),
     /// Measure dispatch, publish, end-to-end, replay, hot swap, fan-out and footprint.
     #[cfg(feature = "bench")]
     Bench(crate::bench::BenchArgs),

@@ -13,7 +13,8 @@ pub struct Broadcast {
     pub room: String,
     /// JSON text
     pub payload: String,
-    /// The event type of the event that caused it: Socket.IO names the broadcast after it.
+    /// What kind of broadcast it is: its payload's `eventType` when it has one, else the
+    /// type of the event that caused it. Socket.IO names the broadcast after it.
     pub event: String,
 }
 

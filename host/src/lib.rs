@@ -20,6 +20,7 @@ pub mod envelope;
 pub mod fanout;
 pub mod http;
 pub mod keys;
+pub mod kit;
 pub mod log;
 pub mod outbox;
 pub mod plugins;

@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(owlery::bench::run(args))
         }
+        Command::Plugin(action) => owlery::kit::run(action),
         Command::Plugins(args) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(owlery::cli::run_plugins(args))

@@ -7,6 +7,12 @@
 //! anonymous id made from the connection's. Each change is published once: joining a room
 //! the client is already in says nothing. One task appends them in the order they happened,
 //! so one connection's events keep their order in the log (they share the user's key).
+//!
+//! Each change costs the log an event that every plugin reads, so with presence on a token
+//! may make at most `max_changes_per_minute` of them (connects, joins, leaves; its
+//! connections together): past that a connect or a room change is refused, never applied
+//! without its event. A host that stops or crashes publishes no `user.disconnected` for the
+//! clients it had.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -23,23 +29,73 @@ use crate::log::{AppendItem, EventLog};
 use crate::routing::Routing;
 
 /// The `[presence]` table.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PresenceConfig {
     /// Publish presence events for fan-out clients (off by default).
     pub enabled: bool,
+    /// Presence events one token may cause a minute (its connections together).
+    pub max_changes_per_minute: u32,
 }
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig { enabled: false, max_changes_per_minute: 600 }
+    }
+}
+
+/// A connect or room change refused: the token made too many presence changes lately.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "too many presence changes for this token: at most {0} a minute (presence.max_changes_per_minute); \
+     try again later"
+)]
+pub struct TooManyChanges(u32);
+
+/// The `source` of the host's presence events; producers may not use it.
+pub const SOURCE: &str = "owlery";
 
 /// Presence events waiting to be appended; past this many (the log refusing them for a
 /// long while) new ones are dropped and logged rather than held in memory.
 const QUEUE: usize = 65_536;
-/// Attempts at appending one round before it is dropped (logged).
-const ATTEMPTS: u32 = 5;
+/// Longest wait between attempts at appending a round the log refused.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Tokens remembered by the rate limit before idle ones are forgotten.
+const REMEMBERED: usize = 10_000;
 
 /// Where connections report; a no-op when presence is off.
 #[derive(Clone, Default)]
 pub struct Presence {
     queue: Option<mpsc::Sender<Envelope>>,
+    budgets: Arc<Budgets>,
+}
+
+/// Presence changes each token may still make: a bucket per token subject, refilled at
+/// `per_minute` a minute, holding at most a minute's worth.
+#[derive(Default)]
+struct Budgets {
+    per_minute: u32,
+    buckets: Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl Budgets {
+    fn take(&self, subject: &str, cost: usize) -> Result<(), TooManyChanges> {
+        let full = f64::from(self.per_minute);
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() > REMEMBERED {
+            // A bucket idle for a minute is full again: forgetting it changes nothing.
+            buckets.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(60));
+        }
+        let (tokens, at) = buckets.entry(subject.to_owned()).or_insert((full, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * full / 60.0).min(full);
+        *at = now;
+        if *tokens < cost as f64 {
+            return Err(TooManyChanges(self.per_minute));
+        }
+        *tokens -= cost as f64;
+        Ok(())
+    }
 }
 
 impl Presence {
@@ -50,34 +106,45 @@ impl Presence {
 
     /// Presence on: the task that appends what connections report, in order, to `log`
     /// (run it for the life of the host).
-    pub fn start(log: Arc<dyn EventLog>, routing: Arc<Routing>) -> (Presence, impl Future<Output = ()> + Send) {
+    pub fn start(
+        config: &PresenceConfig,
+        log: Arc<dyn EventLog>,
+        routing: Arc<Routing>,
+    ) -> (Presence, impl Future<Output = ()> + Send + use<>) {
         let (queue, events) = mpsc::channel(QUEUE);
-        (Presence { queue: Some(queue) }, append_all(events, log, routing))
+        let budgets = Arc::new(Budgets { per_minute: config.max_changes_per_minute, ..Budgets::default() });
+        (Presence { queue: Some(queue), budgets }, append_all(events, log, routing))
     }
 
     /// A client connected in `rooms` (`all` aside) over `transport`; it reports until it
-    /// is dropped, which says it disconnected.
+    /// is dropped, which says it disconnected. Refused when its token has made too many
+    /// changes lately (the client is then to be turned away).
     pub fn connect<'r>(
         &self,
         grant: &Grant,
         transport: &'static str,
         rooms: impl IntoIterator<Item = &'r String>,
-    ) -> Connection {
+    ) -> Result<Connection, TooManyChanges> {
+        let rooms: Vec<&String> = rooms.into_iter().filter(|r| r.as_str() != ROOM_ALL).collect();
         let id = Uuid::new_v4();
-        let user = grant.user.clone().unwrap_or_else(|| format!("anonymous:{id}"));
         let connection = Connection {
             presence: self.clone(),
-            user,
+            user: grant.user.clone().unwrap_or_else(|| format!("anonymous:{id}")),
+            subject: grant.subject.clone(),
             id,
             transport,
             rooms: Mutex::new(BTreeSet::new()),
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicBool::new(true),
         };
-        if self.queue.is_some() {
-            connection.emit("user.connected", json!({}));
-            connection.rooms_now(rooms);
+        if self.queue.is_none() {
+            return Ok(connection);
         }
-        connection
+        // Its connect, its rooms and, later, its disconnect.
+        self.budgets.take(&connection.subject, rooms.len() + 2)?;
+        connection.closed.store(false, std::sync::atomic::Ordering::Release);
+        connection.emit("user.connected", json!({}));
+        connection.rooms_now(rooms);
+        Ok(connection)
     }
 }
 
@@ -85,36 +152,52 @@ impl Presence {
 pub struct Connection {
     presence: Presence,
     user: String,
+    /// Whose budget its changes come out of.
+    subject: String,
     id: Uuid,
     transport: &'static str,
     /// The rooms it is in (`all` aside), as last reported.
+    /// Held while a change is reported, so that its events are queued in the order the
+    /// changes were made.
     rooms: Mutex<BTreeSet<String>>,
+    /// Disconnected (or never reporting: presence off, or refused).
     closed: std::sync::atomic::AtomicBool,
 }
 
 impl Connection {
+    /// Whether the client may change up to `rooms` rooms now (its token's budget allows
+    /// it); ask before applying the change.
+    pub fn permit(&self, rooms: usize) -> Result<(), TooManyChanges> {
+        if self.presence.queue.is_none() || rooms == 0 {
+            return Ok(());
+        }
+        self.presence.budgets.take(&self.subject, rooms)
+    }
+
     /// The client's rooms are now `rooms`: a `user.joined_room` for each new one, a
     /// `user.left_room` for each it is no longer in.
     pub fn rooms_now<'r>(&self, rooms: impl IntoIterator<Item = &'r String>) {
-        if self.presence.queue.is_none() {
+        let mut known = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
         let now: BTreeSet<String> = rooms.into_iter().filter(|r| r.as_str() != ROOM_ALL).cloned().collect();
-        let before = std::mem::replace(&mut *self.rooms.lock().unwrap_or_else(|e| e.into_inner()), now.clone());
-        for room in now.difference(&before) {
+        for room in now.difference(&known) {
             self.emit("user.joined_room", json!({ "room": room }));
         }
-        for room in before.difference(&now) {
+        for room in known.difference(&now) {
             self.emit("user.left_room", json!({ "room": room }));
         }
+        *known = now;
     }
 
     /// It disconnected (also said when it is dropped; said once).
     pub fn close(&self) {
-        if self.presence.queue.is_none() || self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        let known = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        if self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
         }
-        let rooms: Vec<String> = self.rooms.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        let rooms: Vec<&String> = known.iter().collect();
         self.emit("user.disconnected", json!({ "rooms": rooms }));
     }
 
@@ -127,7 +210,7 @@ impl Connection {
             event_id: Uuid::new_v4(),
             event_type: event_type.to_owned(),
             timestamp: now_rfc3339(),
-            source: "owlery".to_owned(),
+            source: SOURCE.to_owned(),
             user_id: Some(self.user.clone()),
             metadata: serde_json::Map::new(),
             data,
@@ -156,17 +239,13 @@ async fn append_all(mut events: mpsc::Receiver<Envelope>, log: Arc<dyn EventLog>
                 AppendItem { topic: route.topic().to_owned(), key: route.key_of(&envelope), envelope }
             })
             .collect();
-        for attempt in 1..=ATTEMPTS {
-            match log.append(items.clone()).await {
-                Ok(_) => break,
-                Err(error) if attempt == ATTEMPTS => {
-                    tracing::error!(%error, events = items.len(), "presence events could not be appended; dropped");
-                }
-                Err(error) => {
-                    tracing::warn!(%error, attempt, "appending presence events failed; trying again");
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-                }
-            }
+        // However long the log refuses them (a full disk, Iggy down): like the outbox, nothing
+        // accepted is dropped; meanwhile the queue fills, and past it new changes are.
+        let mut backoff = Duration::from_millis(100);
+        while let Err(error) = log.append(items.clone()).await {
+            tracing::warn!(%error, events = items.len(), "appending presence events failed; trying again");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }

@@ -42,6 +42,10 @@ impl KeyField {
             ("eventId", true) => KeyField::EventId,
             ("data", false) => KeyField::Data(rest),
             ("metadata", false) => KeyField::Metadata(rest),
+            // Objects: never a key. A path into them is.
+            ("data" | "metadata", true) => {
+                return Err(format!("{text:?} is an object: name a field in it ({text}.id)"));
+            }
             (_, true) => KeyField::Top(first.to_owned()),
             _ => return Err(format!("{text:?}: only data.… and metadata.… fields have paths")),
         })
@@ -327,5 +331,7 @@ mod tests {
         assert!(error.contains("presence_topic"), "{error}");
         let error = refused("[[routes]]\npattern = \"a.*\"\nkey = [\"userId.x\"]\n");
         assert!(error.contains("paths"), "{error}");
+        let error = refused("[[routes]]\npattern = \"a.*\"\nkey = [\"data\"]\n");
+        assert!(error.contains("is an object"), "{error}");
     }
 }

@@ -86,7 +86,7 @@ pub async fn serve(
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let presence = if config.presence.enabled {
-        let (presence, publisher) = Presence::start(log.clone(), routing.clone());
+        let (presence, publisher) = Presence::start(&config.presence, log.clone(), routing.clone());
         tasks.spawn(until(stop.clone(), publisher));
         presence
     } else {

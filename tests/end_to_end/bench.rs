@@ -65,5 +65,11 @@ async fn the_benchmark_runs_every_case_and_writes_its_figures() {
             assert!(figures[key].as_f64().is_some_and(|v| v > 0.0), "{key} in\n{stdout}");
         }
     }
+    // The JavaScript plugin's dispatch, beside the Rust ones, whenever it was built (it is
+    // unless OWLERY_SKIP_NODE=1; the presence tests fail when it is missing otherwise).
+    if guests::PRESENCE.is_some() {
+        let rate = &figures["dispatch.presence.wasm_events_per_sec"];
+        assert!(rate.as_f64().is_some_and(|v| v > 0.0), "presence dispatch = {rate} in\n{stdout}");
+    }
     assert!(stdout.contains("of native") && stdout.contains("of Iggy's HTTP API"), "{stdout}");
 }

@@ -37,6 +37,7 @@ async fn one_incidents_updates_from_three_users_keep_their_publish_order() {
 
     let host = Host::with_plugins(&[shipped("ws-broadcast"), shipped("analytics")]);
     let mut room = host.ws("?rooms=incident:42").await;
+    let mut socket_io = crate::socketio::raw_socket_io_client(&host, &json!({"rooms": ["incident:42"]})).await;
     // Paused, the plugin later reads a backlog: partition by partition if they were split.
     let (status, body) = host.post_json("/api/plugins/ws-broadcast/pause", &json!({})).await;
     assert_eq!(status, 200, "{body}");
@@ -51,6 +52,20 @@ async fn one_incidents_updates_from_three_users_keep_their_publish_order() {
         assert_eq!(frame["event"]["data"]["seq"], seq, "in publish order: {frame}");
         assert_eq!(frame["eventType"], "incident.updated");
     }
+    // Socket.IO too: the payload first, in the same order.
+    let mut seqs = Vec::new();
+    while seqs.len() < 30 {
+        use futures_util::StreamExt;
+        let message =
+            tokio::time::timeout(WAIT, socket_io.next()).await.expect("Socket.IO gets them").unwrap().unwrap();
+        if let Some(array) = message.to_text().unwrap().strip_prefix("42") {
+            let event: Value = serde_json::from_str(array).unwrap();
+            if event[0] == "incident:updated" {
+                seqs.push(event[1]["data"]["seq"].as_u64().unwrap());
+            }
+        }
+    }
+    assert_eq!(seqs, (0..30).collect::<Vec<_>>());
     // The log holds them in one partition, in order: every plugin reads them so.
     let records = host.topic_records("incident-events").await;
     let partitions: HashSet<u64> = records.iter().map(|r| r["partition"].as_u64().unwrap()).collect();
@@ -246,7 +261,8 @@ async fn the_incident_maps_socket_io_client_runs_unchanged_with_its_apis_tokens(
     let (got_all, got_42) = tokio::task::block_in_place(|| (read_all(lines_all), read_all(lines_42)));
     let created = json!({"on": "incident:created", "title": "Flooded road", "by": "ana"});
     let updated = json!({"on": "incident:updated", "status": "investigating", "by": "bo"});
-    let resolved = json!({"on": "incident:resolved", "incidentId": "42", "by": "cy", "resolution": "drained"});
+    // The id as it was sent: a number stays a number.
+    let resolved = json!({"on": "incident:resolved", "incidentId": 42, "by": "cy", "resolution": "drained"});
     assert_eq!(got_all, [created.clone(), resolved.clone()], "room all: created and resolved go to everyone");
     assert_eq!(got_42, [created, updated, resolved], "incident 42's room gets its update too");
     for child in [&mut everyone, &mut watcher] {
@@ -377,6 +393,11 @@ async fn presence_without_a_token_names_an_anonymous_connection_and_is_off_by_de
     assert!(user.starts_with("anonymous:"), "{user}");
     assert_eq!(first["event"]["data"]["connectionId"].as_str(), user.strip_prefix("anonymous:"));
 
+    // Producers cannot pass their events off as the host's.
+    let forged = json!({"eventType": "user.connected", "source": "owlery", "userId": "ana"});
+    let (status, body) = host.post_events(&forged).await;
+    assert_eq!((status, body["field"].as_str()), (400, Some("source")), "{body}");
+
     let off = Host::with_plugins(&[shipped("ws-broadcast")]);
     drop(off.ws("?rooms=incident:1").await);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -418,4 +439,41 @@ async fn replay_by_last_offset_sends_what_follows_it_per_partition() {
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(body["field"] == "lastOffset" || body["field"] == "fromOffset", "{bad}: {body}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_that_changes_presence_too_often_is_refused_not_published() {
+    let config = "[presence]\nenabled = true\nmax_changes_per_minute = 6\n";
+    let host = Host::with_config(&[shipped("ws-broadcast")], config);
+    // Connect (1), two rooms (2) and, later, its disconnect (1): 4 of 6.
+    let mut client = host.ws("?rooms=incident:1,incident:2").await;
+    client.send_json(&json!({"subscribe": ["incident:3", "incident:4", "incident:5"]})).await;
+    let refused = client.next_json(WAIT).await.unwrap();
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("presence.max_changes_per_minute"), "{refused}");
+    client.send_json(&json!({"subscribe": ["incident:3"]})).await;
+    assert_eq!(client.next_json(WAIT).await.unwrap()["type"], "rooms", "one more fits");
+    // The budget is spent: another connection of the same token is turned away.
+    let url = format!("{}/ws?rooms=incident:9", host.base.replace("http://", "ws://"));
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 429),
+        other => panic!("expected 429, got {other:?}"),
+    }
+    drop(client);
+    // What was published: connect, three joins, disconnect; nothing refused made an event.
+    let deadline = std::time::Instant::now() + WAIT;
+    let types = loop {
+        let records = host.topic_records("presence-events").await;
+        let types: Vec<String> = records.iter().map(|r| r["event"]["eventType"].as_str().unwrap().to_owned()).collect();
+        if types.iter().any(|t| t == "user.disconnected") || std::time::Instant::now() > deadline {
+            break types;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let count = |t: &str| types.iter().filter(|x| *x == t).count();
+    assert_eq!(
+        (count("user.connected"), count("user.joined_room"), count("user.left_room"), count("user.disconnected")),
+        (1, 3, 0, 1),
+        "{types:?}"
+    );
 }

@@ -35,6 +35,7 @@ fn main() {
         "tests/plugins/misbehave",
         "tests/plugins/wrong-world",
         "tests/plugins/big-memory",
+        "tests/plugins/other-contract",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
@@ -48,12 +49,16 @@ fn main() {
         ("MISBEHAVE", "misbehave"),
         ("WRONG_WORLD", "wrong_world"),
         ("BIG_MEMORY", "big_memory"),
+        ("OTHER_CONTRACT", "other_contract"),
         ("NOOP", "noop"),
     ] {
         let path = wasm(file);
         assert!(path.exists(), "{} was not built", path.display());
         paths.push_str(&format!("pub const {constant}: &str = {:?};\n", path.display().to_string()));
     }
+    // The JavaScript plugin, beside the others (so `owlery bench --wasm-dir` finds it too).
+    let presence = build_js(&root, &wasm("presence"));
+    paths.push_str(&format!("pub const PRESENCE: Option<&str> = {presence:?};\n"));
     paths.push_str(&format!("pub const PLUGINS_DIR: &str = {:?};\n", root.join("plugins").display().to_string()));
     paths.push_str(&format!(
         "pub const TEST_PLUGINS_DIR: &str = {:?};\n",
@@ -61,6 +66,35 @@ fn main() {
     ));
     paths.push_str(&format!("pub const TEST_NODE_DIR: &str = {:?};\n", root.join("tests/node").display().to_string()));
     std::fs::write(out.join("paths.rs"), paths).unwrap();
+}
+
+/// Build `plugins/js/presence` with componentize-js (`plugins/js/sdk/build.mjs`) into `out`,
+/// when node and the npm packages `./test.sh` installs there (`npm ci`) are present; `None`
+/// otherwise, or with `OWLERY_SKIP_NODE=1` (the tests that need it then fail, or are
+/// skipped, and say why).
+fn build_js(root: &Path, out: &Path) -> Option<String> {
+    let js = root.join("plugins/js");
+    for watched in ["sdk", "presence", "package-lock.json", "node_modules/.package-lock.json"] {
+        println!("cargo:rerun-if-changed={}", js.join(watched).display());
+    }
+    println!("cargo:rerun-if-env-changed=OWLERY_SKIP_NODE");
+    if std::env::var("OWLERY_SKIP_NODE").is_ok_and(|v| v == "1") {
+        return None;
+    }
+    if !js.join("node_modules/@bytecodealliance/componentize-js").exists() {
+        println!(
+            "cargo:warning=plugins/js has no node_modules: run ./test.sh (npm ci there) to build the JavaScript plugin"
+        );
+        return None;
+    }
+    let status = Command::new("node")
+        .arg(js.join("sdk/build.mjs"))
+        .arg(js.join("presence/presence.js"))
+        .arg(out)
+        .current_dir(&js)
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "building plugins/js/presence with componentize-js failed");
+    Some(out.display().to_string())
 }
 
 fn cargo() -> Command {

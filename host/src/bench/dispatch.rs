@@ -63,7 +63,54 @@ pub(super) fn dispatch(args: &BenchArgs, report: &mut Report) -> anyhow::Result<
             String::new(),
         );
     }
+    // The JavaScript plugin (componentize-js), over presence events, when it is built.
+    match super::wasm_path(&args.wasm_dir, "presence") {
+        Ok(_) => {
+            let input = presence_records(batch * 16);
+            let rate = wasm_rate(args, &runtime, &cx, "presence", &input, total / 4)?;
+            report.add(
+                "dispatch.presence.wasm_events_per_sec",
+                &format!("dispatch presence: JavaScript plugin, batch {batch}"),
+                rate,
+                "events/s",
+                "componentize-js".into(),
+            );
+            report.add(
+                "dispatch.presence.wasm_ns_per_event",
+                "dispatch presence: JS, per event",
+                1e9 / rate,
+                "ns",
+                "".into(),
+            );
+        }
+        Err(missing) => println!("{:<58} {:>22}   {missing}", "dispatch presence: JavaScript plugin", "skipped"),
+    }
     Ok(())
+}
+
+/// Presence events as the host publishes them: connects, joins, leaves and disconnects of
+/// 200 users in 20 rooms.
+fn presence_records(n: usize) -> Vec<Record> {
+    (0..n)
+        .map(|i| {
+            let (user, room) = (format!("user-{}", i % 200), format!("incident:{}", i % 20));
+            let (event_type, data) = match (i / 200) % 4 {
+                0 => ("user.connected", json!({"userId": user, "connectionId": format!("c{}", i % 200)})),
+                1 => {
+                    ("user.joined_room", json!({"userId": user, "connectionId": format!("c{}", i % 200), "room": room}))
+                }
+                2 => ("user.left_room", json!({"userId": user, "connectionId": format!("c{}", i % 200), "room": room})),
+                _ => {
+                    ("user.disconnected", json!({"userId": user, "connectionId": format!("c{}", i % 200), "rooms": []}))
+                }
+            };
+            let envelope = Envelope::from_producer(
+                json!({"eventType": event_type, "source": "owlery", "userId": user, "data": data}),
+            )
+            .expect("valid");
+            Record { partition: 0, offset: i as u64, payload: envelope.to_bytes() }
+        })
+        .collect()
 }
 
 /// Events/s through plugin `name`, `--batch` events per `handle` call, until `total`.

@@ -52,15 +52,15 @@ impl Signed<'_> {
         key.verify(&self.parts(&self.at_ms.to_be_bytes()), signature)
     }
 
-    fn parts<'b>(&'b self, at: &'b [u8; 8]) -> [&'b [u8]; 6] {
-        [
-            self.id.as_bytes(),
-            self.room.as_bytes(),
-            self.plugin.as_bytes(),
-            at,
-            self.payload.as_bytes(),
-            self.event.as_bytes(),
-        ]
+    /// The signed parts. A record without its cause's event type is signed as records were
+    /// before it was kept (five parts), so hosts of both versions verify each other's.
+    fn parts<'b>(&'b self, at: &'b [u8; 8]) -> Vec<&'b [u8]> {
+        let mut parts =
+            vec![self.id.as_bytes(), self.room.as_bytes(), self.plugin.as_bytes(), at, self.payload.as_bytes()];
+        if !self.event.is_empty() {
+            parts.push(self.event.as_bytes());
+        }
+        parts
     }
 }
 
@@ -236,4 +236,37 @@ fn decode(key: &HostKey, record: &Record, max_age_ms: u64) -> Result<FanoutRecor
         return Err("older than fanout_max_age_secs".into());
     }
     Ok(FanoutRecord { offset: record.offset, id: envelope.event_id, room, plugin, payload, at_ms, event })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(envelope: &Envelope) -> Record {
+        Record { partition: 0, offset: 7, payload: envelope.to_bytes() }
+    }
+
+    #[test]
+    fn records_with_and_without_their_causes_type_verify_and_a_changed_type_does_not() {
+        let key = HostKey::from_secret(b"mirror test");
+        let broadcast = |event: &str| Broadcast {
+            id: uuid::Uuid::new_v4(),
+            room: "all".into(),
+            payload: r#"{"n":1}"#.into(),
+            event: event.into(),
+        };
+        let now = crate::envelope::now_millis();
+        // As a host from before the cause's type was kept signs it: five parts.
+        let old = envelope(&key, "p", &broadcast(""), now);
+        assert_eq!(decode(&key, &record(&old), 0).unwrap().event, "");
+        let new = envelope(&key, "p", &broadcast("incident.created"), now);
+        let decoded = decode(&key, &record(&new), 0).unwrap();
+        assert_eq!((decoded.event.as_str(), decoded.offset, decoded.room.as_str()), ("incident.created", 7, "all"));
+        let mut forged = new.clone();
+        forged.data["event"] = "alert.raised".into();
+        assert!(decode(&key, &record(&forged), 0).unwrap_err().contains("signature"));
+        let mut dropped = new;
+        dropped.data.as_object_mut().unwrap().remove("event");
+        assert!(decode(&key, &record(&dropped), 0).is_err(), "dropping the type is a change too");
+    }
 }

@@ -179,6 +179,9 @@ impl Queues {
 struct Session {
     grant: Grant,
     presence: Arc<Connection>,
+    /// Held while a room change is applied: socketioxide runs each message's handler as a
+    /// task of its own, and a change checks the rooms it changes.
+    changing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Where a socket's connect handler puts its session (in the socket's extensions).
@@ -252,34 +255,42 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
                 return refuse(&socket, format!("at most {} rooms per client", hub.limits().max_rooms), true);
             }
             // Says `user.disconnected` when the socket goes.
-            let presence = Arc::new(hub.presence().connect(&grant, "socket.io", rooms.iter()));
+            let presence = match hub.presence().connect(&grant, "socket.io", rooms.iter()) {
+                Ok(presence) => Arc::new(presence),
+                Err(e) => return refuse(&socket, e.to_string(), true),
+            };
             rooms.push(ROOM_ALL.to_owned());
-            // A socket lives no longer than its token.
-            if let Some(left) = grant.time_left() {
+            // A socket lives no longer than its token (the timer goes with the socket).
+            let expiry = grant.time_left().map(|left| {
                 let expiring = socket.clone();
-                tokio::spawn(async move {
+                let timer = tokio::spawn(async move {
                     tokio::time::sleep(left).await;
                     if expiring.connected() {
                         refuse(&expiring, "the token expired".into(), true);
                     }
                 });
-            }
-            // Room changes are heard from now on, during catch-up too.
-            if let Some(SessionSlot(slot)) = socket.extensions.get::<SessionSlot>() {
-                slot.send_replace(Some(Session { grant, presence: presence.clone() }));
-            }
+                timer.abort_handle()
+            });
             // Its queue, given back (with its place) when it goes.
             queues.open(&socket, hub.limits(), laggards.clone());
-            let (on_close, slot) = (queues.clone(), Arc::new(slot));
+            let (on_close, slot, gone) = (queues.clone(), Arc::new(slot), presence.clone());
             socket.on_disconnect(move |socket: SocketRef| {
                 let _held = &slot;
                 on_close.close(&socket.id);
-                presence.close();
+                gone.close();
+                if let Some(timer) = &expiry {
+                    timer.abort();
+                }
                 async {}
             });
             // Joined before catch-up, so nothing committed meanwhile is missed (a record may
             // come both ways: clients deduplicate by offset).
             socket.join(rooms.clone());
+            // Room changes are heard from now on (after the first rooms are joined, so they
+            // see them), during catch-up too.
+            if let Some(SessionSlot(slot)) = socket.extensions.get::<SessionSlot>() {
+                slot.send_replace(Some(Session { grant, presence, changing: Arc::default() }));
+            }
             if !catch_up(&socket, &hub, &rooms, resume(&hello)).await {
                 laggards.add(&socket);
             }
@@ -360,7 +371,8 @@ fn on_room_changes(socket: &SocketRef, session: watch::Receiver<Option<Session>>
     }
     let for_unsubscribe = session.clone();
     socket.on("subscribe", move |socket: SocketRef, TryData(wanted): TryData<Vec<String>>| async move {
-        let Some(Session { grant, presence }) = session_of(session).await else { return };
+        let Some(Session { grant, presence, changing }) = session_of(session).await else { return };
+        let _changing = changing.lock().await;
         let wanted = wanted.unwrap_or_default();
         if let Some(denied) = wanted.iter().find(|r| !grant.may_join(r)) {
             return refuse(&socket, format!("the token may not join room {denied:?}"), false);
@@ -370,13 +382,20 @@ fn on_room_changes(socket: &SocketRef, session: watch::Receiver<Option<Session>>
         if after.len() > max_rooms + 1 {
             return refuse(&socket, format!("at most {max_rooms} rooms per client"), false);
         }
+        if let Err(e) = presence.permit(wanted.len()) {
+            return refuse(&socket, e.to_string(), false);
+        }
         socket.join(wanted.clone());
         rooms_now(&socket, &presence);
         let _ = socket.emit("rooms", &wanted);
     });
     socket.on("unsubscribe", move |socket: SocketRef, TryData(rooms): TryData<Vec<String>>| async move {
-        let Some(Session { presence, .. }) = session_of(for_unsubscribe).await else { return };
+        let Some(Session { presence, changing, .. }) = session_of(for_unsubscribe).await else { return };
+        let _changing = changing.lock().await;
         let rooms: Vec<String> = rooms.unwrap_or_default().into_iter().filter(|r| r != ROOM_ALL).collect();
+        if let Err(e) = presence.permit(rooms.len()) {
+            return refuse(&socket, e.to_string(), false);
+        }
         socket.leave(rooms.clone());
         rooms_now(&socket, &presence);
         let _ = socket.emit("rooms", &rooms);

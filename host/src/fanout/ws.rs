@@ -79,7 +79,14 @@ struct Client<'a> {
 impl Hub {
     /// Serve one WebSocket client in `rooms` (plus `all`), resuming as `since` asks; `slot`
     /// is its place among `max_clients`, held while it is connected.
-    pub async fn serve(self, socket: WebSocket, grant: Grant, rooms: Vec<String>, since: Resume, slot: ClientSlot) {
+    pub async fn serve(
+        self,
+        socket: WebSocket,
+        (grant, presence): (Grant, Connection),
+        rooms: Vec<String>,
+        since: Resume,
+        slot: ClientSlot,
+    ) {
         let _slot = slot;
         let (sink, mut incoming) = socket.split();
         let (queue, outgoing) = mpsc::channel::<Message>(self.limits.queue.max(1));
@@ -88,8 +95,7 @@ impl Hub {
         let writer = tokio::spawn(write_frames(sink, outgoing, close_rx, bytes.clone()));
         let mut rooms: HashSet<String> = rooms.into_iter().filter(|r| !r.is_empty()).collect();
         rooms.insert(ROOM_ALL.to_owned());
-        // Says `user.disconnected` when dropped, as the client goes.
-        let presence = self.presence().connect(&grant, "websocket", rooms.iter());
+        // `presence` says `user.disconnected` when dropped, as the client goes.
         let mut client = Client {
             queue: &queue,
             bytes,
@@ -204,7 +210,7 @@ impl Client<'_> {
                     heard = tokio::time::Instant::now();
                     match message {
                         Some(Ok(Message::Text(text))) => {
-                            let reply = handle_client_message(&mut self.rooms, &self.grant, self.max_rooms, text.as_str());
+                            let reply = handle_client_message(self, text.as_str());
                             self.presence.rooms_now(&self.rooms);
                             self.try_queue(Message::Text(reply.into()))
                         }
@@ -314,7 +320,9 @@ fn sorted(rooms: &HashSet<String>) -> Vec<&String> {
 }
 
 /// `{"subscribe": [..]}` / `{"unsubscribe": [..]}` from a client; returns the reply frame.
-fn handle_client_message(rooms: &mut HashSet<String>, grant: &Grant, max_rooms: usize, text: &str) -> String {
+fn handle_client_message(client: &mut Client<'_>, text: &str) -> String {
+    let Client { rooms, grant, max_rooms, presence, .. } = client;
+    let max_rooms = *max_rooms;
     let Ok(serde_json::Value::Object(message)) = serde_json::from_str::<serde_json::Value>(text) else {
         return serde_json::json!({"type": "error", "error": "expected a JSON object like {\"subscribe\": [\"incident:1\"]}"}).to_string();
     };
@@ -336,12 +344,18 @@ fn handle_client_message(rooms: &mut HashSet<String>, grant: &Grant, max_rooms: 
             return serde_json::json!({"type": "error", "error": format!("at most {max_rooms} rooms per client")})
                 .to_string();
         }
+        if let Err(e) = presence.permit(new.len()) {
+            return serde_json::json!({"type": "error", "error": e.to_string()}).to_string();
+        }
         rooms.extend(new);
     } else if message.contains_key("unsubscribe") {
-        for room in names("unsubscribe") {
-            if room != ROOM_ALL {
-                rooms.remove(&room);
-            }
+        let leaving: HashSet<String> =
+            names("unsubscribe").into_iter().filter(|r| r != ROOM_ALL && rooms.contains(r)).collect();
+        if let Err(e) = presence.permit(leaving.len()) {
+            return serde_json::json!({"type": "error", "error": e.to_string()}).to_string();
+        }
+        for room in leaving {
+            rooms.remove(&room);
         }
     } else if message.contains_key("ping") {
         return serde_json::json!({"type": "pong"}).to_string();

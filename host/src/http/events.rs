@@ -68,13 +68,20 @@ pub(super) async fn publish(
     Ok((StatusCode::CREATED, axum::Json(json!({ "events": appended }))))
 }
 
-/// `owlery.*` event types (dead letters, broadcasts) are the host's own: a producer that
-/// could send them could forge what plugins and clients trust.
+/// `owlery.*` event types (dead letters, broadcasts) and the source `owlery` (presence) are
+/// the host's own: a producer that could send them could forge what plugins and clients
+/// trust.
 fn refuse_reserved_type(envelope: Envelope) -> Result<Envelope, EnvelopeError> {
     if envelope.event_type.starts_with("owlery.") {
         return Err(EnvelopeError {
             field: "eventType",
             message: format!("{:?}: owlery.* event types are reserved for the host", envelope.event_type),
+        });
+    }
+    if envelope.source == crate::presence::SOURCE {
+        return Err(EnvelopeError {
+            field: "source",
+            message: format!("{:?} is reserved for the host's own events (presence)", envelope.source),
         });
     }
     Ok(envelope)

@@ -77,6 +77,12 @@ pub(super) async fn websocket(
         Some(offset) if offset < 0 => Resume::All,
         Some(offset) => Resume::After { offset: offset as u64, epoch: params.epoch },
     };
+    // Refused before the upgrade when its token made too many presence changes lately.
+    let presence = state
+        .hub
+        .presence()
+        .connect(&grant, "websocket", rooms.iter())
+        .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()))?;
     let hub = state.hub.clone();
     // A client sends little (subscribe, unsubscribe): a 4 KiB read buffer, grown for a
     // bigger message, instead of tungstenite's 128 KiB reserved for each connection (an idle
@@ -86,5 +92,5 @@ pub(super) async fn websocket(
         .max_frame_size(limits.max_message)
         .read_buffer_size(IDLE_READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER);
-    Ok(ws.on_upgrade(move |socket| hub.serve(socket, grant, rooms, resume, slot)))
+    Ok(ws.on_upgrade(move |socket| hub.serve(socket, (grant, presence), rooms, resume, slot)))
 }

@@ -32,6 +32,9 @@ pub use limits::{CallLimits, LimitHit};
 use cache::ComponentCache;
 use imports::HostState;
 
+/// The contract this host speaks: the package of `wit/owlery.wit` (the SDKs carry copies).
+pub const CONTRACT: &str = "owlery:plugin@0.2.0";
+
 /// How often the engine's epoch advances: the resolution of every plugin deadline.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -47,6 +50,11 @@ pub enum RuntimeError {
     CompileTimeout(Duration),
     #[error("does not implement the owlery:plugin world: {0:#}")]
     World(wasmtime::Error),
+    #[error(
+        "built for the plugin contract owlery:plugin@{found}, but this host speaks {CONTRACT}: \
+         rebuild it with the SDK for {CONTRACT} (`owlery plugin new` writes one)"
+    )]
+    Contract { found: String },
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error("the wasm runtime must be made inside a tokio runtime")]
@@ -95,6 +103,7 @@ impl Runtime {
     /// Compile (or fetch from the cache), link and type-check a component against the world.
     pub fn load(&self, wasm: &[u8]) -> Result<LoadedComponent, RuntimeError> {
         let (hash, component) = self.compile(wasm)?;
+        check_contract(&self.engine, &component)?;
         let pre = self.linker.instantiate_pre(&component).map_err(RuntimeError::World)?;
         let pre = bindings::PluginPre::new(pre).map_err(RuntimeError::World)?;
         Ok(LoadedComponent { hash, pre })
@@ -125,6 +134,29 @@ impl Runtime {
     pub(crate) fn tokio(&self) -> &tokio::runtime::Handle {
         &self.tokio
     }
+}
+
+/// A component that imports the contract's interfaces at another version was built with
+/// another SDK: say so, with both versions, rather than the linker's "no matching
+/// implementation". Versions 0.x.y and 0.x.z are the same contract (semver, as wasmtime's
+/// linker matches them). A component that imports none of them is judged by the world.
+fn check_contract(engine: &Engine, component: &Component) -> Result<(), RuntimeError> {
+    let ours = CONTRACT.rsplit_once('@').map_or("", |(_, v)| v);
+    let line = |version: &str| {
+        let mut parts = version.split('.');
+        match (parts.next(), parts.next()) {
+            (Some("0"), minor) => format!("0.{}", minor.unwrap_or("")),
+            (major, _) => major.unwrap_or("").to_owned(),
+        }
+    };
+    for (name, _) in component.component_type().imports(engine) {
+        let Some(interface) = name.strip_prefix("owlery:plugin/") else { continue };
+        let found = interface.split_once('@').map_or("(no version)", |(_, v)| v);
+        if line(found) != line(ours) {
+            return Err(RuntimeError::Contract { found: found.to_owned() });
+        }
+    }
+    Ok(())
 }
 
 /// Advance the engine's epoch every `EPOCH_TICK` for as long as the engine lives (the

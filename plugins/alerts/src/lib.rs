@@ -59,7 +59,10 @@ fn epoch_seconds(ts: &str) -> Option<i64> {
 
 fn raise(event: &Envelope, alert: serde_json::Value) -> Result<(), String> {
     owlery_plugin_sdk::publish(&event.event_id, "alert.raised", &alert)?;
-    owlery_plugin_sdk::broadcast(&event.event_id, "alerts", &alert.to_string())
+    // Says what it is: Socket.IO clients get it as `alert:raised`, not as its cause's type.
+    let mut shown = alert;
+    shown["eventType"] = "alert.raised".into();
+    owlery_plugin_sdk::broadcast(&event.event_id, "alerts", &shown.to_string())
 }
 
 fn check(event: &Envelope, config: &Config) -> Result<(), String> {

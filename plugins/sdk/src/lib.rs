@@ -19,11 +19,15 @@
 //! owlery_plugin_sdk::export!(Echo);
 //! ```
 
+/// The contract this SDK was made for (the package of `wit/owlery.wit`, a copy of the
+/// host's). A host that speaks another version refuses the plugin at load, saying both.
+pub const CONTRACT: &str = "owlery:plugin@0.2.0";
+
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
         world: "plugin",
-        path: "../../wit",
+        path: "wit",
         default_bindings_module: "owlery_plugin_sdk::bindings",
         pub_export_macro: true,
         export_macro_name: "__export_plugin",

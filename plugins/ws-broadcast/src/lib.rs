@@ -46,12 +46,23 @@ enum Room {
     NotBroadcast,
 }
 
-fn incident_id(data: &Value, comment: bool) -> Option<String> {
-    let (first, second) = if comment { ("incidentId", "id") } else { ("id", "incidentId") };
-    match data.get(first).filter(|v| !v.is_null()).or_else(|| data.get(second))? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
+/// The incident an event is about, as it was sent (`42` stays a number, `"42"` a string):
+/// `data.id`, else `data.incidentId` (for a comment the other way round), whichever is a
+/// non-empty string or a number, as the host's routing takes it for the partition key.
+fn incident_id(data: &Value, comment: bool) -> Option<&Value> {
+    let fields = if comment { ["incidentId", "id"] } else { ["id", "incidentId"] };
+    fields.into_iter().filter_map(|f| data.get(f)).find(|v| match v {
+        Value::String(s) => !s.is_empty(),
+        Value::Number(_) => true,
+        _ => false,
+    })
+}
+
+/// The room of an incident: `incident:42` for `42` and `"42"` alike.
+fn incident_room(id: &Value) -> String {
+    match id {
+        Value::String(s) => format!("incident:{s}"),
+        other => format!("incident:{other}"),
     }
 }
 
@@ -60,7 +71,7 @@ fn room_for(event_type: &str, data: &Value) -> Room {
         "incident.created" | "incident.resolved" | "incident.deleted" => Room::To("all".to_owned()),
         "incident.updated" | "comment.added" | "comment.created" | "severity.escalated" => {
             match incident_id(data, event_type.starts_with("comment.")) {
-                Some(id) => Room::To(format!("incident:{id}")),
+                Some(id) => Room::To(incident_room(id)),
                 None => Room::NoIncidentId,
             }
         }
@@ -78,7 +89,7 @@ fn room_for(event_type: &str, data: &Value) -> Room {
 fn incident_map(event: &Envelope, data: Value) -> Value {
     let by = json!({ "userId": event.user_id });
     let comment = event.event_type.starts_with("comment.");
-    let id = incident_id(&data, comment).map_or(Value::Null, Value::String);
+    let id = incident_id(&data, comment).cloned().unwrap_or(Value::Null);
     match event.event_type.as_str() {
         "incident.created" => json!({ "incident": data, "createdBy": by }),
         "incident.updated" => json!({ "incident": data, "updatedBy": by }),

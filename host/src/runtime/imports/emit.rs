@@ -90,7 +90,10 @@ impl Emitter {
         }
         check_json_shape(payload.as_bytes()).map_err(|e| Refusal::Shape(e.message))?;
         let (id, _) = self.derive_id(&cause, Effect::Broadcast)?;
-        let event = self.causes.get(&cause).map(|c| c.event_type.clone()).unwrap_or_default();
+        let event = match payload_type(&payload) {
+            Some(event) => event,
+            None => self.causes.get(&cause).map(|c| c.event_type.clone()).unwrap_or_default(),
+        };
         self.broadcasts.push(Broadcast { id, room, payload, event });
         Ok(())
     }
@@ -167,6 +170,20 @@ impl Emitter {
     }
 }
 
+/// A JSON object payload's own `eventType` (a string, dotted like an event type), if it says.
+fn payload_type(payload: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Typed<'a> {
+        #[serde(borrow, rename = "eventType")]
+        event_type: Option<std::borrow::Cow<'a, str>>,
+    }
+    if !payload.trim_start().starts_with('{') {
+        return None;
+    }
+    let typed: Typed<'_> = serde_json::from_str(payload).ok()?;
+    typed.event_type.filter(|t| check_event_type(t).is_ok()).map(std::borrow::Cow::into_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -198,6 +215,23 @@ mod tests {
             emitter.broadcast(&caps, cause.to_string(), "all".into(), "{}".into()).unwrap();
         }
         emitter.finish().0.into_iter().map(|b| b.id).collect()
+    }
+
+    #[test]
+    fn a_broadcast_is_of_its_payloads_type_else_of_its_causes() {
+        let caps = Capabilities { broadcast: true, ..Capabilities::default() };
+        let mut emitter = Emitter::new("p".into(), Arc::default(), HostKey::from_secret(b"test"));
+        emitter.begin(Arc::new([event("e1")]));
+        for payload in [
+            r#"{"eventType":"alert.raised","n":1}"#,
+            r#"{"incident":{"eventType":"x.y"}}"#,
+            "[1]",
+            r#"{"eventType":"no dots"}"#,
+        ] {
+            emitter.broadcast(&caps, "e1".into(), "all".into(), payload.into()).unwrap();
+        }
+        let types: Vec<String> = emitter.finish().0.into_iter().map(|b| b.event).collect();
+        assert_eq!(types, ["alert.raised", "order.placed", "order.placed", "order.placed"]);
     }
 
     #[test]
