@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::support::{Host, event, reporter_5_update, reporter_5_updates, shipped};
+use crate::support::{Host, event, guests, reporter_5_update, reporter_5_updates, shipped};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_while_publishing_loses_nothing_and_counts_nothing_twice() {
@@ -214,4 +214,47 @@ fn far_from_done(status: &Value) -> bool {
     let progress = &status["replay"];
     let (Some(done), Some(total)) = (progress["done"].as_u64(), progress["total"].as_u64()) else { return false };
     status["state"] == "replaying" && total > 0 && total.saturating_sub(done) >= total / 4
+}
+
+/// A host killed between a promotion's commit and writing the promoted files starts again
+/// as the promoted version (the store kept it with the commit), never running the promoted
+/// state under the old version.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promotion_cut_off_before_its_files_are_written_is_finished_at_start() {
+    let flag = tempfile::NamedTempFile::new().unwrap();
+    let env = [("OWLERY_TEST_CRASH_AFTER_PROMOTION", flag.path().to_str().unwrap())];
+    let mut host = Host::with_config_and_env(&[shipped("analytics")], "", &env);
+    let batch: Vec<_> = (0..50).map(|i| event("incident.created", json!({"id": i, "severity": "LOW"}))).collect();
+    assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    host.caught_up("analytics").await;
+    // The candidate counts events ({"count": n}): easy to tell from analytics.
+    let candidate = std::fs::read(guests::MISBEHAVE).unwrap();
+    let manifest = "[config]\nmode = \"error\"\n";
+    let response = host
+        .http
+        .post(host.url("/api/plugins/analytics/shadow"))
+        .query(&[("manifest", manifest)])
+        .header("content-type", "application/wasm")
+        .body(candidate.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let promoted = host.http.post(host.url("/api/plugins/analytics/promote?force=true")).send().await;
+    assert!(promoted.is_err(), "the host died mid-promotion: {promoted:?}");
+    assert!(!flag.path().exists(), "the crash hook ran");
+    host.kill9();
+    host.start();
+    host.caught_up("analytics").await;
+    let status = host.plugin("analytics").await;
+    assert_eq!(status["version"], hex_sha256(&candidate), "it came back as the promoted version: {status}");
+    let saved = std::fs::read(host.dir.path().join("plugins/analytics.wasm")).unwrap();
+    assert_eq!(saved, candidate, "the promoted component was written to the plugins directory");
+    assert_eq!(host.query("analytics", "").await, json!({"count": 50}), "with the promoted state");
+    assert!(host.log().contains("finished writing the files of a promotion"), "{}", host.log_tail());
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(bytes))
 }

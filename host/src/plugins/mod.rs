@@ -162,6 +162,7 @@ impl Plugins {
     /// Load every `*.wasm` of `dir`. A plugin that fails to load is listed as failed with
     /// its error; the others start regardless.
     pub fn load_dir(&self) -> std::io::Result<()> {
+        self.finish_promotions();
         let dir = self.dir.clone();
         let mut names: Vec<String> = std::fs::read_dir(dir)?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -461,19 +462,52 @@ impl Plugins {
         let Shadow { running, component, manifest, wasm, manifest_text } = *shadow;
         let hash = component.hash.clone();
         tokio::task::block_in_place(|| stop(running));
+        let version = saved_version::encode(&wasm, manifest_text.as_deref());
         self.ask(name, |reply| Command::Promote {
             shadow_namespace: shadow_namespace(name),
             component,
             manifest: Box::new(manifest),
+            version,
             reply,
         })
         .await?;
+        if let Some(flag) = std::env::var_os(CRASH_AFTER_PROMOTION)
+            && std::fs::remove_file(&flag).is_ok()
+        {
+            // The crash test's worst moment: committed, files not written yet.
+            std::process::abort();
+        }
         if let Some(live) = self.lock().get_mut(name) {
             live.hash = Some(hash);
             live.manifest_text.clone_from(&manifest_text);
         }
-        self.write_files(name, &wasm, manifest_text.as_deref())
+        self.save_promotion(name, &wasm, manifest_text.as_deref())
             .map_err(|source| failed(name, Failure::NotSaved { done: "promoted", source }))
+    }
+
+    /// Write a promoted version's files, then forget the store's copy of it.
+    fn save_promotion(&self, name: &str, wasm: &[u8], manifest_text: Option<&str>) -> std::io::Result<()> {
+        self.write_files(name, wasm, manifest_text)?;
+        self.deps.store.promotion_saved(name).map_err(std::io::Error::other)
+    }
+
+    /// Promotions committed before a crash whose files were not written: write them now,
+    /// before the directory is loaded, so each plugin starts as the version its state is.
+    fn finish_promotions(&self) {
+        let pending = match self.deps.store.promotions() {
+            Ok(pending) => pending,
+            Err(error) => return tracing::error!(%error, "reading the promotions under way failed"),
+        };
+        for (name, version) in pending {
+            let saved = saved_version::decode(&version)
+                .and_then(|(wasm, manifest)| self.save_promotion(&name, wasm, manifest.as_deref()));
+            match saved {
+                Ok(()) => {
+                    tracing::info!(plugin = %name, "finished writing the files of a promotion a stop interrupted")
+                }
+                Err(error) => tracing::error!(plugin = %name, %error, "writing the files of a promoted version failed"),
+            }
+        }
     }
 
     /// `install`, then keep the files in the plugins directory so the version outlives a
@@ -559,6 +593,49 @@ impl Plugins {
             },
         }
         write_atomically(&self.dir.join(format!("{name}.wasm")), wasm)
+    }
+}
+
+/// Names a file in a host's environment: while that file exists, the host removes it and
+/// aborts right after committing a promotion, before the files are written (once: the crash
+/// test's way to die at the worst moment, then start again).
+const CRASH_AFTER_PROMOTION: &str = "OWLERY_TEST_CRASH_AFTER_PROMOTION";
+
+/// A promoted version as the store keeps it with the promotion: the manifest's length (4
+/// bytes, big-endian; all ones for none), the manifest, then the component.
+mod saved_version {
+    const NO_MANIFEST: u32 = u32::MAX;
+
+    pub fn encode(wasm: &[u8], manifest: Option<&str>) -> Vec<u8> {
+        let manifest = manifest.map(str::as_bytes);
+        let len = manifest.map_or(NO_MANIFEST, |m| u32::try_from(m.len()).expect("a manifest is under 4 GiB"));
+        let mut bytes = Vec::with_capacity(4 + manifest.map_or(0, <[u8]>::len) + wasm.len());
+        bytes.extend_from_slice(&len.to_be_bytes());
+        bytes.extend_from_slice(manifest.unwrap_or_default());
+        bytes.extend_from_slice(wasm);
+        bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> std::io::Result<(&[u8], Option<String>)> {
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "a promoted version that does not read back");
+        let (len, rest) = bytes.split_first_chunk::<4>().ok_or_else(bad)?;
+        let len = u32::from_be_bytes(*len);
+        if len == NO_MANIFEST {
+            return Ok((rest, None));
+        }
+        let (manifest, wasm) = rest.split_at_checked(len as usize).ok_or_else(bad)?;
+        Ok((wasm, Some(String::from_utf8(manifest.to_vec()).map_err(|_| bad())?)))
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn reads_back_what_it_wrote() {
+        for manifest in [None, Some(""), Some("[limits]\nmemory_mb = 8\n")] {
+            let bytes = encode(b"\0asm...", manifest);
+            let (wasm, read) = decode(&bytes).unwrap();
+            assert_eq!((wasm, read.as_deref()), (&b"\0asm..."[..], manifest));
+        }
+        assert!(decode(&[0, 0, 0, 9, 1]).is_err() && decode(&[1]).is_err());
     }
 }
 

@@ -36,6 +36,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// to which it had handled the stream when the replay began (its broadcasts below them are
 /// not sent again)
 const REPLAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("replays");
+/// plugin → the version a promotion committed (see `Store::promote_namespace`), until its
+/// files are in the plugins directory
+const PROMOTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("promotions");
 /// broadcast id → fan-out offset, for the records mirrored from a shared fan-out log
 const FANOUT_IDS: TableDefinition<u128, u64> = TableDefinition::new("fanout_ids");
 /// fan-out offset → broadcast id, to forget the oldest ids
@@ -91,6 +94,7 @@ impl Store {
         txn.open_table(OUTBOX)?;
         txn.open_table(OUTBOX_ASIDE)?;
         txn.open_table(REPLAYS)?;
+        txn.open_table(PROMOTIONS)?;
         txn.open_table(FANOUT_IDS)?;
         txn.open_table(FANOUT_ID_AT)?;
         {

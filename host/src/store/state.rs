@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use redb::ReadableTable;
+use redb::{ReadableDatabase, ReadableTable};
 
-use super::{OFFSETS, REPLAYS, STATE, Store, StoreError};
+use super::{OFFSETS, PROMOTIONS, REPLAYS, STATE, Store, StoreError};
 
 /// (topic, partition, offset)
 pub type PartitionOffset = (String, u32, u64);
@@ -114,16 +114,22 @@ impl Store {
     }
 
     /// Make `from`'s state and offsets `to`'s, in one transaction (a shadow's promotion).
-    /// `to`'s old state and offsets are dropped, and `from` is left empty.
+    /// `to`'s old state and offsets are dropped, and `from` is left empty. `version` (the
+    /// promoted component and manifest, as the registry encodes them) is kept in the same
+    /// transaction until `promotion_saved`: a host that dies before the plugins directory
+    /// holds the new files writes them at start, so the promoted state never runs under the
+    /// old version.
     pub fn promote_namespace(
         &self,
         from: &str,
         to: &str,
         handled: &[PartitionOffset],
+        version: &[u8],
     ) -> Result<Option<Vec<PartitionOffset>>, StoreError> {
         let txn = self.db.begin_write()?;
         let behind: Vec<PartitionOffset>;
         {
+            txn.open_table(PROMOTIONS)?.insert(to, version)?;
             let mut state = txn.open_table(STATE)?;
             state.retain(|(owner, _), _| owner != to)?;
             let moved: Vec<(String, Vec<u8>)> = state
@@ -171,6 +177,28 @@ impl Store {
         }
         txn.commit()?;
         Ok((!behind.is_empty()).then_some(behind))
+    }
+}
+
+impl Store {
+    /// Promotions committed whose files may not be in the plugins directory yet: (plugin,
+    /// its version as `promote_namespace` was given it).
+    pub fn promotions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PROMOTIONS)?;
+        let mut all = Vec::new();
+        for entry in table.iter()? {
+            let (name, version) = entry?;
+            all.push((name.value().to_owned(), version.value().to_vec()));
+        }
+        Ok(all)
+    }
+
+    /// The promoted version of `plugin` is in the plugins directory.
+    pub fn promotion_saved(&self, plugin: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(PROMOTIONS)?.remove(plugin)?;
+        Ok(txn.commit()?)
     }
 }
 

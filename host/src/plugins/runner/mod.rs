@@ -84,6 +84,8 @@ pub enum Command {
         shadow_namespace: String,
         component: LoadedComponent,
         manifest: Box<Manifest>,
+        /// The component and manifest, encoded, kept with the promotion's commit.
+        version: Vec<u8>,
         reply: Reply,
     },
     Stop,
@@ -412,13 +414,16 @@ impl Runner {
                 let _ = reply.send(result);
                 self.publish_state();
             }
+            // The state is published before the answer, so a status read after it says so.
             Command::Replay { from, reply } => {
-                let _ = reply.send(self.start_replay(from));
+                let started = self.start_replay(from);
                 self.publish_state();
+                let _ = reply.send(started);
             }
-            Command::Promote { shadow_namespace, component, manifest, reply } => {
-                let _ = reply.send(self.promote(&shadow_namespace, component, *manifest));
+            Command::Promote { shadow_namespace, component, manifest, version, reply } => {
+                let promoted = self.promote(&shadow_namespace, component, *manifest, &version);
                 self.publish_state();
+                let _ = reply.send(promoted);
             }
         }
         ControlFlow::Continue(())

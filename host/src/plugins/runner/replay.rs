@@ -158,7 +158,8 @@ impl Runner {
                 Some(ReplayProgress { done: 0, total, started_at: crate::envelope::now_rfc3339(), finished_at: None });
             s.processed = 0;
         });
-        self.update_replay_progress();
+        // Nothing to read (a timestamp after everything): over at once.
+        self.finish_replay_if_done();
         Ok(())
     }
 

@@ -65,12 +65,14 @@ impl Runner {
         shadow_namespace: &str,
         component: LoadedComponent,
         manifest: Manifest,
+        version: &[u8],
     ) -> Result<(), RunnerError> {
         // What live had handled (a replay under way counts with its target): the promoted
         // state's catch-up up to there is kept quiet, in the promotion's own transaction, so
         // a crash right after it broadcasts nothing again.
         let handled = Replay::handled(self.lifecycle.any_replay(), &self.positions);
-        let behind = self.deps.store.promote_namespace(shadow_namespace, &self.namespace, &handled.to_commit())?;
+        let behind =
+            self.deps.store.promote_namespace(shadow_namespace, &self.namespace, &handled.to_commit(), version)?;
         self.version = Version::new(component, manifest);
         self.instance = None;
         self.reload_positions();
