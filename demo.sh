@@ -14,11 +14,15 @@ for plugin in ws-broadcast analytics alerts; do
     mv "plugins/.${plugin}.wasm.tmp" "plugins/${plugin}.wasm"
 done
 # The JavaScript plugin (presence) too, when npm is there: componentize-js from npm.
+# A failure there (no network for npm, say) leaves it out rather than stopping the demo.
 if command -v npm >/dev/null; then
-    (cd plugins/js && { cmp -s package-lock.json node_modules/.package-lock.json || npm ci --no-audit --no-fund --loglevel=error; } &&
-        node sdk/build.mjs presence/presence.js ../target/wasm32-wasip2/release/presence.wasm)
-    cp plugins/target/wasm32-wasip2/release/presence.wasm plugins/.presence.wasm.tmp
-    mv plugins/.presence.wasm.tmp plugins/presence.wasm
+    if (cd plugins/js && { cmp -s package-lock.json node_modules/.package-lock.json || npm ci --no-audit --no-fund --loglevel=error; } &&
+        node sdk/build.mjs presence/presence.js ../target/wasm32-wasip2/release/presence.wasm); then
+        cp plugins/target/wasm32-wasip2/release/presence.wasm plugins/.presence.wasm.tmp
+        mv plugins/.presence.wasm.tmp plugins/presence.wasm
+    else
+        echo "building the JavaScript plugin (presence) failed: it is left out" >&2
+    fi
 else
     echo "npm not found: the JavaScript plugin (presence) is left out" >&2
 fi

@@ -128,7 +128,7 @@ async fn one_by_one(store: &Arc<Store>, log: &dyn EventLog, entries: Vec<(u64, A
 /// again however long we wait), not because its storage or connection failed (which can
 /// come back). Only these count towards setting entries aside. The match names every cause,
 /// so that a new one has to be placed on one side or the other.
-fn is_refusal(error: &LogError) -> bool {
+pub(crate) fn is_refusal(error: &LogError) -> bool {
     match error {
         LogError::Unavailable(_) => false,
         LogError::NoSuchTopic(_) | LogError::NoSuchPartition { .. } => true,
@@ -160,49 +160,12 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    use async_trait::async_trait;
-    use tokio::sync::watch;
-
     use super::*;
     use crate::envelope::Envelope;
     use crate::log::embedded::EmbeddedLog;
-    use crate::log::{Appended, Record, Unavailable};
+    use crate::log::Unavailable;
+    use crate::log::failing::Failing;
     use crate::store::BatchCommit;
-
-    /// The real embedded log, except that an append fails with what `fail` answers for its
-    /// entries, when it answers something.
-    struct Failing<F> {
-        log: EmbeddedLog,
-        fail: F,
-    }
-
-    #[async_trait]
-    impl<F: Fn(&[AppendItem]) -> Option<LogError> + Send + Sync + 'static> EventLog for Failing<F> {
-        async fn ensure_topics(&self, topics: &[String]) -> Result<(), LogError> {
-            self.log.ensure_topics(topics).await
-        }
-        async fn append(&self, items: Vec<AppendItem>) -> Result<Vec<Appended>, LogError> {
-            if let Some(error) = (self.fail)(items.as_slice()) {
-                return Err(error);
-            }
-            self.log.append(items).await
-        }
-        async fn poll(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError> {
-            self.log.poll(topic, partition, from, max).await
-        }
-        async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
-            self.log.partitions(topic).await
-        }
-        async fn high_watermark(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-            self.log.high_watermark(topic, partition).await
-        }
-        async fn topics(&self) -> Result<Vec<String>, LogError> {
-            self.log.topics().await
-        }
-        fn changes(&self) -> watch::Receiver<u64> {
-            self.log.changes()
-        }
-    }
 
     /// Refuses, every time, any append holding an entry for topic `refused` (neither real
     /// log refuses a single entry today; this is the defence for one that does).

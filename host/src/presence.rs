@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::auth::{Grant, ROOM_ALL};
 use crate::envelope::{Envelope, now_rfc3339};
-use crate::log::{AppendItem, EventLog};
+use crate::log::{AppendItem, EventLog, LogError};
 use crate::routing::Routing;
 
 /// The `[presence]` table.
@@ -70,7 +70,8 @@ pub struct Presence {
     budgets: Arc<Budgets>,
 }
 
-/// Presence changes each token may still make: a bucket per token subject, refilled at
+/// Presence changes each token may still make: a bucket per token subject (per address for
+/// clients that name no user), refilled at
 /// `per_minute` a minute, holding at most a minute's worth.
 #[derive(Default)]
 struct Budgets {
@@ -119,18 +120,27 @@ impl Presence {
     /// A client connected in `rooms` (`all` aside) over `transport`; it reports until it
     /// is dropped, which says it disconnected. Refused when its token has made too many
     /// changes lately (the client is then to be turned away).
+    /// `peer` is the client's address: the budget of a client that names no user (no
+    /// token, or one without a subject) is its address's, not one shared by every
+    /// anonymous client (where one of them could use it all up for the rest).
     pub fn connect<'r>(
         &self,
         grant: &Grant,
+        peer: Option<std::net::IpAddr>,
         transport: &'static str,
         rooms: impl IntoIterator<Item = &'r String>,
     ) -> Result<Connection, TooManyChanges> {
         let rooms: Vec<&String> = rooms.into_iter().filter(|r| r.as_str() != ROOM_ALL).collect();
         let id = Uuid::new_v4();
+        let subject = match (&grant.user, peer) {
+            (Some(_), _) => grant.subject.clone(),
+            (None, Some(peer)) => format!("{}@{peer}", grant.subject),
+            (None, None) => grant.subject.clone(),
+        };
         let connection = Connection {
             presence: self.clone(),
             user: grant.user.clone().unwrap_or_else(|| format!("anonymous:{id}")),
-            subject: grant.subject.clone(),
+            subject,
             id,
             transport,
             rooms: Mutex::new(BTreeSet::new()),
@@ -239,13 +249,95 @@ async fn append_all(mut events: mpsc::Receiver<Envelope>, log: Arc<dyn EventLog>
                 AppendItem { topic: route.topic().to_owned(), key: route.key_of(&envelope), envelope }
             })
             .collect();
-        // However long the log refuses them (a full disk, Iggy down): like the outbox, nothing
-        // accepted is dropped; meanwhile the queue fills, and past it new changes are.
-        let mut backoff = Duration::from_millis(100);
-        while let Err(error) = log.append(items.clone()).await {
-            tracing::warn!(%error, events = items.len(), "appending presence events failed; trying again");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+        // However long the log cannot take them (a full disk, Iggy down): like the outbox,
+        // nothing accepted is dropped; meanwhile the queue fills, and past it new changes are.
+        // An append refused for what is in it would be refused for ever: each event is then
+        // tried alone, and one refused alone is dropped (logged), not retried for good.
+        let Err(error) = append_until_taken_or_refused(&*log, items.clone()).await else { continue };
+        tracing::warn!(%error, events = items.len(), "the log refused presence events; trying each alone");
+        for item in items {
+            let event_type = item.envelope.event_type.clone();
+            if let Err(error) = append_until_taken_or_refused(&*log, vec![item]).await {
+                tracing::error!(%error, event_type, "the log refused a presence event; dropped");
+            }
         }
+    }
+}
+
+/// Append `items`, again and again while the log fails for reasons of its own; the error
+/// once it refuses them for what they are.
+async fn append_until_taken_or_refused(log: &dyn EventLog, items: Vec<AppendItem>) -> Result<(), LogError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match log.append(items.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(error) if crate::outbox::is_refusal(&error) => return Err(error),
+            Err(error) => {
+                tracing::warn!(%error, events = items.len(), "appending presence events failed; trying again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::embedded::EmbeddedLog;
+    use crate::log::failing::Failing;
+    use crate::log::{StorageError, Unavailable};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn user(name: &str) -> Grant {
+        Grant { user: Some(name.into()), subject: name.into(), ..Grant::everything() }
+    }
+
+    /// Presence events of `log`'s topic, by user, as appended.
+    async fn users_in(log: &dyn EventLog) -> Vec<String> {
+        let records = log.poll("presence-events", 0, 0, 100).await.unwrap();
+        let envelope = |r: &crate::log::Record| Envelope::from_bytes(&r.payload).unwrap();
+        records.iter().map(|r| envelope(r).user_id.unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn an_event_the_log_refuses_is_dropped_and_the_rest_go_out_and_outages_are_waited_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let unavailable = Arc::new(AtomicU32::new(3));
+        let left = unavailable.clone();
+        // Refuses anything of user "bad", every time; first fails three times as a log that is down.
+        let fail = move |items: &[AppendItem]| -> Option<LogError> {
+            if left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Some(Unavailable::Closing.into());
+            }
+            items.iter().any(|i| i.envelope.user_id.as_deref() == Some("bad")).then(|| {
+                StorageError::Topic { topic: "presence-events".into(), reason: "refused for the test".into() }.into()
+            })
+        };
+        let log = Arc::new(Failing { log: EmbeddedLog::open(dir.path(), 1).unwrap(), fail });
+        log.ensure_topics(&["presence-events".into()]).await.unwrap();
+        let config = PresenceConfig { enabled: true, max_changes_per_minute: 600 };
+        let (presence, task) = Presence::start(&config, log.clone(), Arc::new(Routing::default()));
+        let task = tokio::spawn(task);
+        // Queued before the task runs: one round, with the refused one in the middle.
+        let connections: Vec<Connection> = ["ana", "bad", "bo"]
+            .iter()
+            .map(|name| presence.connect(&user(name), None, "websocket", std::iter::empty()).unwrap())
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while users_in(&*log).await.len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "presence stopped: {:?}", users_in(&*log).await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(unavailable.load(Ordering::SeqCst), 0, "the outage was waited out");
+        assert_eq!(users_in(&*log).await, ["ana", "bo"], "the others went out, in order");
+        // And presence goes on after it.
+        drop(connections);
+        while users_in(&*log).await.len() < 4 {
+            assert!(std::time::Instant::now() < deadline, "presence stopped: {:?}", users_in(&*log).await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(users_in(&*log).await, ["ana", "bo", "ana", "bo"]);
+        task.abort();
     }
 }

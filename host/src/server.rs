@@ -139,7 +139,9 @@ pub async fn serve(
         producer_topics,
         store: store.clone(),
     };
-    axum::serve(tuned(listener, config.socket_send_buffer), router(state, socketio))
+    // With each connection's address (presence budgets clients without a user by address).
+    let app = router(state, socketio).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(tuned(listener, config.socket_send_buffer), app)
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ServeError::Http)?;
@@ -239,7 +241,10 @@ async fn start_plugins(
 
 /// Every accepted connection without Nagle's delay and, if configured, with a smaller send
 /// buffer (a client that stops reading is noticed sooner).
-fn tuned(listener: TcpListener, send_buffer: usize) -> impl axum::serve::Listener<Addr = SocketAddr> {
+fn tuned(
+    listener: TcpListener,
+    send_buffer: usize,
+) -> axum::serve::TapIo<TcpListener, impl FnMut(&mut tokio::net::TcpStream) + Send + 'static> {
     axum::serve::ListenerExt::tap_io(listener, move |tcp: &mut tokio::net::TcpStream| {
         let _ = tcp.set_nodelay(true);
         if send_buffer > 0 {

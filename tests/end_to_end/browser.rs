@@ -78,6 +78,9 @@ async fn an_offset_from_a_reset_log_is_reported_not_silently_skipped() {
 
     let mut ahead = host.ws("?since=999").await;
     assert_eq!(ahead.next_json(Duration::from_secs(10)).await.unwrap()["type"], "reset");
+    // The largest offset a client can name is past the end too (no overflow after it).
+    let mut farthest = host.ws(&format!("?since={}", i64::MAX)).await;
+    assert_eq!(farthest.next_json(Duration::from_secs(10)).await.unwrap()["type"], "reset");
     let mut everything = host.ws("?since=-1").await;
     assert_eq!(everything.next_event(Duration::from_secs(10)).await.unwrap()["offset"], 0);
 }

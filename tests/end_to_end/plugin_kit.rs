@@ -60,39 +60,48 @@ async fn live_broadcast(host: &Host, wasm: &Path, name: &str, manifest: &Path) -
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_new_rust_plugin_goes_from_scaffold_to_live_events_outside_the_repository() {
-    let root = tempfile::tempdir().unwrap();
-    let project = root.path().join("counter");
-    let made = owlery(&["plugin", "new", "counter", "--dir", project.to_str().unwrap()], root.path());
-    assert!(made.status.success(), "{}", text(&made));
-    assert!(text(&made).contains("cargo build --release"), "it says how to build: {}", text(&made));
-    // The documented command; a target directory shared across runs, to build once.
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-kit-target");
-    run_in(&project, "cargo", &["build", "--release"], &[("CARGO_TARGET_DIR", target.to_str().unwrap())]);
-    let wasm = target.join("wasm32-wasip2/release/counter.wasm");
-    let manifest = project.join("counter.toml");
-
-    // Offline, over the sample events: each handled, counted and broadcast.
-    let args = ["plugin", "test", wasm.to_str().unwrap(), "--manifest", manifest.to_str().unwrap()];
-    let tested = owlery(&[&args[..], &["--events", "events.jsonl", "--json", "--query", "{}"]].concat(), &project);
-    assert!(tested.status.success(), "{}", text(&tested));
-    let lines = json_lines(&tested);
+/// The scaffold's example over its three sample events, as `plugin test --json` printed it:
+/// each handled, counted and broadcast to `all`, then the query's answer.
+fn assert_counted_the_samples(tested: &Output) {
+    assert!(tested.status.success(), "{}", text(tested));
+    let lines = json_lines(tested);
     assert_eq!(lines.len(), 4, "three events and the query: {lines:?}");
     for (n, line) in lines[..3].iter().enumerate() {
         assert_eq!(line["outcome"], "handled", "{line}");
         assert_eq!(line["broadcasts"][0]["room"], "all");
         assert_eq!(line["broadcasts"][0]["payload"]["count"], n + 1);
-        assert_eq!(line["state"], json!([{"key": "count", "value": n + 1}]));
+        assert_eq!(line["state"], json!([{"key": "count", "value": n + 1}]), "{line}");
     }
     assert_eq!(lines[3]["answer"], json!({"count": 3}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_rust_plugin_goes_from_scaffold_to_live_events_outside_the_repository() {
+    // The README's commands word for word, in a directory outside the repository.
+    let root = tempfile::tempdir().unwrap();
+    let made = owlery(&["plugin", "new", "my-counter"], root.path());
+    assert!(made.status.success(), "{}", text(&made));
+    assert!(text(&made).contains("cargo build --release"), "it says how to build: {}", text(&made));
+    let project = root.path().join("my-counter");
+    // The one build command. The project's own target directory is kept across runs (built
+    // once) and linked into place, so the README's path to the component is the one used.
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-kit-target");
+    std::fs::create_dir_all(&target).unwrap();
+    std::os::unix::fs::symlink(&target, project.join("target")).unwrap();
+    run_in(&project, "cargo", &["build", "--release"], &[]);
+    let wasm = "target/wasm32-wasip2/release/my_counter.wasm";
+
+    // Offline, over the sample events, with the manifest found in the project (./my-counter.toml).
+    let tested = owlery(&["plugin", "test", wasm, "--events", "events.jsonl", "--json", "--query", "{}"], &project);
+    assert!(text(&tested).contains("using the manifest my-counter.toml"), "{}", text(&tested));
+    assert_counted_the_samples(&tested);
     // The text form says the same for people.
-    let human = owlery(&[&args[..], &["--events", "events.jsonl"]].concat(), &project);
+    let human = owlery(&["plugin", "test", wasm, "--events", "events.jsonl"], &project);
     assert!(text(&human).contains("broadcast  room all"), "{}", text(&human));
 
     // Deployed to a running host: it receives live events.
     let host = Host::with_plugins(&[]);
-    let frame = live_broadcast(&host, &wasm, "counter", &manifest).await;
+    let frame = live_broadcast(&host, &project.join(wasm), "my-counter", &project.join("my-counter.toml")).await;
     assert_eq!(frame["event"]["eventType"], "incident.created");
     assert_eq!(frame["event"]["count"], 1);
 }
@@ -159,16 +168,10 @@ async fn a_new_javascript_plugin_goes_from_scaffold_to_live_events_outside_the_r
     let (wasm, manifest) = (project.join("greeter.wasm"), project.join("greeter.toml"));
 
     let args = ["plugin", "test", wasm.to_str().unwrap(), "--manifest", manifest.to_str().unwrap()];
-    let tested = owlery(&[&args[..], &["--events", "events.jsonl", "--json", "--query", "{}"]].concat(), &project);
-    assert!(tested.status.success(), "{}", text(&tested));
-    let lines = json_lines(&tested);
-    assert_eq!(lines.len(), 4, "three events and the query: {lines:?}");
-    for (n, line) in lines[..3].iter().enumerate() {
-        assert_eq!(line["outcome"], "handled", "{line}");
-        assert_eq!(line["broadcasts"][0]["room"], "all");
-        assert_eq!(line["broadcasts"][0]["payload"]["count"], n + 1);
-    }
-    assert_eq!(lines[3]["answer"], json!({"count": 3}));
+    assert_counted_the_samples(&owlery(
+        &[&args[..], &["--events", "events.jsonl", "--json", "--query", "{}"]].concat(),
+        &project,
+    ));
 
     let host = Host::with_plugins(&[]);
     let frame = live_broadcast(&host, &wasm, "greeter", &manifest).await;

@@ -72,6 +72,12 @@ fn resume(hello: &Value) -> Resume {
     }
 }
 
+/// The client's address, as the server's listener saw it.
+fn peer_of(socket: &SocketRef) -> Option<std::net::IpAddr> {
+    let info = socket.req_parts().extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()?;
+    Some(info.0.ip())
+}
+
 fn refuse(socket: &SocketRef, error: String, disconnect: bool) {
     let _ = socket.emit("error", &json!({ "error": error }));
     if disconnect {
@@ -255,7 +261,7 @@ pub fn layer(auth: Arc<Auth>, hub: Hub) -> (socketioxide::layer::SocketIoLayer, 
                 return refuse(&socket, format!("at most {} rooms per client", hub.limits().max_rooms), true);
             }
             // Says `user.disconnected` when the socket goes.
-            let presence = match hub.presence().connect(&grant, "socket.io", rooms.iter()) {
+            let presence = match hub.presence().connect(&grant, peer_of(&socket), "socket.io", rooms.iter()) {
                 Ok(presence) => Arc::new(presence),
                 Err(e) => return refuse(&socket, e.to_string(), true),
             };

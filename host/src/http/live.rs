@@ -56,6 +56,7 @@ const WRITE_BUFFER: usize = 16 << 10;
 pub(super) async fn websocket(
     State(state): State<AppState>,
     axum::Extension(grant): axum::Extension<Grant>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     Query(params): Query<WsParams>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
@@ -81,7 +82,7 @@ pub(super) async fn websocket(
     let presence = state
         .hub
         .presence()
-        .connect(&grant, "websocket", rooms.iter())
+        .connect(&grant, peer.map(|p| p.0.0.ip()), "websocket", rooms.iter())
         .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()))?;
     let hub = state.hub.clone();
     // A client sends little (subscribe, unsubscribe): a 4 KiB read buffer, grown for a

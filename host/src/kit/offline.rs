@@ -28,7 +28,7 @@ pub struct TestArgs {
     /// Events, one JSON envelope per line (as producers POST them).
     #[arg(long)]
     pub events: PathBuf,
-    /// The manifest [default: the .toml beside the .wasm, if any, else the defaults].
+    /// The manifest [default: the .toml beside the .wasm, else ./NAME.toml, else the defaults].
     #[arg(long)]
     pub manifest: Option<PathBuf>,
     /// The plugin's name (in the ids it makes) [default: the file's stem].
@@ -101,22 +101,27 @@ struct Outcome {
 pub fn run(args: &TestArgs) -> Result<(), OfflineError> {
     let read = |path: &Path| std::fs::read(path).map_err(|source| OfflineError::Read { path: path.to_owned(), source });
     let wasm = read(&args.wasm)?;
-    let manifest_path = args.manifest.clone().unwrap_or_else(|| args.wasm.with_extension("toml"));
-    let manifest = match std::fs::read_to_string(&manifest_path) {
-        Ok(text) => {
-            Manifest::parse(&text).map_err(|error| OfflineError::Manifest { error, path: manifest_path.clone() })?
-        }
-        Err(_) if args.manifest.is_none() => Manifest::default(),
-        Err(source) => return Err(OfflineError::Read { path: manifest_path, source }),
-    };
     let events = read_events(&args.events, &read(&args.events)?)?;
     let name = args
         .name
         .clone()
         .unwrap_or_else(|| args.wasm.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").replace('_', "-"));
+    let manifest = find_manifest(args, &name)?;
 
-    let cache = std::env::temp_dir().join("owlery-plugin-test-cache");
-    let compile = Duration::from_secs(120);
+    // Compiled code is loaded from this cache without a check (wasmtime trusts what it
+    // serialised), so it lives in a directory only this user can write, never in a shared
+    // one such as /tmp where another user could plant native code.
+    let scratch;
+    let cache = match private_cache_dir() {
+        Some(dir) => dir,
+        None => {
+            scratch =
+                tempfile::tempdir().map_err(|source| OfflineError::Read { path: std::env::temp_dir(), source })?;
+            scratch.path().to_owned()
+        }
+    };
+    // The host's own compile limit, so a plugin that compiles here compiles there.
+    let compile = Duration::from_millis(crate::config::Config::default().compile_timeout_ms);
     let loading = |error| OfflineError::Load { error, path: args.wasm.clone() };
     let runtime = Runtime::new(&cache, compile).map_err(loading)?;
     let component = runtime.load(&wasm).map_err(loading)?;
@@ -173,6 +178,49 @@ pub fn run(args: &TestArgs) -> Result<(), OfflineError> {
         return Err(OfflineError::DeadLetters(dead, total));
     }
     Ok(())
+}
+
+/// The manifest: `--manifest`, else the `.toml` beside the `.wasm` (where the host's plugins
+/// directory keeps it), else `NAME.toml` in the working directory (a scaffolded project's
+/// root, where `cargo build` leaves the `.wasm` deep in `target/`), else the defaults, said
+/// so on stderr: the defaults subscribe to every event and grant no capability.
+fn find_manifest(args: &TestArgs, name: &str) -> Result<Manifest, OfflineError> {
+    let parse = |path: PathBuf, text: String| {
+        Manifest::parse(&text).map_err(|error| OfflineError::Manifest { error, path: path.clone() })
+    };
+    if let Some(path) = &args.manifest {
+        let text = std::fs::read_to_string(path).map_err(|source| OfflineError::Read { path: path.clone(), source })?;
+        return parse(path.clone(), text);
+    }
+    for path in [args.wasm.with_extension("toml"), PathBuf::from(format!("{name}.toml"))] {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            eprintln!("using the manifest {}", path.display());
+            return parse(path, text);
+        }
+    }
+    eprintln!(
+        "no manifest found ({} or ./{name}.toml; give one with --manifest): using the defaults, \
+         every event and no capabilities",
+        args.wasm.with_extension("toml").display()
+    );
+    Ok(Manifest::default())
+}
+
+/// `$XDG_CACHE_HOME/owlery/plugin-test` (or `~/.cache/...`), made private to this user
+/// (0700; changing the mode succeeds only for its owner); `None` when there is none.
+fn private_cache_dir() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
+    let owlery = base.join("owlery");
+    let dir = owlery.join("plugin-test");
+    std::fs::create_dir_all(&dir).ok()?;
+    for path in [&owlery, &dir] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).ok()?;
+    }
+    Some(dir)
 }
 
 /// The events of a JSON-lines file, validated as the host validates a producer's (blank

@@ -17,7 +17,7 @@ pub enum Lang {
 #[derive(Debug, thiserror::Error)]
 pub enum ScaffoldError {
     #[error(
-        "{0:?} is not a plugin name: 1 to 64 letters, digits, '-' and '_', starting with a letter \
+        "{0:?} is not a plugin name: 1 to 64 lowercase letters, digits, '-' and '_', starting with a letter \
          (it names the crate or package, the .wasm and the manifest)"
     )]
     Name(String),
@@ -52,12 +52,19 @@ const JS: &[File] = &[
     ("events.jsonl", include_str!("../../../plugins/js/template/events.jsonl")),
     ("README.md", include_str!("../../../plugins/js/template/README.md")),
     (".gitignore", "node_modules/\n*.wasm\n"),
+    // The versions this repository builds and tests with, pinned for the project too
+    // (the template's dependencies are plugins/js's own: checked by a test).
+    ("package-lock.json", JS_LOCK),
     // The JS SDK and its build script, as they are in this repository.
     ("sdk/owlery.js", include_str!("../../../plugins/js/sdk/owlery.js")),
     ("sdk/owlery.d.ts", include_str!("../../../plugins/js/sdk/owlery.d.ts")),
     ("sdk/build.mjs", include_str!("../../../plugins/js/sdk/build.mjs")),
     ("sdk/wit/owlery.wit", include_str!("../../../plugins/js/sdk/wit/owlery.wit")),
 ];
+
+/// plugins/js's lock, named for the project.
+const JS_LOCK: &str = include_str!("../../../plugins/js/package-lock.json");
+const JS_LOCK_NAME: &str = "\"name\": \"owlery-js-plugins\"";
 
 /// What `new` made: the directory, and the command that builds it.
 pub struct Scaffolded {
@@ -79,7 +86,10 @@ pub fn new(name: &str, lang: Lang, dir: Option<&Path>) -> Result<Scaffolded, Sca
         Lang::Rust => name.replace('-', "_"),
         Lang::Js => name.to_owned(),
     };
-    let fill = |text: &str| text.replace("{{name}}", name).replace("{{file}}", &file);
+    let fill = |text: &str| {
+        let named = format!("\"name\": {name:?}");
+        text.replace("{{name}}", name).replace("{{file}}", &file).replace(JS_LOCK_NAME, &named)
+    };
     let (files, build, wasm) = match lang {
         Lang::Rust => (RUST, "cargo build --release", format!("target/wasm32-wasip2/release/{file}.wasm")),
         Lang::Js => (JS, "npm install && npm run build", format!("{file}.wasm")),
@@ -95,11 +105,12 @@ pub fn new(name: &str, lang: Lang, dir: Option<&Path>) -> Result<Scaffolded, Sca
     Ok(Scaffolded { wasm: dir.join(wasm), dir, build })
 }
 
-/// What a plugin may be called: it names files, a crate and an npm package.
+/// What a plugin may be called: it names files, a crate and an npm package (npm refuses
+/// capitals).
 fn check_name(name: &str) -> Result<(), ScaffoldError> {
     let ok = (1..=64).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_uppercase())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if ok { Ok(()) } else { Err(ScaffoldError::Name(name.to_owned())) }
 }
 
@@ -120,9 +131,24 @@ mod tests {
         assert!(std::fs::read_to_string(dir.join("Cargo.toml")).unwrap().contains("name = \"my-counter\""));
         assert_eq!(std::fs::read_to_string(dir.join("README.md")).unwrap().lines().count(), 5);
         assert!(matches!(new("my-counter", Lang::Rust, Some(&dir)), Err(ScaffoldError::NotEmpty(_))));
-        for bad in ["", "9lives", "a/b", "../x", "x y", &"a".repeat(65)] {
+        for bad in ["", "9lives", "a/b", "../x", "x y", "Counter", &"a".repeat(65)] {
             assert!(matches!(new(bad, Lang::Js, Some(&root.path().join("q"))), Err(ScaffoldError::Name(_))), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_javascript_project_pins_the_versions_this_repository_tests_with() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("p");
+        new("greeter", Lang::Js, Some(&dir)).unwrap();
+        let read = |file: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap()
+        };
+        let (package, lock) = (read("package.json"), read("package-lock.json"));
+        assert_eq!(lock["name"], "greeter");
+        assert_eq!(lock["packages"][""]["name"], "greeter");
+        assert_eq!(lock["packages"][""]["devDependencies"], package["devDependencies"]);
+        assert_eq!(lock["packages"][""]["version"], package["version"]);
     }
 
     #[test]
@@ -140,5 +166,13 @@ mod tests {
         assert!(contract.contains(&package), "the host's CONTRACT is the WIT's package");
         let sdk = std::fs::read_to_string(root.join("plugins/sdk/src/lib.rs")).unwrap();
         assert!(sdk.contains(&format!("pub const CONTRACT: &str = {:?};", crate::runtime::CONTRACT)));
+        // The JS SDK names it and imports the host functions of that very version.
+        let js = std::fs::read_to_string(root.join("plugins/js/sdk/owlery.js")).unwrap();
+        let (package, version) = crate::runtime::CONTRACT.split_once('@').unwrap();
+        assert!(js.contains(&format!("export const CONTRACT = '{}';", crate::runtime::CONTRACT)));
+        assert!(
+            js.contains(&format!("from '{package}/host@{version}';")),
+            "owlery.js imports {package}/host@{version}"
+        );
     }
 }

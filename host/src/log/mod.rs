@@ -8,6 +8,8 @@ pub(crate) mod contract;
 mod dedup;
 pub mod embedded;
 mod error;
+#[cfg(test)]
+pub(crate) mod failing;
 mod group_commit;
 pub mod iggy;
 

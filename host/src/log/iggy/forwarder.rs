@@ -438,3 +438,25 @@ fn request_len(entries: &[(u64, SpoolEntry)]) -> usize {
     }
     take
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(sizes: &[usize]) -> Vec<(u64, SpoolEntry)> {
+        let entry =
+            |size: usize| SpoolEntry { topic: "t".into(), partition: 0, event_id: 1, payload: "x".repeat(size) };
+        sizes.iter().enumerate().map(|(seq, size)| (seq as u64, entry(*size))).collect()
+    }
+
+    #[test]
+    fn requests_are_split_by_bytes_and_entries_and_an_oversized_entry_goes_alone() {
+        // A backlog of 1 MiB entries: four fit one request, the fifth starts the next.
+        assert_eq!(request_len(&entries(&[1 << 20; 10])), 4);
+        // An entry bigger than a whole request still goes, alone.
+        assert_eq!(request_len(&entries(&[REQUEST_BYTES * 2, 10, 10])), 1);
+        assert_eq!(request_len(&entries(&[10, REQUEST_BYTES * 2])), 1);
+        // Small entries: capped by count.
+        assert_eq!(request_len(&entries(&[10; FORWARD_BATCH + 5])), FORWARD_BATCH);
+    }
+}
