@@ -4,7 +4,7 @@
 # cargo test (`./test.sh on_iggy` runs the Iggy tests only).
 #
 # Installs: the wasm32-wasip2 target (rustup), Chromium (apt), the Python Iggy SDK
-# apache-iggy==0.8.0 (pip), the npm packages in tests/node and plugins/js (npm ci:
+# apache-iggy==0.8.0 and Prometheus's Python client (its text-format parser) (pip), the npm packages in tests/node and plugins/js (npm ci:
 # socket.io-client, componentize-js). The Iggy server itself
 # is found, not installed: IGGY_SERVER_BIN, ../shared/iggy/iggy-server, or iggy-server on PATH.
 #
@@ -38,6 +38,13 @@ if ! skipping "${OWLERY_SKIP_BROWSER:-}"; then
         say "installing Chromium (apt), for the live feed page test"
         as_root apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+    fi
+fi
+
+if ! skipping "${OWLERY_SKIP_PYTHON:-}"; then
+    if ! python3 -c 'import prometheus_client' 2>/dev/null; then
+        say "installing prometheus-client==0.26.0 (pip), whose parser reads /metrics in a test"
+        python3 -m pip install --quiet --disable-pip-version-check prometheus-client==0.26.0
     fi
 fi
 

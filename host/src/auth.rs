@@ -18,6 +18,8 @@ pub enum Scope {
     /// Plugin queries (`GET /api/plugins/{name}/query`): totals across every room, so not
     /// part of `subscribe`.
     Query,
+    /// `GET /metrics`, for a Prometheus server (what every plugin is doing, no event data).
+    Metrics,
     Admin,
 }
 

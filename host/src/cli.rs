@@ -34,6 +34,13 @@ pub struct PluginsArgs {
     /// The host's base URL.
     #[arg(long, env = "OWLERY_URL", default_value = "http://127.0.0.1:8080", global = true)]
     pub url: String,
+    /// A token with the admin scope, sent as `Authorization: Bearer` (needed by any host
+    /// with auth on: every host not on loopback).
+    #[arg(long, env = "OWLERY_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Print the host's JSON answer as it is (for scripts), instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub action: PluginAction,
 }
@@ -116,6 +123,9 @@ pub struct ServeArgs {
     /// Which log to use [default: embedded].
     #[arg(long, env = "OWLERY_LOG", value_enum)]
     pub log: Option<LogBackend>,
+    /// How log lines are written: text, or json (one object per line) [default: text].
+    #[arg(long, env = "OWLERY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<crate::config::LogFormat>,
     /// Secret shared by hosts on one log: keys output ids and signs fan-out records (32+ bytes).
     #[arg(long, env = "OWLERY_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
@@ -234,15 +244,115 @@ pub async fn run_plugins(args: PluginsArgs) -> anyhow::Result<()> {
         PluginAction::Promote { name, force } => http.post(url(format!("/{name}/promote"))).query(&[("force", force)]),
         PluginAction::Discard { name } => http.delete(url(format!("/{name}/shadow"))),
     };
+    let request = match &args.token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
     let response = request.send().await.with_context(|| format!("cannot reach the host at {base}"))?;
     let status = response.status();
-    let body: serde_json::Value = response.json().await.unwrap_or(serde_json::Value::Null);
+    let text = response.text().await.unwrap_or_default();
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     if !status.is_success() {
+        // The host's own words: its `error`, and the field it names.
         let message = body.get("error").and_then(|e| e.as_str()).map_or_else(|| body.to_string(), str::to_owned);
-        bail!("{status}: {message}");
+        let field = body.get("field").and_then(|f| f.as_str()).map(|f| format!(" (field {f})")).unwrap_or_default();
+        let hint = if status == reqwest::StatusCode::UNAUTHORIZED && args.token.is_none() {
+            "\n(this host wants a token: --token or OWLERY_TOKEN)"
+        } else {
+            ""
+        };
+        bail!("the host answered {status}: {message}{field}{hint}");
     }
-    println!("{}", serde_json::to_string_pretty(&body)?);
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    match &args.action {
+        PluginAction::List => {
+            let plugins = body["plugins"].as_array().cloned().unwrap_or_default();
+            println!(
+                "{:<20} {:<10} {:<12} {:>8} {:>10} {:>6} {:>9}",
+                "NAME", "STATE", "VERSION", "LAG", "PROCESSED", "DEAD", "EVENTS/S"
+            );
+            for p in &plugins {
+                println!(
+                    "{:<20} {:<10} {:<12} {:>8} {:>10} {:>6} {:>9.1}",
+                    p["name"].as_str().unwrap_or("?"),
+                    p["state"].as_str().unwrap_or("?"),
+                    short_version(p),
+                    p["lag"],
+                    p["processed"],
+                    p["deadLetters"],
+                    p["eventsPerSecond"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+        PluginAction::Status { .. } => print!("{}", readable_status(&body)),
+        _ => println!("{}", serde_json::to_string_pretty(&body)?),
+    }
     Ok(())
+}
+
+fn short_version(status: &serde_json::Value) -> &str {
+    let version = status["version"].as_str().unwrap_or("?");
+    &version[..version.len().min(12)]
+}
+
+/// One plugin's status (`GET /api/plugins/NAME`) for people.
+pub fn readable_status(s: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}  {}  version {}",
+        s["name"].as_str().unwrap_or("?"),
+        s["state"].as_str().unwrap_or("?"),
+        short_version(s)
+    );
+    let _ = writeln!(
+        out,
+        "  processed {}  errors {}  dead letters {}  lag {}  events/s {:.1}  batches {} (avg {} us)",
+        s["processed"],
+        s["errors"],
+        s["deadLetters"],
+        s["lag"],
+        s["eventsPerSecond"].as_f64().unwrap_or(0.0),
+        s["batches"],
+        s["avgBatchMicros"]
+    );
+    if let Some(topics) = s["offsets"].as_object() {
+        for (topic, partitions) in topics {
+            let each: Vec<String> =
+                partitions.as_object().map(|p| p.iter().map(|(n, o)| format!("{n}:{o}")).collect()).unwrap_or_default();
+            let _ = writeln!(out, "  next offsets  {topic}  {}", each.join(" "));
+        }
+    }
+    if let Some(error) = s["lastError"].as_str() {
+        let _ = writeln!(out, "  last error: {error}");
+    }
+    if s["replay"].is_object() {
+        let r = &s["replay"];
+        let finished = r["finishedAt"].as_str().map(|at| format!(", finished {at}")).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  replay: {} of {} (started {}{finished})",
+            r["done"],
+            r["total"],
+            r["startedAt"].as_str().unwrap_or("?")
+        );
+    }
+    if s["shadow"].is_object() {
+        let sh = &s["shadow"];
+        let _ = writeln!(
+            out,
+            "  shadow: version {}  {}  lag {}  caught up: {}",
+            short_version(sh),
+            sh["state"].as_str().unwrap_or("?"),
+            sh["lag"],
+            if sh["caughtUp"] == true { "yes" } else { "no" }
+        );
+    }
+    out
 }
 
 #[cfg(test)]

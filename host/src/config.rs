@@ -66,6 +66,19 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Presence events the host publishes for fan-out clients (see `presence`).
     pub presence: PresenceConfig,
+    /// `/ready` answers 503 while more accepted events than this wait in the Iggy spool.
+    pub ready_max_spool_depth: u64,
+    /// `text` (for people) or `json` (one object per line, for machines); `OWLERY_LOG_FORMAT`.
+    pub log_format: LogFormat,
+}
+
+/// How the host writes its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for Config {
@@ -92,6 +105,8 @@ impl Default for Config {
             cluster_secret: None,
             routing: RoutingConfig::default(),
             presence: PresenceConfig::default(),
+            ready_max_spool_depth: 100_000,
+            log_format: LogFormat::Text,
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod http;
 pub mod keys;
 pub mod kit;
 pub mod log;
+pub mod metrics;
 pub mod outbox;
 pub mod plugins;
 pub mod presence;

@@ -162,8 +162,8 @@ mod tests {
 
     use super::*;
     use crate::envelope::Envelope;
-    use crate::log::embedded::EmbeddedLog;
     use crate::log::Unavailable;
+    use crate::log::embedded::EmbeddedLog;
     use crate::log::failing::Failing;
     use crate::store::BatchCommit;
 

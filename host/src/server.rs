@@ -138,7 +138,10 @@ pub async fn serve(
         max_upload,
         producer_topics,
         store: store.clone(),
+        ready_max_spool_depth: config.ready_max_spool_depth,
+        samples: Arc::default(),
     };
+    tasks.spawn(until(stop.clone(), crate::http::admin::sample_forever(state.clone())));
     // With each connection's address (presence budgets clients without a user by address).
     let app = router(state, socketio).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(tuned(listener, config.socket_send_buffer), app)

@@ -418,7 +418,7 @@ async fn pause_and_resume_from_the_cli() {
     host.caught_up("analytics").await;
     assert_eq!(host.query("analytics", "").await["total"], 2);
 
-    let (ok, out, err) = cli(&["list"]);
+    let (ok, out, err) = cli(&["--json", "list"]);
     assert!(ok, "{err}");
     let list: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(list["plugins"][0]["name"], "analytics");

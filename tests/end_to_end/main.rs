@@ -15,6 +15,7 @@ mod incident_map;
 mod lifecycle;
 mod misbehaving;
 mod on_iggy;
+mod operate;
 mod plugin_kit;
 mod publish;
 mod resume;

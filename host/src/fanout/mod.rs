@@ -111,6 +111,11 @@ impl Hub {
         &self.limits
     }
 
+    /// Clients connected now, `/ws` and Socket.IO together.
+    pub fn connected(&self) -> usize {
+        self.limits.max_clients.saturating_sub(self.clients.available_permits())
+    }
+
     /// A place for one more client, or `None` when `max_clients` are connected.
     pub fn admit(&self) -> Option<ClientSlot> {
         self.clients.clone().try_acquire_owned().ok()

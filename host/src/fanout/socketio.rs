@@ -91,7 +91,9 @@ pub struct Laggards(Arc<std::sync::Mutex<HashSet<Sid>>>);
 
 impl Laggards {
     fn add(&self, socket: &SocketRef) {
-        self.set().insert(socket.id);
+        if self.set().insert(socket.id) {
+            crate::metrics::metrics().slow_clients_cut.with_label_values(&["socket.io"]).inc();
+        }
         // Right away if its queue takes the disconnect; else the bridge tries again.
         if socket.clone().disconnect().is_ok() {
             self.set().remove(&socket.id);
@@ -350,7 +352,10 @@ async fn emit_waiting<T: serde::Serialize + ?Sized>(socket: &SocketRef, name: &s
     let deadline = tokio::time::Instant::now() + CATCH_UP_STALL;
     loop {
         match socket.emit(name, data) {
-            Ok(()) => return true,
+            Ok(()) => {
+                crate::metrics::metrics().frames("socket.io", 1);
+                return true;
+            }
             Err(socketioxide::SendError::Socket(SocketError::InternalChannelFull))
                 if tokio::time::Instant::now() < deadline =>
             {

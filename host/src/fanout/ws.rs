@@ -111,6 +111,7 @@ impl Hub {
             Ending::TooSlow(sent) => {
                 let resume = sent.map_or(String::new(), |s| format!(" since={s}"));
                 tracing::info!(last_offset = ?sent, "disconnecting a WebSocket client that fell too far behind");
+                crate::metrics::metrics().slow_clients_cut.with_label_values(&["websocket"]).inc();
                 Some(CloseFrame { code: 4008, reason: Utf8Bytes::from(format!("too slow: reconnect with{resume}")) })
             }
             Ending::Silent => Some(CloseFrame { code: 4000, reason: Utf8Bytes::from("no answer to pings") }),
@@ -297,6 +298,7 @@ async fn write_frames(
             }
             sink.flush().await?;
             bytes.written(fed.iter().sum());
+            crate::metrics::metrics().frames("websocket", fed.len());
             Ok::<(), axum::Error>(())
         };
         tokio::select! {

@@ -23,6 +23,7 @@ pub(super) struct PublishParams {
 }
 
 /// `POST /api/events`: one envelope or an array. All are validated before any is appended.
+#[utoipa::path(post, path = "/api/events", tag = "events", params(("topic" = Option<String>, Query, description = "a topic other than the routing table's choice")), request_body(content = serde_json::Value, content_type = "application/json", description = "one envelope or an array of them"), responses((status = 201, description = "durable: where each landed"), (status = 400, description = "an invalid envelope, named"), (status = 415, description = "not application/json"), (status = 503, description = "storage failure")))]
 pub(super) async fn publish(
     State(state): State<AppState>,
     Query(params): Query<PublishParams>,
@@ -157,6 +158,7 @@ impl Starts {
 /// `GET /api/events/replay?topic=&fromOffset=|lastOffset=&limit=[&partition=]`: stored
 /// envelopes in offset order, per partition; `next` says where to continue (and can be
 /// sent back as `fromOffset=0:12,1:7`).
+#[utoipa::path(get, path = "/api/events/replay", tag = "events", params(("topic" = String, Query), ("fromOffset" = Option<String>, Query), ("lastOffset" = Option<String>, Query), ("limit" = Option<u64>, Query), ("partition" = Option<u32>, Query)), responses((status = 200, description = "records and the next offsets"), (status = 400, description = "a bad parameter, named")))]
 pub(super) async fn replay(
     State(state): State<AppState>,
     Query(params): Query<ReplayParams>,

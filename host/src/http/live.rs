@@ -12,21 +12,31 @@ use crate::auth::{AuthError, Grant};
 use crate::fanout::Resume;
 
 /// The live incident feed (`examples/live-feed.html`), built into the binary.
+#[utoipa::path(get, path = "/", tag = "live", responses((status = 200, description = "the live feed page (HTML)")))]
 pub(super) async fn live_feed() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("../../../examples/live-feed.html"))
 }
 
+/// The same page at `/demo`.
+#[utoipa::path(get, path = "/demo", tag = "live", responses((status = 200, description = "the live feed page (HTML)")))]
+pub(super) async fn demo_feed() -> axum::response::Html<&'static str> {
+    live_feed().await
+}
+
+#[utoipa::path(get, path = "/health", tag = "operate", responses((status = 200, description = "alive")))]
 pub(super) async fn health(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(json!({"status": "ok", "log": state.backend, "plugins": state.plugins.list().len()}))
 }
 
 /// `GET /api/monitoring/iggy-status`: the log's connection, spool depth, partition
 /// offsets, and each plugin's lag.
-pub(super) async fn log_status(State(state): State<AppState>) -> axum::Json<Value> {
+#[utoipa::path(get, path = "/api/monitoring/iggy-status", tag = "operate", responses((status = 200, description = "the log, the spool, the outbox, each plugin's consumer offsets"), (status = 503, description = "the log is unreachable")))]
+pub(super) async fn log_status(State(state): State<AppState>) -> (StatusCode, axum::Json<Value>) {
     let mut status = state.log.status().await;
     let mut plugins = serde_json::Map::new();
-    for (plugin, _) in state.plugins.list() {
-        let lag = lag(&state, &plugin).await;
+    let list: Vec<_> = state.plugins.list().into_iter().map(|(plugin, _)| plugin).collect();
+    for plugin in &list {
+        let lag = lag(&state, plugin).await;
         plugins.insert(plugin.name.clone(), json!({"lag": lag, "offsets": plugin.offsets, "state": plugin.state}));
     }
     status["plugins"] = plugins.into();
@@ -34,7 +44,8 @@ pub(super) async fn log_status(State(state): State<AppState>) -> axum::Json<Valu
     if let Ok(Ok((pending, set_aside))) = tokio::task::spawn_blocking(move || store.outbox_counts()).await {
         status["outbox"] = json!({"pending": pending, "setAside": set_aside});
     }
-    axum::Json(status)
+    let code = super::operate::seed_shape(&mut status, &list);
+    (code, axum::Json(status))
 }
 
 #[derive(Deserialize)]
@@ -53,6 +64,7 @@ const WRITE_BUFFER: usize = 16 << 10;
 
 /// `GET /ws?rooms=a,b&since=N[&token=T]`: JSON text frames `{"room", "offset", "event"}`.
 /// Every room asked for must be one the token may join (403 otherwise).
+#[utoipa::path(get, path = "/ws", tag = "live", params(("rooms" = Option<String>, Query), ("since" = Option<i64>, Query), ("epoch" = Option<u64>, Query), ("token" = Option<String>, Query)), responses((status = 101, description = "WebSocket: JSON text frames"), (status = 403, description = "a room the token may not join"), (status = 429, description = "too many presence changes"), (status = 503, description = "max_clients connected")))]
 pub(super) async fn websocket(
     State(state): State<AppState>,
     axum::Extension(grant): axum::Extension<Grant>,

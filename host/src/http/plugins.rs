@@ -53,6 +53,7 @@ async fn plugin_json(state: &AppState, (status, shadow): (PluginStatus, Option<P
     value
 }
 
+#[utoipa::path(get, path = "/api/plugins", tag = "plugins", responses((status = 200, description = "every plugin's status")))]
 pub(super) async fn list_plugins(State(state): State<AppState>) -> axum::Json<Value> {
     let mut out = Vec::new();
     for status in state.plugins.list() {
@@ -61,6 +62,7 @@ pub(super) async fn list_plugins(State(state): State<AppState>) -> axum::Json<Va
     axum::Json(json!({ "plugins": out }))
 }
 
+#[utoipa::path(get, path = "/api/plugins/{name}", tag = "plugins", params(("name" = String, Path, description = "the plugin's name")), responses((status = 200, description = "its status"), (status = 404, description = "no such plugin")))]
 pub(super) async fn plugin_status(
     State(state): State<AppState>,
     PluginName(name): PluginName,
@@ -78,6 +80,7 @@ pub(super) struct UploadParams {
 /// `PUT /api/plugins/{name}?manifest=TOML` with the `.wasm` as the body: validated and
 /// compiled before anything is replaced; then started, or swapped in keeping its offsets
 /// and state, and saved in the plugins directory.
+#[utoipa::path(put, path = "/api/plugins/{name}", tag = "plugins", params(("name" = String, Path), ("manifest" = Option<String>, Query, description = "the manifest, TOML")), request_body(content = Vec<u8>, content_type = "application/wasm"), responses((status = 201, description = "installed"), (status = 200, description = "swapped in"), (status = 400, description = "not a plugin that starts"), (status = 413, description = "over max_upload_mb")))]
 pub(super) async fn upload_plugin(
     State(state): State<AppState>,
     PluginName(name): PluginName,
@@ -105,6 +108,7 @@ pub(super) struct Switches {
 
 /// `DELETE /api/plugins/{name}[?purge=true]`: stop it and delete its files; its offsets
 /// and state stay (so adding it again resumes) unless `purge`.
+#[utoipa::path(delete, path = "/api/plugins/{name}", tag = "plugins", params(("name" = String, Path), ("purge" = Option<bool>, Query)), responses((status = 200, description = "removed"), (status = 404, description = "no such plugin")))]
 pub(super) async fn delete_plugin(
     State(state): State<AppState>,
     PluginName(name): PluginName,
@@ -114,10 +118,12 @@ pub(super) async fn delete_plugin(
     Ok(axum::Json(json!({"removed": name, "purged": params.purge})))
 }
 
+#[utoipa::path(post, path = "/api/plugins/{name}/pause", tag = "plugins", params(("name" = String, Path, description = "the plugin's name")), responses((status = 200, description = "paused"), (status = 404, description = "no such plugin")))]
 pub(super) async fn pause_plugin(State(state): State<AppState>, PluginName(name): PluginName) -> PluginAnswer {
     then_status(&state, &name, state.plugins.pause(&name)).await
 }
 
+#[utoipa::path(post, path = "/api/plugins/{name}/resume", tag = "plugins", params(("name" = String, Path, description = "the plugin's name")), responses((status = 200, description = "running"), (status = 404, description = "no such plugin")))]
 pub(super) async fn resume_plugin(State(state): State<AppState>, PluginName(name): PluginName) -> PluginAnswer {
     then_status(&state, &name, state.plugins.resume(&name)).await
 }
@@ -136,6 +142,7 @@ async fn then_status(
 
 /// `POST /api/plugins/{name}/replay` with `{"from": 0}`, `{"offsets": {"topic": {"0": 5}}}`
 /// or `{"timestamp": "2026-11-23T10:00:00Z"}` (an empty body means from 0).
+#[utoipa::path(post, path = "/api/plugins/{name}/replay", tag = "plugins", params(("name" = String, Path, description = "the plugin's name")), request_body(content = Option<serde_json::Value>, content_type = "application/json", description = "{from: 0} or {timestamp: RFC 3339}; none: from 0"), responses((status = 202, description = "replaying"), (status = 404, description = "no such plugin")))]
 pub(super) async fn replay_plugin(
     State(state): State<AppState>,
     PluginName(name): PluginName,
@@ -189,6 +196,7 @@ fn replay_from(request: &Value) -> Result<ReplayFrom, ApiError> {
 
 /// `POST /api/plugins/{name}/shadow?manifest=TOML` with a candidate `.wasm`: run it from
 /// offset zero beside the live version, its broadcasts and publishes suppressed.
+#[utoipa::path(post, path = "/api/plugins/{name}/shadow", tag = "plugins", params(("name" = String, Path), ("manifest" = Option<String>, Query)), request_body(content = Vec<u8>, content_type = "application/wasm"), responses((status = 201, description = "the shadow runs"), (status = 400, description = "not a plugin that starts")))]
 pub(super) async fn start_shadow(
     State(state): State<AppState>,
     PluginName(name): PluginName,
@@ -199,6 +207,7 @@ pub(super) async fn start_shadow(
     Ok((StatusCode::CREATED, axum::Json(plugin_json(&state, state.plugins.status(&name)?).await)))
 }
 
+#[utoipa::path(delete, path = "/api/plugins/{name}/shadow", tag = "plugins", params(("name" = String, Path, description = "the plugin's name")), responses((status = 200, description = "discarded"), (status = 409, description = "no shadow")))]
 pub(super) async fn discard_shadow(
     State(state): State<AppState>,
     PluginName(name): PluginName,
@@ -209,6 +218,7 @@ pub(super) async fn discard_shadow(
 
 /// `POST /api/plugins/{name}/promote[?force=true]`: the shadow becomes the live version
 /// with its state and offsets; 409 while it still lags (unless forced).
+#[utoipa::path(post, path = "/api/plugins/{name}/promote", tag = "plugins", params(("name" = String, Path), ("force" = Option<bool>, Query)), responses((status = 200, description = "promoted"), (status = 409, description = "the shadow still lags")))]
 pub(super) async fn promote_shadow(
     State(state): State<AppState>,
     PluginName(name): PluginName,
@@ -223,6 +233,7 @@ pub(super) async fn promote_shadow(
 
 /// `GET /api/plugins/{name}/query?...`: the query string, as a JSON object, goes to the
 /// plugin's `query`; its JSON answer comes back as is.
+#[utoipa::path(get, path = "/api/plugins/{name}/query", tag = "plugins", params(("name" = String, Path, description = "the plugin's name")), responses((status = 200, description = "the plugin's JSON answer"), (status = 504, description = "it did not answer in query_timeout_ms")))]
 pub(super) async fn query_plugin(
     State(state): State<AppState>,
     PluginName(name): PluginName,

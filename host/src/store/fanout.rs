@@ -186,6 +186,12 @@ impl Store {
         Store::meta(&self.read()?.open_table(META)?, "epoch")
     }
 
+    /// Fan-out records kept.
+    pub fn fanout_len(&self) -> Result<u64, StoreError> {
+        use redb::ReadableTableMetadata;
+        Ok(self.read()?.open_table(FANOUT)?.len()?)
+    }
+
     /// The offset the next broadcast will get.
     pub fn fanout_next(&self) -> Result<u64, StoreError> {
         Store::meta(&self.read()?.open_table(META)?, "fanout_next")

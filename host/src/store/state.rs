@@ -42,6 +42,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Bytes of `plugin`'s state, keys and values (read through once: for a scrape, not a
+    /// hot path).
+    pub fn state_bytes(&self, plugin: &str) -> Result<u64, StoreError> {
+        let table = self.read()?.open_table(STATE)?;
+        let mut bytes = 0u64;
+        for entry in table.range((plugin, "")..)? {
+            let (key, value) = entry?;
+            let (owner, k) = key.value();
+            if owner != plugin {
+                break;
+            }
+            bytes += (k.len() + value.value().len()) as u64;
+        }
+        Ok(bytes)
+    }
+
     /// The plugin's committed offsets: (topic, partition) → next offset to read.
     pub fn offsets(&self, plugin: &str) -> Result<HashMap<(String, u32), u64>, StoreError> {
         let table = self.read()?.open_table(OFFSETS)?;

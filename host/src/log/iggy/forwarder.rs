@@ -419,6 +419,7 @@ impl Forwarder {
             Err(failure) => return Err(failure),
         }
         tracing::debug!(%topic, partition, messages = request.len(), took = ?started.elapsed(), "sent to Iggy");
+        crate::metrics::metrics().iggy_forward_seconds.observe(started.elapsed().as_secs_f64());
         self.remote.ends().sent(topic, partition);
         Ok(())
     }

@@ -410,7 +410,10 @@ impl Runner {
                 let started = Instant::now();
                 let result = self.swap(component, *manifest);
                 let micros = started.elapsed().as_micros() as u64;
-                self.status.update(|s| s.last_swap_micros = Some(micros));
+                self.status.update(|s| {
+                    s.last_swap_micros = Some(micros);
+                    s.swaps += u64::from(result.is_ok());
+                });
                 let _ = reply.send(result);
                 self.publish_state();
             }

@@ -53,10 +53,16 @@ pub struct PluginStatus {
     pub replay: Option<ReplayProgress>,
     /// How long processing stood still for the last version swap.
     pub last_swap_micros: Option<u64>,
+    /// Versions swapped in while running.
+    pub swaps: u64,
     /// Calls that ran into one of the manifest's limits (output, state sizes, memory).
     pub limit_hits: u64,
     /// Log bytes dropped past `log_bytes_per_batch`.
     pub log_bytes_dropped: u64,
+    /// Where the last info line summing up batches left off: (when, processed, batches,
+    /// busy micros), so that there is at most one a second per plugin.
+    #[serde(skip)]
+    summarised: Option<(Instant, u64, u64, u64)>,
 }
 
 impl PluginStatus {
@@ -77,6 +83,8 @@ impl PluginStatus {
             events_per_second: 0.0,
             replay: None,
             last_swap_micros: None,
+            swaps: 0,
+            summarised: None,
             limit_hits: 0,
             log_bytes_dropped: 0,
         }
@@ -146,9 +154,24 @@ impl SharedStatus {
     pub fn note_call(&self, took: Duration) {
         let micros = took.as_micros() as u64;
         self.update(|s| {
+            crate::metrics::metrics().batch_seconds.with_label_values(&[s.name.as_str()]).observe(took.as_secs_f64());
             s.busy_micros += micros;
             s.batches += 1;
             s.avg_batch_micros = s.busy_micros / s.batches;
+            let (at, processed, batches, busy) = *s.summarised.get_or_insert((Instant::now(), 0, 0, 0));
+            if at.elapsed() >= Duration::from_secs(1) {
+                let done = s.batches - batches;
+                tracing::info!(
+                    plugin = %s.name,
+                    batches = done,
+                    events = s.processed.saturating_sub(processed),
+                    avg_batch_us = (s.busy_micros - busy) / done.max(1),
+                    dead_letters = s.dead_letters,
+                    over_ms = at.elapsed().as_millis() as u64,
+                    "batches handled"
+                );
+                s.summarised = Some((Instant::now(), s.processed, s.batches, s.busy_micros));
+            }
         });
     }
 }
