@@ -54,11 +54,7 @@ impl Metrics {
             registry.register(Box::new(vec.clone())).expect("registered once");
             vec
         };
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid counter");
-            registry.register(Box::new(vec.clone())).expect("registered once");
-            vec
-        };
+        let counter = |name: &str, help: &str, labels: &[&str]| counter_in(&registry, name, help, labels);
         let batch_seconds =
             histogram("owlery_plugin_batch_duration_seconds", "Time in a plugin's handle per batch", &["plugin"]);
         let publish_requests = counter("owlery_publish_requests_total", "Publish requests answered", &["status"]);
@@ -125,14 +121,17 @@ pub struct Scraped {
     pub iggy: Option<IggyFigures>,
 }
 
+/// A counter with `labels`, registered in `registry`.
+fn counter_in(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid counter");
+    registry.register(Box::new(vec.clone())).expect("registered once");
+    vec
+}
+
 /// Every metric, in the text format.
 pub fn render(scraped: &Scraped) -> String {
     let now = Registry::new();
-    let plugin = |name: &str, help: &str| {
-        let vec = IntCounterVec::new(Opts::new(name, help), &["plugin"]).expect("a valid counter");
-        now.register(Box::new(vec.clone())).expect("registered once");
-        vec
-    };
+    let plugin = |name: &str, help: &str| counter_in(&now, name, help, &["plugin"]);
     let gauge = |name: &str, help: &str, labels: &[&str]| {
         let vec = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid gauge");
         now.register(Box::new(vec.clone())).expect("registered once");

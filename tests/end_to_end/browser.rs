@@ -84,3 +84,75 @@ async fn an_offset_from_a_reset_log_is_reported_not_silently_skipped() {
     let mut everything = host.ws("?since=-1").await;
     assert_eq!(everything.next_event(Duration::from_secs(10)).await.unwrap()["offset"], 0);
 }
+
+/// The admin dashboard in headless Chromium, driven by Playwright (tests/node/admin.mjs):
+/// signs in with an admin token (kept in session storage, never in the URL), shows the
+/// three plugins, draws a throughput chart with data as events flow, and pauses a plugin
+/// from its button (confirmed). A screenshot is kept for people to look at.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(owlery_skip_browser, ignore = "SKIPPED: OWLERY_SKIP_BROWSER=1")]
+#[cfg_attr(owlery_skip_node, ignore = "SKIPPED: OWLERY_SKIP_NODE=1")]
+async fn the_admin_dashboard_shows_plugins_charts_them_and_pauses_one() {
+    chromium();
+    let node_dir = crate::socketio::node_packages();
+    assert!(
+        node_dir.join("node_modules/playwright-core").exists(),
+        "playwright-core is not installed in {}: run ./test.sh (npm ci there)",
+        node_dir.display()
+    );
+    let config = "[auth]\nenabled = true\n\n[[auth.tokens]]\ntoken = \"ops-secret\"\nscopes = [\"admin\"]\n\n\
+                  [[auth.tokens]]\ntoken = \"producer\"\nscopes = [\"publish\"]\n";
+    let host = Host::with_config(&[shipped("ws-broadcast"), shipped("analytics"), shipped("alerts")], config);
+    // The page holds no data; what it shows needs the admin scope.
+    let page = host.http.get(host.url("/admin")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("Owlery admin"));
+    let chart = host.http.get(host.url("/api/admin/charts/analytics.svg")).send().await.unwrap();
+    assert_eq!(chart.status(), 401, "charts need a token");
+
+    // Events flow while the page is open.
+    let publishing = {
+        let (http, url) = (host.http.clone(), host.url("/api/events"));
+        tokio::spawn(async move {
+            for n in 0..600u64 {
+                let body =
+                    json!([event("incident.created", json!({"id": n})), event("incident.updated", json!({"id": n}))]);
+                let _ = http.post(&url).bearer_auth("producer").json(&body).send().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // Kept after the run (target/tmp/admin-dashboard.png), for people to look at.
+    let screenshot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("admin-dashboard.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/node/admin.mjs");
+    let output = tokio::process::Command::new("node")
+        .arg(&script)
+        .args([host.base.as_str(), "ops-secret", "alerts", screenshot.to_str().unwrap()])
+        .current_dir(node_dir)
+        .output()
+        .await
+        .unwrap();
+    publishing.abort();
+    let (out, err) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "the dashboard run failed:\n{out}\n{err}\n{}", host.log_tail());
+    let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let mut plugins: Vec<&str> = report["plugins"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    plugins.sort();
+    assert_eq!(plugins, ["alerts", "analytics", "ws-broadcast"]);
+    assert!(report["peakRate"].as_f64().unwrap() > 0.0, "{report}");
+    // Paused for real, as the host says.
+    let status = host
+        .http
+        .get(host.url("/api/plugins/alerts"))
+        .bearer_auth("ops-secret")
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(status["state"], "paused", "{status}");
+    let shot = std::fs::read(&screenshot).expect("a screenshot for people to look at");
+    assert!(shot.starts_with(b"\x89PNG") && shot.len() > 10_000, "a real picture: {} bytes", shot.len());
+}
