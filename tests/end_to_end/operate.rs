@@ -119,6 +119,9 @@ async fn ready_says_why_not_when_a_plugin_has_failed_and_health_stays_cheap() {
     assert_eq!(status, 503, "{ready}");
     let reasons = ready["reasons"].as_array().unwrap();
     assert!(reasons.iter().any(|r| r.as_str().unwrap().starts_with("plugin trapper has failed")), "{ready}");
+    // Answered to anyone: the plugin's error (which can quote an event) stays behind admin.
+    let error = host.plugin("trapper").await["lastError"].as_str().unwrap().to_owned();
+    assert!(!error.is_empty() && !ready.to_string().contains(&error), "{ready} / {error}");
     assert_eq!(host.get("/health").await.0, 200, "liveness is not readiness");
     let (_, monitoring) = host.get("/api/monitoring/iggy-status").await;
     assert_eq!(monitoring["status"], "degraded", "{monitoring}");

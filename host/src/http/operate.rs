@@ -74,15 +74,16 @@ fn state_name(state: RunState) -> &'static str {
 pub(super) async fn ready(State(state): State<AppState>) -> Response {
     let mut reasons = Vec::new();
     let log = state.log.status().await;
+    // Answered without a token (probes send none), so the reasons name what is wrong but
+    // carry no error text: a plugin's error can quote the event it failed on. The details
+    // are in iggy-status and the plugin's status (admin).
     if log["connected"] != true {
-        let why = log["lastError"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
-        reasons.push(format!("the log ({}) is unreachable{why}", state.backend));
+        reasons.push(format!("the log ({}) is unreachable (details: /api/monitoring/iggy-status)", state.backend));
     }
     for (status, shadow) in state.plugins.list() {
         for s in std::iter::once(&status).chain(shadow.as_ref()) {
             if s.state == RunState::Failed {
-                let why = s.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
-                reasons.push(format!("plugin {} has failed{why}", s.name));
+                reasons.push(format!("plugin {} has failed (details: /api/plugins/{})", s.name, s.name));
             }
         }
     }

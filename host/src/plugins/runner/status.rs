@@ -160,12 +160,12 @@ impl SharedStatus {
             s.avg_batch_micros = s.busy_micros / s.batches;
             let (at, processed, batches, busy) = *s.summarised.get_or_insert((Instant::now(), 0, 0, 0));
             if at.elapsed() >= Duration::from_secs(1) {
-                let done = s.batches - batches;
+                let done = s.batches.saturating_sub(batches);
                 tracing::info!(
                     plugin = %s.name,
                     batches = done,
                     events = s.processed.saturating_sub(processed),
-                    avg_batch_us = (s.busy_micros - busy) / done.max(1),
+                    avg_batch_us = s.busy_micros.saturating_sub(busy) / done.max(1),
                     dead_letters = s.dead_letters,
                     over_ms = at.elapsed().as_millis() as u64,
                     "batches handled"
