@@ -98,6 +98,9 @@ async fn a_new_rust_plugin_goes_from_scaffold_to_live_events_outside_the_reposit
     // The text form says the same for people.
     let human = owlery(&["plugin", "test", wasm, "--events", "events.jsonl"], &project);
     assert!(text(&human).contains("broadcast  room all"), "{}", text(&human));
+    // The host passes the query string's values as strings: so does the test.
+    let typed = owlery(&["plugin", "test", wasm, "--events", "events.jsonl", "--query", r#"{"n": 1}"#], &project);
+    assert!(!typed.status.success() && text(&typed).contains("object of strings"), "{}", text(&typed));
 
     // Deployed to a running host: it receives live events.
     let host = Host::with_plugins(&[]);

@@ -160,8 +160,13 @@ pub fn run(args: &TestArgs) -> Result<(), OfflineError> {
     }
     if let Some(request) = &args.query {
         let parsed: Value = serde_json::from_str(request).map_err(|e| OfflineError::Query(e.to_string()))?;
-        if !parsed.is_object() {
-            return Err(OfflineError::Query("must be a JSON object, like the query string as one".into()));
+        // The host hands `query` the query string as an object of strings: the same here,
+        // so that a plugin tested with `{"n": 1}` does not meet `{"n": "1"}` in production.
+        let strings = parsed.as_object().is_some_and(|o| o.values().all(Value::is_string));
+        if !strings {
+            return Err(OfflineError::Query(
+                "must be a JSON object of strings, as the host passes the query string (?k=v is {\"k\": \"v\"})".into(),
+            ));
         }
         let instance = tester.instance().map_err(OfflineError::Init)?;
         let answer = instance
