@@ -106,6 +106,8 @@ async fn the_admin_dashboard_shows_plugins_charts_them_and_pauses_one() {
     // The page holds no data; what it shows needs the admin scope.
     let page = host.http.get(host.url("/admin")).send().await.unwrap();
     assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["x-frame-options"], "DENY", "never framed by another site");
+    assert!(page.headers()["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
     assert!(page.text().await.unwrap().contains("Owlery admin"));
     let chart = host.http.get(host.url("/api/admin/charts/analytics.svg")).send().await.unwrap();
     assert_eq!(chart.status(), 401, "charts need a token");

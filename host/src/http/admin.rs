@@ -71,8 +71,13 @@ pub async fn sample_forever(state: AppState) {
 
 /// `GET /admin`: the dashboard page.
 #[utoipa::path(get, path = "/admin", tag = "operate", responses((status = 200, description = "the dashboard page (HTML)")))]
-pub(super) async fn page() -> Html<&'static str> {
-    Html(include_str!("admin.html"))
+pub(super) async fn page() -> impl IntoResponse {
+    // Never inside another site's frame (its buttons act with the operator's token), and
+    // nothing loaded from anywhere but this host (its script and style are inline; charts
+    // arrive as blob: URLs).
+    let policy = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                  img-src blob:; connect-src 'self'; frame-ancestors 'none'; form-action 'none'";
+    ([(header::CONTENT_SECURITY_POLICY, policy), (header::X_FRAME_OPTIONS, "DENY")], Html(include_str!("admin.html")))
 }
 
 /// `GET /api/admin/charts/{name}.svg`: the plugin's events per second (blue, left axis)
