@@ -62,10 +62,12 @@ async fn the_live_feed_page_shows_a_published_incident() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_offset_from_a_reset_log_is_reported_not_silently_skipped() {
     let host = Host::with_plugins(&[shipped("ws-broadcast")]);
+    // Three incidents, so (keyed by incident) up to three partitions, handled in any order:
+    // each is broadcast before the next is published, so the fan-out order is known.
     for id in 0..3 {
         host.post_events(&event("incident.created", json!({"id": id}))).await;
+        host.caught_up("ws-broadcast").await;
     }
-    host.caught_up("ws-broadcast").await;
     let mut client = host.ws("?since=1&epoch=12345").await;
     let notice = client.next_json(Duration::from_secs(10)).await.unwrap();
     assert_eq!(notice["type"], "reset", "{notice}");
