@@ -168,6 +168,10 @@ pub fn render(scraped: &Scraped) -> String {
         single("owlery_iggy_spool_set_aside", "Spool entries set aside", iggy.spool_set_aside);
     }
     let mut families = metrics().registry.gather();
+    // The Iggy figures only where there is an Iggy.
+    if scraped.iggy.is_none() {
+        families.retain(|f| !f.name().starts_with("owlery_iggy_"));
+    }
     families.extend(now.gather());
     families.sort_by(|a, b| a.name().cmp(b.name()));
     let mut out = Vec::new();

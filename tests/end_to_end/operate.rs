@@ -87,6 +87,7 @@ async fn metrics_parse_as_prometheus_text_and_move_as_events_flow() {
     assert_eq!(moved(r#"owlery_publish_duration_seconds_count{status="201"}"#), 1.0);
     assert!(moved(r#"owlery_frames_sent_total{transport="websocket"}"#) >= 10.0);
     assert!(value(&after, r#"owlery_fanout_log_records{}"#) >= 10.0);
+    assert!(!after.keys().any(|k| k.starts_with("owlery_iggy_")), "no Iggy figures on the embedded log");
     // A refused publish is counted under its status.
     assert_eq!(host.post_raw("{\"eventType\": 5}").await.0, 400);
     assert_eq!(value(&scrape(&host).await, r#"owlery_publish_requests_total{status="400"}"#), 1.0);
@@ -150,6 +151,10 @@ async fn iggy_status_has_the_seeds_shape_and_both_say_503_while_iggy_is_down() {
         .sum();
     assert_eq!(handled, 8, "currentOffset is the last offset handled, per partition: {monitoring}");
     assert_eq!(host.get("/ready").await.0, 200);
+    let metrics = host.http.get(host.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("\nowlery_iggy_connected 1\n"), "{metrics}");
+    assert!(metrics.contains("\nowlery_iggy_spool_depth 0\n"), "{metrics}");
+    assert!(metrics.contains("owlery_iggy_forward_duration_seconds_count"), "{metrics}");
 
     iggy.kill9();
     let deadline = Instant::now() + WAIT;
