@@ -68,6 +68,8 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// `/ready` answers 503 while more accepted events than this wait in the Iggy spool.
     pub ready_max_spool_depth: u64,
+    /// Plugins' HTTP requests in flight at once to one scheme://host:port.
+    pub http_per_destination: usize,
     /// `text` (for people) or `json` (one object per line, for machines); `OWLERY_LOG_FORMAT`.
     pub log_format: LogFormat,
 }
@@ -106,6 +108,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             presence: PresenceConfig::default(),
             ready_max_spool_depth: 100_000,
+            http_per_destination: 4,
             log_format: LogFormat::Text,
         }
     }
@@ -158,7 +161,8 @@ impl IggyConfig {
             stream: self.stream.clone(),
             partitions: self.partitions,
             // The shared fan-out log keeps one order: one partition.
-            single_partition_topics: vec![crate::topics::FANOUT.to_owned()],
+            // So do plugins' HTTP requests (one partition is one poll for the claim).
+            single_partition_topics: vec![crate::topics::FANOUT.to_owned(), crate::topics::HTTP.to_owned()],
             dedup_window: self.dedup_window,
         }
     }
@@ -245,6 +249,9 @@ impl Config {
         crate::routing::Routing::from_config(&self.routing)?;
         if self.fanout_retention == 0 {
             return invalid("fanout_retention must be at least 1".into());
+        }
+        if !(1..=256).contains(&self.http_per_destination) {
+            return invalid("http_per_destination must be 1 to 256".into());
         }
         if !self.listen.ip().is_loopback() && !self.auth.enabled {
             return invalid(format!(

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod effects;
 pub mod envelope;
 pub mod fanout;

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub slow_clients_cut: IntCounterVec,
     /// From a spool round's send to Iggy's acknowledgement.
     pub iggy_forward_seconds: Histogram,
+    /// Attempts at plugins' HTTP requests, by plugin and outcome (`delivered`, `retried`,
+    /// `failed`).
+    pub http_requests: IntCounterVec,
 }
 
 /// The process's metrics.
@@ -69,6 +72,11 @@ impl Metrics {
         )
         .expect("a valid histogram");
         registry.register(Box::new(iggy_forward_seconds.clone())).expect("registered once");
+        let http_requests = counter(
+            "owlery_http_request_attempts_total",
+            "Attempts at plugins' HTTP requests, by outcome",
+            &["plugin", "outcome"],
+        );
         Metrics {
             registry,
             batch_seconds,
@@ -77,6 +85,7 @@ impl Metrics {
             frames_sent,
             slow_clients_cut,
             iggy_forward_seconds,
+            http_requests,
         }
     }
 
@@ -103,6 +112,8 @@ pub struct PluginFigures {
     pub lag: u64,
     pub state_bytes: u64,
     pub swaps: u64,
+    /// HTTP requests taken in and not yet delivered or given up.
+    pub http_pending: u64,
 }
 
 /// The Iggy side, when the log is Iggy.
@@ -149,6 +160,8 @@ pub fn render(scraped: &Scraped) -> String {
     let lag = gauge("owlery_plugin_lag", "Events in the log the plugin has not handled", &["plugin"]);
     let state_bytes = gauge("owlery_plugin_state_bytes", "Bytes of a plugin's state (keys and values)", &["plugin"]);
     let state = gauge("owlery_plugin_state", "1 for the state the plugin is in", &["plugin", "state"]);
+    let http_pending =
+        gauge("owlery_http_requests_pending", "A plugin's HTTP requests waiting to be delivered", &["plugin"]);
     for p in &scraped.plugins {
         let name = [p.name.as_str()];
         processed.with_label_values(&name).inc_by(p.processed);
@@ -157,6 +170,7 @@ pub fn render(scraped: &Scraped) -> String {
         swaps.with_label_values(&name).inc_by(p.swaps);
         lag.with_label_values(&name).set(p.lag as i64);
         state_bytes.with_label_values(&name).set(p.state_bytes as i64);
+        http_pending.with_label_values(&name).set(p.http_pending as i64);
         state.with_label_values(&[p.name.as_str(), p.state]).set(1);
     }
     single("owlery_clients_connected", "WebSocket and Socket.IO clients connected", scraped.clients_connected);

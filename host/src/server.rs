@@ -1,5 +1,5 @@
-//! Assembles the host: log, store, runtime, plugins, outbox forwarder and HTTP front, and
-//! shuts them down in order.
+//! Assembles the host: log, store, runtime, plugins, outbox forwarder, HTTP delivery and
+//! HTTP front, and shuts them down in order.
 //!
 //! `serve` takes a bound listener and a shutdown future (as in tokio's mini-redis), so a test
 //! or an embedding program can start a host on port 0 in-process; `run` binds the
@@ -77,6 +77,7 @@ pub async fn serve(
     let mut topics = routing.topics();
     topics.extend(config.extra_topics.iter().cloned());
     topics.push(crate::topics::DEAD_LETTERS.to_owned());
+    topics.push(crate::topics::HTTP.to_owned());
     if shared_fanout {
         topics.push(FANOUT_TOPIC.to_owned());
     }
@@ -100,6 +101,20 @@ pub async fn serve(
         ));
     }
     let outbox = Arc::new(Notify::new());
+    let host_id = store.host_id().map_err(|source| ServeError::OpenStore { dir: config.data_dir.clone(), source })?;
+    // Plugins' HTTP requests: taken in from the log, then sent (see `delivery`).
+    let (due, pending) = tokio::sync::mpsc::unbounded_channel();
+    tasks.spawn(until(stop.clone(), crate::delivery::claim::claim(log.clone(), store.clone(), key.clone(), due)));
+    tasks.spawn(until(
+        stop.clone(),
+        crate::delivery::worker::deliver(
+            store.clone(),
+            key.clone(),
+            outbox.clone(),
+            pending,
+            config.http_per_destination,
+        ),
+    ));
     let deps = Arc::new(RunnerDeps {
         runtime: Arc::new(Runtime::new(
             &config.data_dir.join("cache"),
@@ -111,6 +126,7 @@ pub async fn serve(
         key,
         hub: hub.clone(),
         outbox: outbox.clone(),
+        host_id,
         tokio: tokio::runtime::Handle::current(),
     });
     let (plugins, watcher) = start_plugins(deps, &config).await?;

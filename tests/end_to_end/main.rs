@@ -11,6 +11,7 @@ mod containment;
 mod doors;
 mod durability;
 mod hostile_input;
+mod http_effects;
 mod incident_map;
 mod lifecycle;
 mod misbehaving;

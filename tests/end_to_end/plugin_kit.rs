@@ -149,12 +149,26 @@ async fn a_plugin_built_for_another_contract_is_refused_naming_both_versions() {
     assert_eq!(response.status(), 400);
     let body: Value = response.json().await.unwrap();
     let error = body["error"].as_str().unwrap();
-    assert!(error.contains("owlery:plugin@0.9.0") && error.contains("owlery:plugin@0.2.0"), "{error}");
+    assert!(error.contains("owlery:plugin@0.9.0") && error.contains("owlery:plugin@0.2.1"), "{error}");
     // And offline alike.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("e.jsonl"), "").unwrap();
     let output = owlery(&["plugin", "test", guests::OTHER_CONTRACT, "--events", "e.jsonl"], dir.path());
     assert!(!output.status.success() && text(&output).contains("owlery:plugin@0.9.0"), "{}", text(&output));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_built_for_contract_0_2_0_runs_unchanged_on_a_0_2_1_host() {
+    let wasm = std::path::PathBuf::from(guests::CONTRACT_0_2_0);
+    let manifest = "[capabilities]\nbroadcast = true\n".to_owned();
+    let host = Host::with_plugins(&[("old".to_owned(), wasm, manifest)]);
+    let mut client = host.ws("?rooms=old").await;
+    let batch: Vec<Value> = (0..3).map(|i| event("incident.updated", json!({"id": i}))).collect();
+    assert_eq!(host.post_events(&json!(batch)).await.0, 201);
+    host.caught_up("old").await;
+    assert_eq!(host.query("old", "").await["n"], 3);
+    let frame = client.next_in_room("old", Duration::from_secs(10)).await.expect("a broadcast from the old plugin");
+    assert!(frame["event"]["id"].is_string(), "{frame}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -36,6 +36,7 @@ fn main() {
         "tests/plugins/wrong-world",
         "tests/plugins/big-memory",
         "tests/plugins/other-contract",
+        "tests/plugins/contract-0-2-0",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
@@ -50,6 +51,7 @@ fn main() {
         ("WRONG_WORLD", "wrong_world"),
         ("BIG_MEMORY", "big_memory"),
         ("OTHER_CONTRACT", "other_contract"),
+        ("CONTRACT_0_2_0", "contract_0_2_0"),
         ("NOOP", "noop"),
     ] {
         let path = wasm(file);

@@ -28,6 +28,7 @@ pub(super) fn dispatch(args: &BenchArgs, report: &mut Report) -> anyhow::Result<
             publish: Vec::new(),
             state: true,
             limits: CallLimits { memory: 256 << 20, ..CallLimits::default() },
+            ..Capabilities::default()
         }),
         store,
         routing: Arc::new(Routing::default()),

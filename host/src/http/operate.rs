@@ -23,8 +23,11 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     for (status, _) in state.plugins.list() {
         let lag = lag(&state, &status).await;
         let (store, name) = (state.store.clone(), status.name.clone());
-        let state_bytes =
-            tokio::task::spawn_blocking(move || store.state_bytes(&name)).await.ok().and_then(Result::ok).unwrap_or(0);
+        let (state_bytes, http_pending) = tokio::task::spawn_blocking(move || {
+            (store.state_bytes(&name).unwrap_or(0), store.http_counts(&name).map_or(0, |c| c.pending))
+        })
+        .await
+        .unwrap_or((0, 0));
         plugins.push(PluginFigures {
             state: state_name(status.state),
             processed: status.processed,
@@ -33,6 +36,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
             swaps: status.swaps,
             lag,
             state_bytes,
+            http_pending,
             name: status.name,
         });
     }

@@ -42,6 +42,9 @@ pub(super) async fn lag(state: &AppState, status: &PluginStatus) -> u64 {
 async fn plugin_json(state: &AppState, (status, shadow): (PluginStatus, Option<PluginStatus>)) -> Value {
     let mut value = serde_json::to_value(&status).expect("status serialises");
     value["lag"] = lag(state, &status).await.into();
+    // What became of its HTTP requests (kept in the store: they outlive a restart).
+    let http = state.store.http_counts(&status.name).unwrap_or_default();
+    value["http"] = serde_json::to_value(http).expect("counts serialise");
     if let Some(shadow) = shadow {
         let shadow_lag = lag(state, &shadow).await;
         let mut shadow_value = serde_json::to_value(&shadow).expect("status serialises");

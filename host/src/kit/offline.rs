@@ -1,6 +1,7 @@
 //! `owlery plugin test PLUGIN.wasm --events FILE.jsonl`: a plugin run offline, in the
 //! host's own runtime with its manifest's limits and capabilities, over events from a file,
-//! printing what it did for each: broadcasts, publishes, state changes, and the dead letter
+//! printing what it did for each: broadcasts, publishes, HTTP requests (shown, not sent),
+//! state changes, and the dead letter
 //! (with the error) of an event it still fails after its retries. Its state lives in memory.
 //!
 //! As in the host: events its manifest does not subscribe to are skipped; each event is
@@ -298,8 +299,14 @@ impl Tester<'_> {
                         .iter()
                         .map(|p| json!({"eventType": p.envelope.event_type, "topic": p.topic, "data": p.envelope.data}))
                         .collect();
+                    // Shown, never sent: `plugin test` touches nothing outside.
+                    let http: Vec<Value> = effects
+                        .http
+                        .iter()
+                        .map(|r| json!({"method": r.method, "url": r.url, "idempotencyKey": r.id, "body": shown(&r.body)}))
+                        .collect();
                     return json!({"outcome": "handled", "attempts": attempt + 1, "broadcasts": broadcasts,
-                                  "publishes": publishes, "state": writes});
+                                  "publishes": publishes, "http": http, "state": writes});
                 }
                 Err(error) => {
                     // As in the host: the instance is thrown away and a fresh one retries.
@@ -346,6 +353,14 @@ fn print(outcome: &Outcome, as_json: bool) {
                     p["eventType"].as_str().unwrap_or_default(),
                     p["topic"],
                     p["data"]
+                );
+            }
+            for r in list("http") {
+                println!(
+                    "  http       {} {}  {}  (not sent)",
+                    r["method"].as_str().unwrap_or_default(),
+                    r["url"].as_str().unwrap_or_default(),
+                    r["body"]
                 );
             }
             for s in list("state") {

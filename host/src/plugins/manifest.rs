@@ -4,6 +4,7 @@
 
 use serde::Deserialize;
 
+use crate::delivery::allow::UrlPattern;
 use crate::envelope::Pattern;
 use crate::runtime::{CallLimits, Capabilities};
 
@@ -16,6 +17,9 @@ pub struct Manifest {
     pub capabilities: ManifestCapabilities,
     #[serde(default)]
     pub limits: Limits,
+    /// How `send-http` requests are delivered.
+    #[serde(default)]
+    pub delivery: crate::delivery::Policy,
     /// Free-form table handed to the plugin's `init` as JSON.
     #[serde(default = "empty_table")]
     pub config: toml::Value,
@@ -67,6 +71,9 @@ pub struct ManifestCapabilities {
     pub publish: Vec<String>,
     #[serde(default = "yes")]
     pub state: bool,
+    /// URL patterns HTTP requests may go to (see `delivery::allow`).
+    #[serde(default)]
+    pub http: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -76,7 +83,7 @@ fn yes() -> bool {
 impl Default for ManifestCapabilities {
     /// Without a `[capabilities]` table a plugin may keep state, nothing else.
     fn default() -> Self {
-        ManifestCapabilities { broadcast: false, publish: Vec::new(), state: true }
+        ManifestCapabilities { broadcast: false, publish: Vec::new(), state: true, http: Vec::new() }
     }
 }
 
@@ -169,6 +176,14 @@ impl Manifest {
                 return Err(ManifestError::Invalid(format!("limits.{key} must be {low} to {high}")));
             }
         }
+        for (key, value, low, high) in self.delivery.ranges() {
+            if !(low..=high).contains(&value) {
+                return Err(ManifestError::Invalid(format!("delivery.{key} must be {low} to {high}")));
+            }
+        }
+        for pattern in &self.capabilities.http {
+            UrlPattern::parse(pattern).map_err(|e| ManifestError::Invalid(format!("capabilities.http: {e}")))?;
+        }
         if !self.config.is_table() {
             return Err(ManifestError::Invalid("config must be a table".into()));
         }
@@ -184,6 +199,9 @@ impl Manifest {
             broadcast: self.capabilities.broadcast,
             publish: self.capabilities.publish.iter().map(Pattern::new).collect(),
             state: self.capabilities.state,
+            // Checked by `validate`.
+            http: self.capabilities.http.iter().filter_map(|p| UrlPattern::parse(p).ok()).collect(),
+            delivery: self.delivery,
             limits: self.limits.call_limits(),
         }
     }
@@ -204,6 +222,7 @@ impl Default for Manifest {
             subscribe: Subscribe::default(),
             capabilities: ManifestCapabilities::default(),
             limits: Limits::default(),
+            delivery: crate::delivery::Policy::default(),
             config: empty_table(),
         }
     }
@@ -236,6 +255,22 @@ mod tests {
         assert!(m.capabilities().broadcast);
         assert!(m.capabilities().publish[0].matches("alert.raised"));
         assert_eq!(m.config_json(), r#"{"severities":["CRITICAL"]}"#);
+    }
+
+    #[test]
+    fn http_patterns_and_delivery_are_read_and_checked() {
+        let m = Manifest::parse(
+            "[capabilities]\nhttp = [\"https://hooks.example.com/*\"]\n[delivery]\nattempts = 3\nbackoff_ms = 10",
+        )
+        .unwrap();
+        let caps = m.capabilities();
+        assert_eq!(caps.http.len(), 1);
+        assert_eq!((caps.delivery.attempts, caps.delivery.backoff_ms, caps.delivery.timeout_ms), (3, 10, 10_000));
+        let error = Manifest::parse("[capabilities]\nhttp = [\"hooks.example.com\"]").unwrap_err().to_string();
+        assert!(error.contains("capabilities.http"), "{error}");
+        let error = Manifest::parse("[delivery]\nattempts = 0").unwrap_err().to_string();
+        assert!(error.contains("delivery.attempts must be 1 to 100"), "{error}");
+        assert!(Manifest::parse("[delivery]\nretries = 1").is_err(), "unknown keys are refused");
     }
 
     #[test]

@@ -10,6 +10,10 @@ pub struct Capabilities {
     pub broadcast: bool,
     pub publish: Vec<Pattern>,
     pub state: bool,
+    /// Where HTTP requests may go (none: no `send-http`).
+    pub http: Vec<crate::delivery::allow::UrlPattern>,
+    /// How the plugin's HTTP requests are delivered.
+    pub delivery: crate::delivery::Policy,
     /// What one call may take from the host.
     pub limits: CallLimits,
 }
@@ -37,6 +41,8 @@ pub(super) enum Refusal {
     EventType(String),
     #[error("cause {0:?} is not an event of the current batch")]
     UnknownCause(String),
+    #[error("{0}")]
+    Http(String),
 }
 
 impl Capabilities {

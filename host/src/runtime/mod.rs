@@ -33,7 +33,7 @@ use cache::ComponentCache;
 use imports::HostState;
 
 /// The contract this host speaks: the package of `wit/owlery.wit` (the SDKs carry copies).
-pub const CONTRACT: &str = "owlery:plugin@0.2.0";
+pub const CONTRACT: &str = "owlery:plugin@0.2.1";
 
 /// How often the engine's epoch advances: the resolution of every plugin deadline.
 const EPOCH_TICK: Duration = Duration::from_millis(5);

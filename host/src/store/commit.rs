@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::fanout::FanoutRecord;
-use super::{FANOUT, META, OFFSETS, OUTBOX, STATE, Store, StoreError};
+use super::{FANOUT, META, OFFSETS, STATE, Store, StoreError};
 pub use crate::effects::Broadcast;
 use crate::log::AppendItem;
 
@@ -66,13 +66,7 @@ impl Store {
                 None => {}
             }
             if !batch.outbox.is_empty() || !outbox.is_empty() {
-                let mut table = txn.open_table(OUTBOX)?;
-                let mut next = Store::meta(&meta, "outbox_next")?;
-                for item in batch.outbox.iter().chain(&outbox) {
-                    table.insert(next, super::outbox::encode(item).as_slice())?;
-                    next += 1;
-                }
-                meta.insert("outbox_next", next)?;
+                super::outbox::push(&txn, &mut meta, &mut batch.outbox.iter().chain(&outbox))?;
             }
         }
         txn.commit()?;

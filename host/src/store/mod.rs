@@ -3,11 +3,12 @@
 //! commits its state writes, new offsets, broadcasts and publishes in one transaction.
 //!
 //! One file per part: `state` (plugin key spaces and offsets), `fanout` (the table of
-//! broadcasts clients resume from, and the mirror of a shared one), `outbox`, `commit` (a
-//! batch's one transaction).
+//! broadcasts clients resume from, and the mirror of a shared one), `outbox`, `http`
+//! (requests taken in for delivery), `commit` (a batch's one transaction).
 
 mod commit;
 mod fanout;
+mod http;
 mod outbox;
 mod state;
 
@@ -17,6 +18,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 pub use commit::{BatchCommit, Broadcast, BroadcastEncoder};
 pub use fanout::FanoutRecord;
+pub use http::{Due, Pending, Settle};
 pub use outbox::Peeked;
 
 /// (plugin, key) → value
@@ -29,8 +31,8 @@ const FANOUT: TableDefinition<u64, &[u8]> = TableDefinition::new("fanout");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// outbox sequence → {reason, at, entry}: entries that could not be forwarded, kept
 const OUTBOX_ASIDE: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_aside");
-/// counters: "fanout_next", "outbox_next", and "epoch" (random, fixed when the store is made;
-/// with a shared fan-out log, that log's)
+/// counters: "fanout_next", "outbox_next", "http_seen_next", "epoch" (random, fixed when the
+/// store is made; with a shared fan-out log, that log's) and "host_id" (random, fixed)
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// plugin → the replay under way: JSON `[[topic, partition, target], ...]`, the offsets up
 /// to which it had handled the stream when the replay began (its broadcasts below them are
@@ -97,12 +99,17 @@ impl Store {
         txn.open_table(PROMOTIONS)?;
         txn.open_table(FANOUT_IDS)?;
         txn.open_table(FANOUT_ID_AT)?;
+        Store::open_http_tables(&txn)?;
         {
             let mut meta = txn.open_table(META)?;
             if meta.get("epoch")?.is_none() {
                 // Tells a resuming client that the fan-out log it knew is not this one.
                 let epoch = (uuid::Uuid::new_v4().as_u128() as u64) >> 11;
                 meta.insert("epoch", epoch)?;
+            }
+            if meta.get("host_id")?.is_none() {
+                // Tells this host's copies of HTTP requests from another host's.
+                meta.insert("host_id", (uuid::Uuid::new_v4().as_u128() as u64) | 1)?;
             }
         }
         txn.commit()?;

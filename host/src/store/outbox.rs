@@ -51,6 +51,22 @@ fn decode(bytes: &[u8]) -> Result<AppendItem, String> {
     Ok(AppendItem { topic: entry.topic.into_owned(), key: entry.key.into_owned(), envelope })
 }
 
+/// Add `items` to the outbox, in order, inside the write transaction `txn`.
+pub(super) fn push(
+    txn: &redb::WriteTransaction,
+    meta: &mut redb::Table<'_, &'static str, u64>,
+    items: &mut dyn Iterator<Item = &AppendItem>,
+) -> Result<(), StoreError> {
+    let mut table = txn.open_table(OUTBOX)?;
+    let mut next = Store::meta(meta, "outbox_next")?;
+    for item in items {
+        table.insert(next, encode(item).as_slice())?;
+        next += 1;
+    }
+    meta.insert("outbox_next", next)?;
+    Ok(())
+}
+
 /// One outbox entry: the item, or why it cannot be read back.
 pub type Peeked = (u64, Result<AppendItem, String>);
 

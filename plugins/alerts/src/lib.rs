@@ -5,10 +5,15 @@
 //!   `severity.escalated` whose `data.severity` is one of them.
 //! - `[[config.bursts]] count = N, window_seconds = W`: N `incident.created` in one
 //!   `data.location` within W seconds of event time. The window restarts after it fires.
+//! - `[[config.webhooks]] url = "...", format = "json" | "slack"`: every alert raised is
+//!   also posted there (the manifest's `[capabilities] http` must allow the URL). `json`
+//!   posts the alert itself; `slack` posts `{"text": ...}`, as Slack's incoming webhooks
+//!   take it. A webhook the host refuses is logged and counted (see `query`); the alert is
+//!   still raised.
 
 use std::cell::RefCell;
 
-use owlery_plugin_sdk::{Envelope, HandleError, Plugin, state};
+use owlery_plugin_sdk::{Envelope, HandleError, LogLevel, Plugin, state};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -18,6 +23,24 @@ struct Config {
     severities: Vec<String>,
     #[serde(default)]
     bursts: Vec<Burst>,
+    #[serde(default)]
+    webhooks: Vec<Webhook>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Webhook {
+    url: String,
+    #[serde(default)]
+    format: Format,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Format {
+    #[default]
+    Json,
+    Slack,
 }
 
 #[derive(Deserialize)]
@@ -28,6 +51,8 @@ struct Burst {
 
 thread_local! {
     static CONFIG: RefCell<Config> = RefCell::new(Config::default());
+    /// Webhook posts the host refused since this instance started, and the last refusal.
+    static REFUSED: RefCell<(u64, Option<String>)> = const { RefCell::new((0, None)) };
 }
 
 /// Seconds since the epoch from an RFC 3339 timestamp (UTC or with offset), without a
@@ -57,12 +82,38 @@ fn epoch_seconds(ts: &str) -> Option<i64> {
     Some(days * 86_400 + hh * 3600 + mm * 60 + ss - offset)
 }
 
-fn raise(event: &Envelope, alert: serde_json::Value) -> Result<(), String> {
+fn raise(event: &Envelope, alert: serde_json::Value, webhooks: &[Webhook]) -> Result<(), String> {
     owlery_plugin_sdk::publish(&event.event_id, "alert.raised", &alert)?;
     // Says what it is: Socket.IO clients get it as `alert:raised`, not as its cause's type.
     let mut shown = alert;
     shown["eventType"] = "alert.raised".into();
-    owlery_plugin_sdk::broadcast(&event.event_id, "alerts", &shown.to_string())
+    owlery_plugin_sdk::broadcast(&event.event_id, "alerts", &shown.to_string())?;
+    for webhook in webhooks {
+        let body = match webhook.format {
+            Format::Json => shown.clone(),
+            Format::Slack => json!({ "text": slack_text(&shown) }),
+        };
+        if let Err(refused) = owlery_plugin_sdk::post_json(&event.event_id, &webhook.url, &body) {
+            // A webhook misconfigured must not silence the alert itself.
+            owlery_plugin_sdk::log(LogLevel::Error, &format!("webhook refused: {refused}"));
+            REFUSED.with_borrow_mut(|(count, last)| {
+                *count += 1;
+                *last = Some(refused);
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One line for a chat channel: `:rotating_light: CRITICAL incident (incident.created) · incident 42`.
+fn slack_text(alert: &serde_json::Value) -> String {
+    let message = alert["message"].as_str().unwrap_or("alert");
+    match &alert["incidentId"] {
+        serde_json::Value::Null => format!(":rotating_light: {message}"),
+        serde_json::Value::String(id) if id.is_empty() => format!(":rotating_light: {message}"),
+        serde_json::Value::String(id) => format!(":rotating_light: {message} · incident {id}"),
+        id => format!(":rotating_light: {message} · incident {id}"),
+    }
 }
 
 fn check(event: &Envelope, config: &Config) -> Result<(), String> {
@@ -82,6 +133,7 @@ fn check(event: &Envelope, config: &Config) -> Result<(), String> {
                 "sourceEventId": event.event_id,
                 "timestamp": event.timestamp,
             }),
+            &config.webhooks,
         )?;
     }
     if event.event_type != "incident.created" || config.bursts.is_empty() {
@@ -107,6 +159,7 @@ fn check(event: &Envelope, config: &Config) -> Result<(), String> {
                     "sourceEventId": event.event_id,
                     "timestamp": event.timestamp,
                 }),
+                &config.webhooks,
             )?;
             state::delete(&key);
         } else {
@@ -124,6 +177,9 @@ impl Plugin for Alerts {
         if parsed.bursts.iter().any(|b| b.count == 0 || b.window_seconds <= 0) {
             return Err("alerts config: bursts need count > 0 and window_seconds > 0".to_owned());
         }
+        if parsed.webhooks.iter().any(|w| w.url.is_empty()) {
+            return Err("alerts config: a webhook needs a url".to_owned());
+        }
         CONFIG.with_borrow_mut(|c| *c = parsed);
         Ok(())
     }
@@ -138,10 +194,15 @@ impl Plugin for Alerts {
     }
 
     fn query(_request: String) -> Result<String, String> {
+        let (refused, last_refusal) = REFUSED.with_borrow(|r| r.clone());
         CONFIG.with_borrow(|c| {
             Ok(json!({
                 "severities": c.severities,
                 "bursts": c.bursts.iter().map(|b| json!({"count": b.count, "windowSeconds": b.window_seconds})).collect::<Vec<_>>(),
+                // How many, not where: a webhook URL is a secret.
+                "webhooks": c.webhooks.len(),
+                "webhookRefusals": refused,
+                "lastWebhookRefusal": last_refusal,
             })
             .to_string())
         })

@@ -8,7 +8,7 @@
 // modules at build time (Wizer) inside a directory mapped as `/`, which is the project (the
 // directory above sdk/) when the source lies inside it, so every relative import inside the
 // project resolves; nothing is bundled. Only bare specifiers are not resolved (no npm packages
-// at run time), except the host's own `owlery:plugin/host@0.2.0`.
+// at run time), except the host's own `owlery:plugin/host@0.2.1`.
 
 import { componentize } from '@bytecodealliance/componentize-js';
 import { mkdir, rename, stat, unlink, writeFile } from 'node:fs/promises';

@@ -1,8 +1,8 @@
 // TypeScript declarations for sdk/owlery.js, the JavaScript guest SDK of Owlery
-// (world `plugin` of `owlery:plugin@0.2.0`, sdk/wit/owlery.wit).
+// (world `plugin` of `owlery:plugin@0.2.1`, sdk/wit/owlery.wit).
 
 /** The plugin contract this SDK was written for. */
-export const CONTRACT: 'owlery:plugin@0.2.0';
+export const CONTRACT: 'owlery:plugin@0.2.1';
 
 /** One event as read from the log (the WIT record `envelope`). */
 export interface Envelope {
@@ -78,6 +78,18 @@ export declare function broadcast(cause: string, room: string, payload: unknown)
  * `eventId` is `cause`. Needs the type in the manifest's `publish` list. Throws when refused.
  */
 export declare function publish(cause: string, eventType: string, data: unknown): void;
+
+/**
+ * Ask the host to send an HTTP request because of the event whose `eventId` is `cause`.
+ * A `body` that is not a string or bytes is sent as JSON (with `content-type:
+ * application/json` unless given). Committed with the batch and sent after it, at least once,
+ * with an `Idempotency-Key` header. The URL must be allowed by the manifest's
+ * `[capabilities] http`. Throws an Error with the host's message when refused.
+ */
+export declare function sendHttp(
+  cause: string,
+  request: { method?: string; url: string; headers?: Record<string, string> | Array<[string, string]>; body?: unknown },
+): void;
 
 /** Log a line through the host, tagged with the plugin's name. */
 export declare const log: {

@@ -1,5 +1,5 @@
 // The JavaScript guest SDK for Owlery plugins (an ES module), over the imports of the world
-// `plugin` of `owlery:plugin@0.2.0` (wit/owlery.wit). Built into a component by
+// `plugin` of `owlery:plugin@0.2.1` (wit/owlery.wit). Built into a component by
 // `node sdk/build.mjs src/plugin.js NAME.wasm` (componentize-js).
 //
 //   import { definePlugin, state, broadcast, dataOf } from '../sdk/owlery.js';
@@ -32,10 +32,11 @@ import {
   stateScan,
   broadcast as hostBroadcast,
   publish as hostPublish,
-} from 'owlery:plugin/host@0.2.0';
+  sendHttp as hostSendHttp,
+} from 'owlery:plugin/host@0.2.1';
 
 /** The plugin contract this SDK was written for (the package of sdk/wit/owlery.wit). */
-export const CONTRACT = 'owlery:plugin@0.2.0';
+export const CONTRACT = 'owlery:plugin@0.2.1';
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -127,6 +128,29 @@ export function publish(cause, eventType, data) {
     hostPublish(cause, eventType, toJson(data));
   } catch (e) {
     throw hostError('publish', e);
+  }
+}
+
+/**
+ * Ask the host to send an HTTP request because of the event whose `eventId` is `cause`:
+ * `{method, url, headers, body}`, headers an object or `[name, value]` pairs, body a string,
+ * bytes, or anything else sent as JSON (then with `content-type: application/json` unless
+ * given). Committed with the batch and sent after it, at least once, with an
+ * `Idempotency-Key` header; the URL must be allowed by the manifest's `[capabilities] http`.
+ */
+export function sendHttp(cause, { method = 'POST', url, headers = {}, body = new Uint8Array() }) {
+  const pairs = Array.isArray(headers) ? headers.map(([n, v]) => [String(n), String(v)]) : Object.entries(headers).map(([n, v]) => [n, String(v)]);
+  let bytes;
+  if (body instanceof Uint8Array || typeof body === 'string' || body instanceof ArrayBuffer || ArrayBuffer.isView(body)) {
+    bytes = bytesOf(body);
+  } else {
+    bytes = encoder.encode(toJson(body));
+    if (!pairs.some(([n]) => n.toLowerCase() === 'content-type')) pairs.push(['content-type', 'application/json']);
+  }
+  try {
+    hostSendHttp(cause, { method, url, headers: pairs, body: bytes });
+  } catch (e) {
+    throw hostError('sendHttp', e);
   }
 }
 

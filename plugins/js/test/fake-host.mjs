@@ -1,12 +1,12 @@
-// A fake of the host interface `owlery:plugin/host@0.2.0`, shaped as componentize-js gives it
+// A fake of the host interface `owlery:plugin/host@0.2.1`, shaped as componentize-js gives it
 // to a guest: `now()` a BigInt, `stateGet` a Uint8Array or undefined, `stateScan` an array of
 // [key, Uint8Array], and an `err` result thrown as an error carrying the string as `payload`.
 // `begin()`/`commit()`/`abort()` buffer the writes of one call like the host does.
 
 export const committed = new Map();
 let pending = null;
-export const out = { logs: [], broadcasts: [], publishes: [] };
-export const refuse = { broadcast: null, publish: null };
+export const out = { logs: [], broadcasts: [], publishes: [], http: [] };
+export const refuse = { broadcast: null, publish: null, http: null };
 
 export function reset() {
   committed.clear();
@@ -14,7 +14,8 @@ export function reset() {
   out.logs.length = 0;
   out.broadcasts.length = 0;
   out.publishes.length = 0;
-  refuse.broadcast = refuse.publish = null;
+  out.http.length = 0;
+  refuse.broadcast = refuse.publish = refuse.http = null;
 }
 export function begin() {
   pending = new Map();
@@ -76,6 +77,11 @@ export function publish(cause, eventType, data) {
   if (refuse.publish) throw new ComponentError(refuse.publish);
   JSON.parse(data);
   out.publishes.push([cause, eventType, data]);
+}
+export function sendHttp(cause, request) {
+  if (refuse.http) throw new ComponentError(refuse.http);
+  if (!(request.body instanceof Uint8Array)) throw new TypeError('body must be a Uint8Array');
+  out.http.push([cause, request]);
 }
 
 /** Call an export as the host would: its writes count only if it returned `ok`. */

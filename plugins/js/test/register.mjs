@@ -1,4 +1,4 @@
-// `node --import ./test/register.mjs ...`: plugins import 'owlery:plugin/host@0.2.0' from the fake.
+// `node --import ./test/register.mjs ...`: plugins import 'owlery:plugin/host@0.2.1' from the fake.
 import { register } from 'node:module';
 
 register('./hooks.mjs', import.meta.url);

@@ -2,7 +2,7 @@
 import test from 'node:test';
 import assert from 'node:assert/strict';
 import * as host from './fake-host.mjs';
-import { definePlugin, state, broadcast, publish, log, now, dataOf, metadataOf, envelopeOf, toJson, HandleError, CONTRACT } from '../sdk/owlery.js';
+import { definePlugin, state, broadcast, publish, sendHttp, log, now, dataOf, metadataOf, envelopeOf, toJson, HandleError, CONTRACT } from '../sdk/owlery.js';
 
 const event = (i, data = {}) => ({
   eventId: `e${i}`, eventType: 'thing.done', timestamp: '2026-01-01T00:00:00Z', source: 'api', userId: undefined,
@@ -39,7 +39,7 @@ test('envelopes, JSON, log, now', () => {
   log.error({ toString: () => 'obj' });
   assert.deepEqual(host.out.logs, [['info', 'hello'], ['error', 'obj']]);
   assert.equal(typeof now(), 'number');
-  assert.equal(CONTRACT, 'owlery:plugin@0.2.0');
+  assert.equal(CONTRACT, 'owlery:plugin@0.2.1');
 });
 
 test('broadcast and publish stringify, and turn a refusal into an Error', () => {
@@ -50,6 +50,21 @@ test('broadcast and publish stringify, and turn a refusal into an Error', () => 
   assert.deepEqual(host.out.publishes, [['e1', 'thing.counted', '{"n":1}']]);
   host.refuse.broadcast = 'broadcast is not allowed by the manifest';
   assert.throws(() => broadcast('e1', 'all', {}), { message: 'broadcast: broadcast is not allowed by the manifest' });
+});
+
+test('sendHttp sends JSON bodies as JSON, bytes and text as they are, and turns a refusal into an Error', () => {
+  host.reset();
+  sendHttp('e1', { url: 'http://127.0.0.1:9/h', body: { offset: 2n } });
+  sendHttp('e1', { method: 'PUT', url: 'http://127.0.0.1:9/h', headers: { 'content-type': 'text/plain', 'x-n': 1 }, body: 'hi' });
+  const [[cause, json], [, text]] = host.out.http;
+  assert.equal(cause, 'e1');
+  assert.equal(json.method, 'POST');
+  assert.deepEqual(json.headers, [['content-type', 'application/json']]);
+  assert.equal(new TextDecoder().decode(json.body), '{"offset":2}');
+  assert.deepEqual(text.headers, [['content-type', 'text/plain'], ['x-n', '1']]);
+  assert.equal(new TextDecoder().decode(text.body), 'hi');
+  host.refuse.http = 'the manifest does not allow http://evil';
+  assert.throws(() => sendHttp('e1', { url: 'http://evil/' }), { message: 'sendHttp: the manifest does not allow http://evil' });
 });
 
 test('definePlugin: results are tagged, failures are err, never thrown', async () => {

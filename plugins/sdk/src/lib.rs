@@ -21,7 +21,7 @@
 
 /// The contract this SDK was made for (the package of `wit/owlery.wit`, a copy of the
 /// host's). A host that speaks another version refuses the plugin at load, saying both.
-pub const CONTRACT: &str = "owlery:plugin@0.2.0";
+pub const CONTRACT: &str = "owlery:plugin@0.2.1";
 
 #[doc(hidden)]
 pub mod bindings {
@@ -103,6 +103,28 @@ pub fn broadcast(cause: &str, room: &str, payload: &str) -> Result<(), String> {
 /// Publish an event caused by the event `cause` (its `event-id`) of the current batch.
 pub fn publish(cause: &str, event_type: &str, data: &serde_json::Value) -> Result<(), String> {
     host::publish(cause, event_type, &data.to_string())
+}
+
+pub use bindings::owlery::plugin::host::HttpRequest;
+
+/// Ask the host to send an HTTP request because of the event `cause` (its `event-id`) of the
+/// current batch. It is committed with the batch and sent afterwards, at least once, with an
+/// `Idempotency-Key` header (the same on every repeat); the URL must be allowed by the
+/// manifest's `[capabilities] http`. The plugin never sees the answer: a request that fails
+/// for good becomes an `owlery.delivery_failed` dead letter.
+pub fn send_http(cause: &str, request: &HttpRequest) -> Result<(), String> {
+    host::send_http(cause, request)
+}
+
+/// `send_http` of a JSON body (`POST`, `content-type: application/json`).
+pub fn post_json(cause: &str, url: &str, body: &serde_json::Value) -> Result<(), String> {
+    let request = HttpRequest {
+        method: "POST".into(),
+        url: url.into(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: body.to_string().into_bytes(),
+    };
+    send_http(cause, &request)
 }
 
 /// The plugin's key space; every write is committed with the batch, or not at all.

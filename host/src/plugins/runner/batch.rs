@@ -120,17 +120,27 @@ impl Runner {
     }
 
     /// What a successful call did goes into `commit`, less what this runner must not send:
-    /// a shadow keeps only its state; a replay does not broadcast again what was delivered.
+    /// a shadow keeps only its state; a replay does not broadcast again what was delivered,
+    /// nor send HTTP requests again. HTTP requests go to the log (see `delivery`).
     fn take_effects(&mut self, commit: &mut BatchCommit, mut effects: Effects) {
         if self.mode == Mode::Shadow {
             effects.broadcasts.clear();
             effects.publishes.clear();
+            effects.http.clear();
         } else if self.lifecycle.replaying().is_some() {
             effects.broadcasts.clear();
+            effects.http.clear();
         }
         commit.state_writes = effects.state_writes;
         commit.broadcasts = effects.broadcasts;
         commit.outbox.extend(effects.publishes);
+        let (key, host) = (&self.deps.key, self.deps.host_id);
+        commit.outbox.extend(effects.http.into_iter().map(|request| {
+            crate::delivery::record::item(
+                key,
+                &crate::delivery::record::Claim { plugin: self.name.to_string(), host, request },
+            )
+        }));
         self.dead_letter_streak = 0;
     }
 

@@ -110,6 +110,8 @@ pub struct RunnerDeps {
     pub hub: Hub,
     /// Poked after a commit that put events in the outbox.
     pub outbox: Arc<Notify>,
+    /// This host's id (`Store::host_id`): marks its copies of HTTP requests.
+    pub host_id: u64,
     /// Runners are plain threads; they reach the async log through this runtime.
     pub tokio: tokio::runtime::Handle,
 }

@@ -1,5 +1,5 @@
-//! The `broadcast` and `publish` capabilities: what a plugin emits because of an event of
-//! its batch, checked against its manifest and buffered until the call succeeds. Each gets
+//! The `broadcast`, `publish` and `send-http` capabilities: what a plugin emits because of
+//! an event of its batch, checked against its manifest and buffered until the call succeeds. Each gets
 //! an id derived from the plugin, the cause and a counter, so the same batch handled again
 //! (a retry, a redelivery, another host) emits the same ids; they are keyed with the host's
 //! secret (see `keys`), so a producer cannot publish an event under an id in advance.
@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::GuestEnvelope;
-use crate::effects::Broadcast;
+use crate::delivery::allow;
+use crate::effects::{Broadcast, HttpRequest};
 use crate::envelope::{Envelope, check_event_type, check_json_shape};
 use crate::keys::HostKey;
 use crate::log::AppendItem;
@@ -23,6 +24,8 @@ struct Cause {
     published: u32,
     /// Broadcasts made for it so far.
     broadcast: u32,
+    /// HTTP requests made for it so far.
+    http: u32,
 }
 
 /// What a plugin made because of an event of its batch.
@@ -30,6 +33,7 @@ struct Cause {
 enum Effect {
     Publish,
     Broadcast,
+    Http,
 }
 
 /// One instance's broadcasts and publishes for the call being served.
@@ -45,6 +49,14 @@ pub(super) struct Emitter {
     causes: HashMap<String, Cause>,
     broadcasts: Vec<Broadcast>,
     publishes: Vec<AppendItem>,
+    requests: Vec<HttpRequest>,
+}
+
+/// What one call emitted.
+pub(super) struct Emitted {
+    pub broadcasts: Vec<Broadcast>,
+    pub publishes: Vec<AppendItem>,
+    pub requests: Vec<HttpRequest>,
 }
 
 impl Emitter {
@@ -57,6 +69,7 @@ impl Emitter {
             causes: HashMap::new(),
             broadcasts: Vec::new(),
             publishes: Vec::new(),
+            requests: Vec::new(),
         }
     }
 
@@ -66,12 +79,38 @@ impl Emitter {
         self.causes.clear();
         self.broadcasts.clear();
         self.publishes.clear();
+        self.requests.clear();
     }
 
     /// The call is over: what it emitted, and the batch forgotten.
-    pub(super) fn finish(&mut self) -> (Vec<Broadcast>, Vec<AppendItem>) {
+    pub(super) fn finish(&mut self) -> Emitted {
         self.batch = Arc::new([]);
-        (std::mem::take(&mut self.broadcasts), std::mem::take(&mut self.publishes))
+        Emitted {
+            broadcasts: std::mem::take(&mut self.broadcasts),
+            publishes: std::mem::take(&mut self.publishes),
+            requests: std::mem::take(&mut self.requests),
+        }
+    }
+
+    pub(super) fn send_http(
+        &mut self,
+        caps: &Capabilities,
+        cause: String,
+        request: crate::runtime::bindings::host::HttpRequest,
+    ) -> Result<(), Refusal> {
+        let checked =
+            allow::check(&caps.http, &request.method, &request.url, &request.headers).map_err(Refusal::Http)?;
+        let (id, _) = self.derive_id(&cause, Effect::Http)?;
+        self.requests.push(HttpRequest {
+            id,
+            method: checked.method,
+            url: checked.url.into(),
+            headers: request.headers,
+            body: request.body,
+            cause,
+            policy: caps.delivery,
+        });
+        Ok(())
     }
 
     pub(super) fn broadcast(
@@ -143,6 +182,7 @@ impl Emitter {
             Effect::Broadcast => {
                 (format!("owlery/{plugin}/{cause}/broadcast/{}", counts.broadcast), &mut counts.broadcast)
             }
+            Effect::Http => (format!("owlery/{plugin}/{cause}/http/{}", counts.http), &mut counts.http),
         };
         *count += 1;
         let timestamp = counts.timestamp.clone();
@@ -161,6 +201,7 @@ impl Emitter {
                         event_type: e.event_type.clone(),
                         published: 0,
                         broadcast: 0,
+                        http: 0,
                     };
                     (e.event_id.clone(), cause)
                 })
@@ -214,7 +255,7 @@ mod tests {
         for cause in causes {
             emitter.broadcast(&caps, cause.to_string(), "all".into(), "{}".into()).unwrap();
         }
-        emitter.finish().0.into_iter().map(|b| b.id).collect()
+        emitter.finish().broadcasts.into_iter().map(|b| b.id).collect()
     }
 
     #[test]
@@ -230,7 +271,7 @@ mod tests {
         ] {
             emitter.broadcast(&caps, "e1".into(), "all".into(), payload.into()).unwrap();
         }
-        let types: Vec<String> = emitter.finish().0.into_iter().map(|b| b.event).collect();
+        let types: Vec<String> = emitter.finish().broadcasts.into_iter().map(|b| b.event).collect();
         assert_eq!(types, ["alert.raised", "order.placed", "order.placed", "order.placed"]);
     }
 
@@ -253,6 +294,38 @@ mod tests {
         assert!(matches!(refused, Err(Refusal::Shape(_))), "{refused:?}");
         let refused = emitter.broadcast(&caps, "e1".into(), "all".into(), deep);
         assert!(matches!(refused, Err(Refusal::Shape(_))), "{refused:?}");
+    }
+
+    #[test]
+    fn http_requests_are_checked_and_their_ids_are_their_causes() {
+        let request = |url: &str| crate::runtime::bindings::host::HttpRequest {
+            method: "post".into(),
+            url: url.into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: b"{}".to_vec(),
+        };
+        let caps = Capabilities {
+            http: vec![crate::delivery::allow::UrlPattern::parse("http://127.0.0.1:9000/*").unwrap()],
+            ..Capabilities::default()
+        };
+        let ids = |batch: &[&str]| {
+            let mut emitter = Emitter::new("p".into(), Arc::default(), HostKey::from_secret(b"test"));
+            emitter.begin(batch.iter().map(|id| event(id)).collect());
+            for _ in 0..2 {
+                emitter.send_http(&caps, "e2".into(), request("http://127.0.0.1:9000/a")).unwrap();
+            }
+            let refused = emitter.send_http(&caps, "e2".into(), request("http://127.0.0.1:9001/a"));
+            assert!(matches!(&refused, Err(Refusal::Http(m)) if m.contains("does not allow")), "{:?}", refused.err());
+            let refused = emitter.send_http(&Capabilities::default(), "e2".into(), request("http://127.0.0.1:9000/a"));
+            assert!(matches!(&refused, Err(Refusal::Http(m)) if m.contains("no `http` capability")));
+            let emitted = emitter.finish().requests;
+            assert!(emitted.iter().all(|r| r.method == "POST"), "the method in capitals");
+            emitted.into_iter().map(|r| r.id).collect::<Vec<_>>()
+        };
+        let alone = ids(&["e2"]);
+        assert_eq!(alone, ids(&["e1", "e2"]), "the same requests whatever the batch");
+        assert_ne!(alone[0], alone[1]);
+        assert_ne!(alone[0], broadcast_ids(&["e2"], &["e2"])[0], "not a broadcast's id");
     }
 
     #[test]

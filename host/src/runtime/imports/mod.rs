@@ -1,6 +1,6 @@
 //! The host functions plugins import, one module per capability as Spin gives each its own
-//! factor: `state` (reads and buffered writes through a `StateView`), `emit` (broadcast and
-//! publish), `log` (log, now, and the guest's stdout/stderr). `HostState` is the data wasmtime
+//! factor: `state` (reads and buffered writes through a `StateView`), `emit` (broadcast,
+//! publish and send-http), `log` (log, now, and the guest's stdout/stderr). `HostState` is the data wasmtime
 //! hands each of them; this module only routes a call to its factor.
 
 mod emit;
@@ -44,7 +44,8 @@ pub(crate) struct HostState {
 /// envelope fields): charged to the output budget, so many tiny items are bounded too.
 const ITEM_OVERHEAD: usize = 256;
 
-/// What `broadcast` and `publish` answer: a trap, or the guest is told of a refusal.
+/// What `broadcast`, `publish` and `send-http` answer: a trap, or the guest is told of a
+/// refusal.
 type Emitted = wasmtime::Result<Result<(), String>>;
 
 /// Which guest export is being called, and with what batch: what the imports may do then.
@@ -89,8 +90,13 @@ impl HostState {
     /// After a call: what it buffered (for the runner to commit if the call succeeded).
     pub(super) fn finish(&mut self) -> Effects {
         self.read_only = false;
-        let (broadcasts, publishes) = self.emit.finish();
-        Effects { state_writes: self.state.take_writes(), broadcasts, publishes }
+        let emitted = self.emit.finish();
+        Effects {
+            state_writes: self.state.take_writes(),
+            broadcasts: emitted.broadcasts,
+            publishes: emitted.publishes,
+            http: emitted.requests,
+        }
     }
 
     fn need_state(&self) -> Result<(), Refusal> {
@@ -187,5 +193,14 @@ impl host::Host for HostState {
         // A published event is kept parsed (an envelope): count it at twice its text.
         let bytes = ITEM_OVERHEAD + cause.len() + event_type.len() + 2 * data.len();
         self.emit_one("publish", bytes, |emit, caps| emit.publish(caps, cause, event_type, data))
+    }
+
+    async fn send_http(&mut self, cause: String, request: host::HttpRequest) -> Emitted {
+        // Kept as given, then written to the log with the body in base64: count the body
+        // twice.
+        let headers: usize = request.headers.iter().map(|(n, v)| n.len() + v.len() + 16).sum();
+        let bytes =
+            ITEM_OVERHEAD + cause.len() + request.method.len() + request.url.len() + headers + 2 * request.body.len();
+        self.emit_one("send-http", bytes, |emit, caps| emit.send_http(caps, cause, request))
     }
 }
