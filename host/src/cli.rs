@@ -208,6 +208,13 @@ fn with_component(
     })
 }
 
+/// A plugin name as the host takes it, checked before it goes into a URL's path: a name like
+/// `a/../../x` must not send the token to another route.
+fn checked(name: &str) -> anyhow::Result<&str> {
+    crate::plugins::check_name(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(name)
+}
+
 /// Run a `plugins` subcommand against a host; prints the host's JSON answer.
 pub async fn run_plugins(args: PluginsArgs) -> anyhow::Result<()> {
     use anyhow::{Context, bail};
@@ -216,7 +223,7 @@ pub async fn run_plugins(args: PluginsArgs) -> anyhow::Result<()> {
     let url = |path: String| format!("{base}/api/plugins{path}");
     let request = match &args.action {
         PluginAction::List => http.get(url(String::new())),
-        PluginAction::Status { name } => http.get(url(format!("/{name}"))),
+        PluginAction::Status { name } => http.get(url(format!("/{}", checked(name)?))),
         PluginAction::Upload { wasm, name, manifest } => {
             let name = match name {
                 Some(name) => name.clone(),
@@ -226,23 +233,27 @@ pub async fn run_plugins(args: PluginsArgs) -> anyhow::Result<()> {
                     .context("cannot tell the plugin's name; use --name")?
                     .to_owned(),
             };
-            with_component(http.put(url(format!("/{name}"))), wasm, manifest.as_ref())?
+            with_component(http.put(url(format!("/{}", checked(&name)?))), wasm, manifest.as_ref())?
         }
-        PluginAction::Remove { name, purge } => http.delete(url(format!("/{name}"))).query(&[("purge", purge)]),
-        PluginAction::Pause { name } => http.post(url(format!("/{name}/pause"))),
-        PluginAction::Resume { name } => http.post(url(format!("/{name}/resume"))),
+        PluginAction::Remove { name, purge } => {
+            http.delete(url(format!("/{}", checked(name)?))).query(&[("purge", purge)])
+        }
+        PluginAction::Pause { name } => http.post(url(format!("/{}/pause", checked(name)?))),
+        PluginAction::Resume { name } => http.post(url(format!("/{}/resume", checked(name)?))),
         PluginAction::Replay { name, timestamp } => {
             let body = match timestamp {
                 Some(at) => serde_json::json!({ "timestamp": at }),
                 None => serde_json::json!({ "from": 0 }),
             };
-            http.post(url(format!("/{name}/replay"))).json(&body)
+            http.post(url(format!("/{}/replay", checked(name)?))).json(&body)
         }
         PluginAction::Shadow { name, wasm, manifest } => {
-            with_component(http.post(url(format!("/{name}/shadow"))), wasm, manifest.as_ref())?
+            with_component(http.post(url(format!("/{}/shadow", checked(name)?))), wasm, manifest.as_ref())?
         }
-        PluginAction::Promote { name, force } => http.post(url(format!("/{name}/promote"))).query(&[("force", force)]),
-        PluginAction::Discard { name } => http.delete(url(format!("/{name}/shadow"))),
+        PluginAction::Promote { name, force } => {
+            http.post(url(format!("/{}/promote", checked(name)?))).query(&[("force", force)])
+        }
+        PluginAction::Discard { name } => http.delete(url(format!("/{}/shadow", checked(name)?))),
     };
     let request = match &args.token {
         Some(token) => request.bearer_auth(token),

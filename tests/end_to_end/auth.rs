@@ -65,6 +65,11 @@ async fn tokens_and_scopes_guard_publish_admin_and_rooms() {
     assert_eq!(status(&host, host.http.post(&url).bearer_auth("viewer-1").json(&body)).await.0, 403);
     assert_eq!(status(&host, host.http.get(host.url("/api/plugins")).bearer_auth("publisher-token")).await.0, 403);
     assert_eq!(status(&host, host.http.get(host.url("/api/plugins")).bearer_auth("admin-token")).await.0, 200);
+    let lower = host.http.get(host.url("/api/plugins")).header("authorization", "bearer admin-token");
+    assert_eq!(status(&host, lower).await.0, 200, "the scheme in any case");
+    // A token in the URL is for /ws alone (browsers cannot set its headers).
+    let (code, answer) = status(&host, host.http.get(host.url("/api/plugins?token=admin-token"))).await;
+    assert_eq!(code, 401, "{answer}");
     assert_eq!(status(&host, host.http.get(host.url("/health"))).await.0, 200, "health needs no token");
 
     // HMAC-signed JWTs carry the same claims; a forged one is refused.

@@ -220,6 +220,11 @@ async fn the_plugins_cli_sends_a_token_prints_status_for_people_and_json_for_scr
     let missing = cli(&host, &["status", "nobody"], Some("admin-token"));
     assert!(!missing.status.success());
     assert!(text(&missing).contains("404") && text(&missing).contains("nobody"), "{}", text(&missing));
+
+    // A name that is not one never reaches the URL (it would send the token elsewhere).
+    let sneaky = cli(&host, &["pause", "a/../../metrics"], Some("admin-token"));
+    assert!(!sneaky.status.success());
+    assert!(text(&sneaky).contains("is not a plugin name"), "{}", text(&sneaky));
 }
 
 #[tokio::test(flavor = "multi_thread")]

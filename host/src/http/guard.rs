@@ -13,11 +13,17 @@ use axum::response::{IntoResponse, Response};
 use super::{ApiError, AppState};
 use crate::auth::Scope;
 
-/// The bearer token of a request: `Authorization: Bearer T`, else `?token=T` (browsers
-/// cannot set headers on a WebSocket).
-fn presented_token(request: &axum::extract::Request) -> Option<String> {
+/// The bearer token of a request: `Authorization: Bearer T` (the scheme in any case, as
+/// RFC 9110 has it), else, on `/ws` only (`in_query`), `?token=T`: browsers cannot set
+/// headers on a WebSocket, and everywhere else a token in a URL would only end up in
+/// proxies' logs and browser history.
+fn presented_token(request: &axum::extract::Request, in_query: bool) -> Option<String> {
     if let Some(value) = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        return value.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned());
+    }
+    if !in_query {
+        return None;
     }
     let axum::extract::Query(pairs) =
         axum::extract::Query::<Vec<(String, String)>>::try_from_uri(request.uri()).ok()?;
@@ -32,7 +38,9 @@ pub(super) async fn require(
     next: axum::middleware::Next,
     scope: Scope,
 ) -> Response {
-    let token = presented_token(&request);
+    // `subscribe` is the scope of `/ws` alone (Socket.IO reads its token from its own
+    // handshake).
+    let token = presented_token(&request, scope == Scope::Subscribe);
     match state.auth.require(token.as_deref(), scope) {
         Ok(grant) => {
             request.extensions_mut().insert(grant);

@@ -77,11 +77,13 @@ fn state_name(state: RunState) -> &'static str {
 #[utoipa::path(get, path = "/ready", tag = "operate", responses((status = 200, description = "ready"), (status = 503, description = "not ready, with the reasons")))]
 pub(super) async fn ready(State(state): State<AppState>) -> Response {
     let mut reasons = Vec::new();
-    let log = state.log.status().await;
+    // From what the log already knows: anyone may ask, as often as they like, and that must
+    // not turn into requests to Iggy.
+    let log = state.log.readiness();
     // Answered without a token (probes send none), so the reasons name what is wrong but
     // carry no error text: a plugin's error can quote the event it failed on. The details
     // are in iggy-status and the plugin's status (admin).
-    if log["connected"] != true {
+    if !log.connected {
         reasons.push(format!("the log ({}) is unreachable (details: /api/monitoring/iggy-status)", state.backend));
     }
     for (status, shadow) in state.plugins.list() {
@@ -91,7 +93,7 @@ pub(super) async fn ready(State(state): State<AppState>) -> Response {
             }
         }
     }
-    let spool = log["spool"]["pending"].as_u64().unwrap_or(0);
+    let spool = log.spool_depth;
     if spool > state.ready_max_spool_depth {
         reasons.push(format!(
             "{spool} events wait in the spool for Iggy (more than ready_max_spool_depth = {})",

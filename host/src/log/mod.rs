@@ -90,6 +90,12 @@ pub trait EventLog: Send + Sync + 'static {
     /// in their own tools record it (best effort, in the background).
     fn note_consumer_offset(&self, _consumer: &str, _topic: &str, _partition: u32, _next: u64) {}
 
+    /// Whether the log is reachable and how much waits to reach it, from what the backend
+    /// already knows (no request to a server): `/ready` is asked by anyone, often.
+    fn readiness(&self) -> Readiness {
+        Readiness { connected: true, spool_depth: 0 }
+    }
+
     /// What `GET /api/monitoring/iggy-status` shows of the log.
     async fn status(&self) -> serde_json::Value {
         let mut topics = serde_json::Map::new();
@@ -103,6 +109,14 @@ pub trait EventLog: Send + Sync + 'static {
         }
         serde_json::json!({ "backend": "embedded", "connected": true, "topics": topics })
     }
+}
+
+/// What `/ready` needs of the log (see `EventLog::readiness`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    pub connected: bool,
+    /// Accepted events not yet in the log (the Iggy spool).
+    pub spool_depth: u64,
 }
 
 /// How many records back (per partition) a backend may write a second copy of an event

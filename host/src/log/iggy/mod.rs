@@ -165,6 +165,10 @@ impl EventLog for IggyLog {
     async fn status(&self) -> serde_json::Value {
         status::status(&self.remote, &self.spool).await
     }
+
+    fn readiness(&self) -> crate::log::Readiness {
+        crate::log::Readiness { connected: self.remote.health.connected(), spool_depth: self.spool.depth() }
+    }
 }
 
 #[cfg(test)]
