@@ -108,9 +108,10 @@ async fn a_client_queue_is_bounded_in_bytes_as_well_as_frames() {
     let tcp = socket.connect(host.base.trim_start_matches("http://").parse().unwrap()).await.unwrap();
     let (mut slow, _) = tokio_tungstenite::client_async(&ws_url, tcp).await.expect("the slow client connects");
     let mut reader = host.ws("").await;
-    // A client that reads as the broadcasts come is never cut off: the publisher stays at
-    // most two broadcasts ahead of it (a burst larger than the byte limit would cut it off
-    // too, which is the point of the limit).
+    // A client that reads as the broadcasts come is never cut off: the publisher waits for
+    // it to have every broadcast before the next (a burst larger than the byte limit would
+    // cut it off too, which is the point of the limit; with two ahead, 48 KiB of the 64 KiB
+    // could be queued for it, and under a loaded full run it once was cut off).
     let (progress_tx, progress) = tokio::sync::watch::channel(0u64);
     let reading = tokio::spawn(async move {
         for n in 0..300u64 {
@@ -124,7 +125,7 @@ async fn a_client_queue_is_bounded_in_bytes_as_well_as_frames() {
     let big = "x".repeat(16 << 10);
     for n in 0..300u64 {
         let mut seen = progress.clone();
-        tokio::time::timeout(Duration::from_secs(60), seen.wait_for(|read| *read + 2 >= n)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), seen.wait_for(|read| *read >= n)).await.unwrap().unwrap();
         let mut e = event("incident.created", json!({"id": 1, "n": n, "blob": big}));
         // One incident: one partition, so one order.
         e["userId"] = json!("one-reporter");
