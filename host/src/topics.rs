@@ -19,3 +19,32 @@ pub const HTTP: &str = "owlery-http";
 pub fn is_internal(topic: &str) -> bool {
     topic == DEAD_LETTERS || topic == FANOUT || topic == HTTP
 }
+
+/// Internal topics no plugin may read even by name: `owlery-http` carries every plugin's
+/// requests with their headers (a webhook's secret), `owlery-fanout` every host's
+/// broadcasts to every room. Dead letters are meant to be read by a plugin that asks.
+pub fn is_host_only(topic: &str) -> bool {
+    topic == FANOUT || topic == HTTP
+}
+
+/// A dead letter (`event_type`: a `DEAD_LETTER_TYPE` or a `DELIVERY_FAILED_TYPE`) of
+/// `plugin`, in topic `dead-letters`, keyed by its id. The id is derived by the caller from
+/// what failed, so the same failure written again is accepted once.
+pub fn dead_letter(
+    event_id: uuid::Uuid,
+    event_type: &str,
+    plugin: &str,
+    data: serde_json::Value,
+) -> crate::log::AppendItem {
+    let envelope = crate::envelope::Envelope {
+        event_id,
+        event_type: event_type.to_owned(),
+        timestamp: crate::envelope::now_rfc3339(),
+        source: format!("plugin:{plugin}"),
+        user_id: None,
+        metadata: serde_json::Map::new(),
+        data,
+        extra: serde_json::Map::new(),
+    };
+    crate::log::AppendItem { topic: DEAD_LETTERS.to_owned(), key: event_id.to_string(), envelope }
+}

@@ -258,12 +258,14 @@ async fn a_receiver_down_then_failing_then_throttling_gets_every_request_with_th
     let error = http["lastError"].as_str().unwrap();
     assert!(error.contains(&format!("POST http://{address}")) && !error.contains("/hooks/"), "{error}");
 
-    // Up: the first attempt of each key gets 500, the second 429 with Retry-After: 2, then 200.
+    // Up: the first attempt of each key gets 500, the second 408, the third 429 with
+    // Retry-After: 5 (longer than any backoff here could be), then 200.
     let receiver = Receiver::on(
         address,
         Arc::new(|_: &str, before: usize| match before {
             0 => (500, None, Duration::ZERO),
-            1 => (429, Some(2), Duration::ZERO),
+            1 => (408, None, Duration::ZERO),
+            2 => (429, Some(5), Duration::ZERO),
             _ => (200, None, Duration::ZERO),
         }),
     )
@@ -276,10 +278,10 @@ async fn a_receiver_down_then_failing_then_throttling_gets_every_request_with_th
     assert_eq!(by_key.len(), 2, "two requests, each repeated under its own key: {got:#?}");
     for (key, attempts) in &by_key {
         let statuses: Vec<u16> = attempts.iter().map(|g| g.status).collect();
-        assert_eq!(statuses, [500, 429, 200], "{key}");
+        assert_eq!(statuses, [500, 408, 429, 200], "{key}");
         assert!(attempts.windows(2).all(|w| w[0].body == w[1].body), "the same body each time");
-        let waited = attempts[2].at - attempts[1].at;
-        assert!(waited >= Duration::from_millis(1900), "Retry-After: 2 was honoured: {waited:?}");
+        let waited = attempts[3].at - attempts[2].at;
+        assert!(waited >= Duration::from_millis(4900), "Retry-After: 5 was honoured: {waited:?}");
     }
     let http = http_status(&host, |h| h["delivered"] == 2).await;
     assert_eq!((http["pending"].as_u64(), http["failed"].as_u64()), (Some(0), Some(0)), "{http}");
@@ -446,4 +448,72 @@ async fn plugin_test_shows_the_requests_a_plugin_makes_and_sends_none() {
     assert_eq!(http[0]["body"]["eventType"], "alert.raised");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(receiver.got().is_empty(), "plugin test sends nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_asking_for_a_forbidden_header_an_oversized_body_or_another_host_gets_an_error_and_sends_nothing() {
+    let receiver = Receiver::start(|_, _| (200, None, Duration::ZERO)).await;
+    let manifest = format!(
+        "[subscribe]\ntopics = [\"events\"]\n[capabilities]\nhttp = [{:?}]\n[limits]\nretries = 0\n\
+         output_bytes_per_batch = 4194304\n[config]\nmode = \"http\"\n",
+        receiver.url("/hooks/*")
+    );
+    let host = Host::with_plugins(&[("hostile".to_owned(), std::path::PathBuf::from(guests::MISBEHAVE), manifest)]);
+    let hook = receiver.url("/hooks/in");
+    let ask = |url: &str, headers: Value, body_bytes: usize| {
+        event("test.http", json!({"poison": true, "url": url, "headers": headers, "bodyBytes": body_bytes}))
+    };
+    let hostile = [
+        (ask(&hook, json!([["Host", "internal.example"]]), 0), "host"),
+        (ask(&hook, json!([["Proxy-Authorization", "Basic eA=="]]), 0), "proxy-authorization"),
+        (ask(&hook, json!([["Idempotency-Key", "mine"]]), 0), "idempotency-key"),
+        (ask(&hook, json!([["x-ok", "a\r\nInjected: 1"]]), 0), "x-ok"),
+        (ask(&hook, json!([]), (1 << 20) + 1), "more than"),
+        (ask(&receiver.url("/admin"), json!([]), 0), "does not allow"),
+        (ask("http://169.254.169.254/latest/meta-data", json!([]), 0), "does not allow"),
+    ];
+    let mut events: Vec<Value> = hostile.iter().map(|(e, _)| e.clone()).collect();
+    events.push(ask(&hook, json!([["x-ok", "1"]]), 10));
+    assert_eq!(host.post_events(&json!(events)).await.0, 201);
+    host.caught_up("hostile").await;
+
+    let deadline = Instant::now() + WAIT;
+    let letters = loop {
+        let letters = host.topic_records("dead-letters").await;
+        if letters.len() >= hostile.len() {
+            break letters;
+        }
+        assert!(Instant::now() < deadline, "{} dead letters: {letters:#?}", letters.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(letters.len(), hostile.len(), "{letters:#?}");
+    for (event, why) in &hostile {
+        let letter = letters
+            .iter()
+            .find(|l| l["event"]["data"]["event"]["data"] == event["data"])
+            .unwrap_or_else(|| panic!("no dead letter for {event}: {letters:#?}"));
+        let error = letter["event"]["data"]["error"].as_str().unwrap().to_lowercase();
+        assert!(error.contains(why), "the error names {why:?}: {error}");
+    }
+    let got = receiver.until("the one allowed request", |g| !g.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got_now = receiver.got();
+    assert_eq!(got_now.len(), 1, "only the allowed request went out: {got_now:#?}");
+    assert_eq!(got[0].path, "/hooks/in");
+    assert_eq!(host.plugin("hostile").await["http"]["delivered"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_plugin_may_subscribe_to_the_topic_that_carries_every_plugins_requests() {
+    let host = Host::with_plugins(&[]);
+    let wasm = std::fs::read(guests::MISBEHAVE).unwrap();
+    for topic in ["owlery-http", "owlery-fanout"] {
+        let manifest = format!("[subscribe]\ntopics = [\"{topic}\"]\n[config]\nmode = \"error\"\n");
+        let response = host.upload("snoop", wasm.clone(), Some(&manifest)).send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, 400, "{topic}: {body}");
+        assert!(body["error"].as_str().unwrap_or_default().contains("the host's own"), "{topic}: {body}");
+    }
+    assert_eq!(host.get("/api/plugins/snoop").await.0, 404, "nothing was installed");
 }

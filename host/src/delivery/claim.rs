@@ -16,8 +16,8 @@ use crate::store::{Due, Store};
 
 /// Records read per poll.
 const PAGE: usize = 500;
-/// How often a partition with nothing new is checked for having been made again (its end
-/// before where this host stands), which starts it afresh from 0.
+/// How often the topic is checked for having been made again (a new epoch, or a partition
+/// ending before where this host stands), which starts it afresh from 0.
 const RECHECK: Duration = Duration::from_secs(10);
 
 /// Read `owlery-http` for the life of the host, handing what this host takes in to the
@@ -31,32 +31,42 @@ pub async fn claim(log: Arc<dyn EventLog>, store: Arc<Store>, key: HostKey, due:
         }
     };
     let mut changes = log.changes();
-    let mut checked = tokio::time::Instant::now();
+    let mut checked: Option<tokio::time::Instant> = None;
+    let mut failing = Failing::default();
     loop {
         let partitions = match log.partitions(TOPIC).await {
             Ok(n) => n,
             Err(error) => {
-                tracing::debug!(%error, topic = TOPIC, "cannot read the requests topic yet; retrying");
+                failing.note(&error.to_string(), None);
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
         };
-        let recheck = checked.elapsed() > RECHECK;
+        let recheck = checked.is_none_or(|at| at.elapsed() > RECHECK);
         if recheck {
-            checked = tokio::time::Instant::now();
+            match meet_epoch(log.as_ref(), &store).await {
+                Ok(()) => checked = Some(tokio::time::Instant::now()),
+                Err(error) => {
+                    // Not read past an unknown epoch: it could be a new topic's.
+                    failing.note(&error, None);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
         }
         let mut read_any = false;
         for partition in 0..partitions {
             match read_partition(log.as_ref(), &store, &key, me, partition, recheck).await {
                 Ok(Some(taken)) => {
                     read_any = true;
+                    failing.cleared();
                     for one in taken {
                         let _ = due.send(one);
                     }
                 }
-                Ok(None) => {}
+                Ok(None) => failing.cleared(),
                 Err(error) => {
-                    tracing::debug!(%error, topic = TOPIC, partition, "reading the requests topic failed; retrying");
+                    failing.note(&error, Some(partition));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
@@ -68,6 +78,49 @@ pub async fn claim(log: Arc<dyn EventLog>, store: Arc<Store>, key: HostKey, due:
             }
         }
     }
+}
+
+/// Reading failures are logged once at `warn` when they start (requests wait while the
+/// topic cannot be read), then at `debug` until a read succeeds again.
+#[derive(Default)]
+struct Failing {
+    since: Option<tokio::time::Instant>,
+}
+
+impl Failing {
+    fn note(&mut self, error: &str, partition: Option<u32>) {
+        if self.since.is_none() {
+            tracing::warn!(%error, topic = TOPIC, ?partition, "reading the requests topic failed; HTTP requests wait until it can be read; retrying");
+            self.since = Some(tokio::time::Instant::now());
+        } else {
+            tracing::debug!(%error, topic = TOPIC, ?partition, "reading the requests topic failed; retrying");
+        }
+    }
+
+    fn cleared(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                after_ms = since.elapsed().as_millis() as u64,
+                topic = TOPIC,
+                "reading the requests topic again"
+            );
+        }
+    }
+}
+
+/// Compare the topic's epoch with the one this host last read; a new one (the topic was
+/// deleted and made again) starts every partition from 0.
+async fn meet_epoch(log: &dyn EventLog, store: &Arc<Store>) -> Result<(), String> {
+    let epoch = log.topic_epoch(TOPIC).await.map_err(|e| e.to_string())?;
+    let meeting = store.clone();
+    let reset = tokio::task::spawn_blocking(move || meeting.http_meet_epoch(epoch))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if reset {
+        tracing::warn!(topic = TOPIC, epoch, "the requests topic was made again; reading it from 0");
+    }
+    Ok(())
 }
 
 /// Read one page of `partition` and take it in: `None` when there was nothing new.
@@ -109,6 +162,7 @@ async fn read_partition(
     let (taking, key) = (store.clone(), key.clone());
     let taken = tokio::task::spawn_blocking(move || {
         taking.http_take_in(partition, next, claims, me, |claim, error| {
+            crate::metrics::metrics().http_requests.with_label_values(&[&claim.plugin, "failed"]).inc();
             super::worker::dead_letter(&key, claim, error, None)
         })
     })

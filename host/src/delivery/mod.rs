@@ -23,8 +23,10 @@ pub use crate::effects::HttpRequest;
 
 /// How a plugin's requests are delivered: the manifest's `[delivery]` table, copied into
 /// each request when it is made (a later manifest does not change requests already made).
+/// Unknown fields are ignored, not refused: this travels in request records and the
+/// pending table, which hosts of other versions read (the manifest refuses unknown keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Policy {
     /// Attempts in all, the first one included; then the request is a dead letter.
     pub attempts: u32,
@@ -57,6 +59,11 @@ impl Policy {
         ]
     }
 }
+
+/// The largest request body a plugin may send. A request travels through the log as one
+/// record, its body in base64, so this keeps every record well inside what either log takes
+/// (a record the log refused would be a request lost).
+pub const MAX_BODY: usize = 1 << 20;
 
 /// The longest `Retry-After` honoured: a receiver cannot park a request for days.
 pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);

@@ -13,16 +13,16 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
 
 use super::{HttpRequest, MAX_RETRY_AFTER, allow};
-use crate::envelope::Envelope;
 use crate::keys::HostKey;
 use crate::log::AppendItem;
-use crate::store::{Due, Settle, Store};
-use crate::topics::{DEAD_LETTERS, DELIVERY_FAILED_TYPE};
+use crate::store::{Due, Pending, Settle, Store};
+use crate::topics::DELIVERY_FAILED_TYPE;
 
 /// Attempts in flight at once, all destinations together.
 const MAX_IN_FLIGHT: usize = 256;
@@ -57,6 +57,9 @@ pub async fn deliver(
 ) {
     let client = match reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // Requests go where the allow-list says, never through a proxy named by the
+        // environment (`HTTPS_PROXY` would see every URL and header, and could send them on).
+        .no_proxy()
         .connect_timeout(Duration::from_secs(5))
         .user_agent(concat!("owlery/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -79,26 +82,35 @@ pub async fn deliver(
         Ok(Err(error)) => tracing::error!(%error, "reading the pending HTTP requests failed"),
         Err(error) => tracing::error!(%error, "reading the pending HTTP requests panicked"),
     }
-    let mut running: JoinSet<(Due, Outcome)> = JoinSet::new();
+    let mut running: JoinSet<(Due, Option<Pending>, Outcome)> = JoinSet::new();
     loop {
         let now = crate::envelope::now_millis();
         for one in queues.take_due(now, MAX_IN_FLIGHT.saturating_sub(running.len())) {
             let (client, store) = (client.clone(), store.clone());
             running.spawn(async move {
-                let outcome = attempt(&client, &store, one.id).await;
-                (one, outcome)
+                // A panic inside the HTTP stack ends this attempt, not the slot it holds.
+                let attempt = std::panic::AssertUnwindSafe(attempt(&client, &store, one.id)).catch_unwind().await;
+                let (pending, outcome) = attempt.unwrap_or_else(|_| {
+                    let error = "the attempt panicked".to_owned();
+                    (None, Outcome::Again { error, status: None, retry_after: None })
+                });
+                (one, pending, outcome)
             });
         }
-        let wait = queues.next_due().map(|at| Duration::from_millis(at.saturating_sub(now).max(1)));
+        // With every slot taken, nothing can start before an attempt ends.
+        let wait = (running.len() < MAX_IN_FLIGHT)
+            .then(|| queues.next_due())
+            .flatten()
+            .map(|at| Duration::from_millis(at.saturating_sub(now).max(1)));
         tokio::select! {
             got = due.recv() => match got {
                 Some(one) => queues.add(one),
                 None => return,
             },
             Some(done) = running.join_next() => {
-                let Ok((one, outcome)) = done else { continue };
+                let Ok((one, pending, outcome)) = done else { continue };
                 queues.finished(one.id, &one.destination);
-                if let Some(again) = settle(&store, &key, &outbox, one, outcome).await {
+                if let Some(again) = settle(&store, &key, &outbox, one, pending, outcome).await {
                     queues.add(again);
                 }
             }
@@ -139,17 +151,22 @@ impl Queues {
     fn take_due(&mut self, now: u64, mut room: usize) -> Vec<Due> {
         let mut taken = Vec::new();
         for (destination, queue) in &mut self.waiting {
-            let busy = self.in_flight.entry(destination.clone()).or_default();
-            while room > 0 && *busy < self.per_destination {
+            // Only destinations with something in flight have an entry: a plugin naming a
+            // new subdomain per request must not grow this map for good.
+            let mut busy = self.in_flight.get(destination).copied().unwrap_or(0);
+            while room > 0 && busy < self.per_destination {
                 match queue.first() {
                     Some(&(due_ms, id)) if due_ms <= now => {
                         queue.pop_first();
-                        *busy += 1;
+                        busy += 1;
                         room -= 1;
                         taken.push(Due { id, due_ms, destination: destination.clone() });
                     }
                     _ => break,
                 }
+            }
+            if busy > 0 {
+                self.in_flight.insert(destination.clone(), busy);
             }
         }
         self.waiting.retain(|_, queue| !queue.is_empty());
@@ -178,18 +195,21 @@ impl Queues {
     }
 }
 
-/// One attempt at request `id`, as stored.
-async fn attempt(client: &reqwest::Client, store: &Arc<Store>, id: uuid::Uuid) -> Outcome {
+/// One attempt at request `id`, as stored (`None` when it could not be read).
+async fn attempt(client: &reqwest::Client, store: &Arc<Store>, id: uuid::Uuid) -> (Option<Pending>, Outcome) {
     let reading = store.clone();
     let pending = match tokio::task::spawn_blocking(move || reading.http_pending(id)).await {
         Ok(Ok(Some(pending))) => pending,
-        Ok(Ok(None)) => return Outcome::Gone,
+        Ok(Ok(None)) => return (None, Outcome::Gone),
         Ok(Err(error)) => {
-            return Outcome::Again { error: format!("reading it: {error}"), status: None, retry_after: None };
+            return (None, Outcome::Again { error: format!("reading it: {error}"), status: None, retry_after: None });
         }
-        Err(error) => return Outcome::Again { error: format!("reading it: {error}"), status: None, retry_after: None },
+        Err(error) => {
+            return (None, Outcome::Again { error: format!("reading it: {error}"), status: None, retry_after: None });
+        }
     };
-    send(client, &pending.request).await
+    let outcome = send(client, &pending.request).await;
+    (Some(pending), outcome)
 }
 
 /// Send `request` once and judge the answer.
@@ -261,14 +281,26 @@ fn backoff(policy: &super::Policy, made: u32, random: u64) -> Duration {
     Duration::from_millis(full - half + random % (half + 1))
 }
 
-/// Record how an attempt ended; the request again, when it is to be tried again.
-async fn settle(store: &Arc<Store>, key: &HostKey, outbox: &Notify, one: Due, outcome: Outcome) -> Option<Due> {
+/// Record how an attempt ended; the request again, when it is to be tried again (also
+/// when it could not be read or recorded: it is still pending as it was).
+async fn settle(
+    store: &Arc<Store>,
+    key: &HostKey,
+    outbox: &Notify,
+    one: Due,
+    pending: Option<Pending>,
+    outcome: Outcome,
+) -> Option<Due> {
     if outcome == Outcome::Gone {
         return None;
     }
-    let reading = store.clone();
     let id = one.id;
-    let pending = tokio::task::spawn_blocking(move || reading.http_pending(id)).await.ok()?.ok()??;
+    let Some(pending) = pending else {
+        if let Outcome::Again { error, .. } = &outcome {
+            tracing::error!(request = %id, %error, "an HTTP attempt failed before sending; trying again in a second");
+        }
+        return Some(Due { due_ms: crate::envelope::now_millis() + 1_000, ..one });
+    };
     let made = pending.attempts + 1;
     let policy = pending.request.policy;
     let settle = match outcome {
@@ -296,24 +328,19 @@ async fn settle(store: &Arc<Store>, key: &HostKey, outbox: &Notify, one: Due, ou
         _ => None,
     };
     let writing = store.clone();
-    match tokio::task::spawn_blocking(move || writing.http_settle(id, settle)).await {
+    let error = match tokio::task::spawn_blocking(move || writing.http_settle(id, settle)).await {
         Ok(Ok(wrote_outbox)) => {
             if wrote_outbox {
                 outbox.notify_one();
             }
-            again
+            return again;
         }
-        Ok(Err(error)) => {
-            // Still pending as it was: tried again later.
-            tracing::error!(%error, request = %id, "recording an HTTP attempt failed");
-            Some(Due {
-                due_ms: crate::envelope::now_millis() + 1_000,
-                id,
-                destination: pending_destination(&pending.request),
-            })
-        }
-        Err(_) => None,
-    }
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => error.to_string(),
+    };
+    // Still pending as it was: tried again later.
+    tracing::error!(%error, request = %id, "recording an HTTP attempt failed; trying again in a second");
+    Some(Due { due_ms: crate::envelope::now_millis() + 1_000, id, destination: pending_destination(&pending.request) })
 }
 
 fn pending_destination(request: &HttpRequest) -> String {
@@ -337,26 +364,17 @@ fn dead_letter_of(
     attempts: u32,
 ) -> AppendItem {
     let event_id = key.id(&format!("owlery/delivery-failed/{}", request.id));
-    let envelope = Envelope {
-        event_id,
-        event_type: DELIVERY_FAILED_TYPE.to_owned(),
-        timestamp: crate::envelope::now_rfc3339(),
-        source: format!("plugin:{plugin}"),
-        user_id: None,
-        metadata: serde_json::Map::new(),
-        data: serde_json::json!({
-            "plugin": plugin,
-            "requestId": request.id,
-            "cause": request.cause,
-            "method": request.method,
-            "destination": pending_destination(request),
-            "attempts": attempts,
-            "lastStatus": status,
-            "error": error,
-        }),
-        extra: serde_json::Map::new(),
-    };
-    AppendItem { topic: DEAD_LETTERS.to_owned(), key: event_id.to_string(), envelope }
+    let data = serde_json::json!({
+        "plugin": plugin,
+        "requestId": request.id,
+        "cause": request.cause,
+        "method": request.method,
+        "destination": pending_destination(request),
+        "attempts": attempts,
+        "lastStatus": status,
+        "error": error,
+    });
+    crate::topics::dead_letter(event_id, DELIVERY_FAILED_TYPE, plugin, data)
 }
 
 #[cfg(test)]
@@ -405,5 +423,8 @@ mod tests {
         queues.finished(a.id, "a");
         assert_eq!(queues.next_due(), Some(2));
         assert_eq!(queues.take_due(10, 0).len(), 0, "no room left overall");
+        queues.add(due("c", 1_000));
+        queues.take_due(10, 10);
+        assert!(!queues.in_flight.contains_key("c"), "nothing in flight to c, so no entry for it");
     }
 }

@@ -166,6 +166,7 @@ pub enum ManifestError {
 impl Manifest {
     pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         let manifest: Manifest = toml::from_str(text)?;
+        check_delivery_keys(text)?;
         manifest.validate()?;
         Ok(manifest)
     }
@@ -190,6 +191,11 @@ impl Manifest {
         for topic in &self.subscribe.topics {
             crate::envelope::check_topic(topic)
                 .map_err(|e| ManifestError::Invalid(format!("subscribe.topics: {e}")))?;
+            if crate::topics::is_host_only(topic) {
+                return Err(ManifestError::Invalid(format!(
+                    "subscribe.topics: {topic:?} is the host's own; no plugin may read it"
+                )));
+            }
         }
         Ok(())
     }
@@ -212,6 +218,21 @@ impl Manifest {
 
     pub fn config_json(&self) -> String {
         serde_json::to_string(&self.config).expect("TOML values serialise to JSON")
+    }
+}
+
+/// Unknown `[delivery]` keys are refused here rather than by `Policy`'s own serde: the same
+/// type travels in every request record, where a newer host's extra field must not make an
+/// older host skip the record.
+fn check_delivery_keys(text: &str) -> Result<(), ManifestError> {
+    let table: toml::Table = toml::from_str(text)?;
+    let Some(delivery) = table.get("delivery").and_then(|d| d.as_table()) else { return Ok(()) };
+    let known = crate::delivery::Policy::default().ranges().map(|(key, ..)| key);
+    match delivery.keys().find(|key| !known.contains(&key.as_str())) {
+        Some(key) => {
+            Err(ManifestError::Invalid(format!("unknown key delivery.{key}; expected one of {}", known.join(", "))))
+        }
+        None => Ok(()),
     }
 }
 
@@ -270,7 +291,17 @@ mod tests {
         assert!(error.contains("capabilities.http"), "{error}");
         let error = Manifest::parse("[delivery]\nattempts = 0").unwrap_err().to_string();
         assert!(error.contains("delivery.attempts must be 1 to 100"), "{error}");
-        assert!(Manifest::parse("[delivery]\nretries = 1").is_err(), "unknown keys are refused");
+        let error = Manifest::parse("[delivery]\nretries = 1").unwrap_err().to_string();
+        assert!(error.contains("unknown key delivery.retries"), "{error}");
+    }
+
+    #[test]
+    fn no_plugin_may_subscribe_to_the_hosts_own_topics() {
+        for topic in ["owlery-http", "owlery-fanout"] {
+            let error = Manifest::parse(&format!("[subscribe]\ntopics = [\"{topic}\"]")).unwrap_err().to_string();
+            assert!(error.contains("the host's own"), "{topic}: {error}");
+        }
+        assert!(Manifest::parse("[subscribe]\ntopics = [\"dead-letters\"]").is_ok(), "dead letters may be read");
     }
 
     #[test]

@@ -179,6 +179,30 @@ impl Store {
         Ok(due)
     }
 
+    /// Meet `owlery-http` as the log has it now, of epoch `epoch` (`EventLog::topic_epoch`):
+    /// a topic made again since the last meeting (a new epoch) is read from 0 on every
+    /// partition, since offsets into the old one say nothing about the new one, even where
+    /// it has already grown past them. Ids seen before are still known as copies. `true`
+    /// when the read positions were reset.
+    pub fn http_meet_epoch(&self, epoch: u64) -> Result<bool, StoreError> {
+        let _order = self.lock_order();
+        let txn = self.db.begin_write()?;
+        let reset;
+        {
+            let mut meta = txn.open_table(META)?;
+            // Stored one up, so that 0 is "never met" (an upgraded store keeps its positions).
+            let stored = Store::meta(&meta, "http_epoch")?;
+            reset = stored != 0 && stored != epoch.wrapping_add(1);
+            if reset {
+                let mut read = txn.open_table(READ)?;
+                read.retain(|_, _| false)?;
+            }
+            meta.insert("http_epoch", epoch.wrapping_add(1))?;
+        }
+        txn.commit()?;
+        Ok(reset)
+    }
+
     /// Every request this host is to send (at start).
     pub fn http_pending_due(&self) -> Result<Vec<Due>, StoreError> {
         let table = self.read()?.open_table(PENDING)?;
@@ -325,6 +349,22 @@ mod tests {
         assert!(store.http_pending(due[0].id).unwrap().is_none());
         assert!(!store.http_settle(due[0].id, Settle::Delivered).unwrap(), "settled once");
         assert_eq!(store.http_counts("alerts").unwrap().delivered, 1);
+    }
+
+    #[test]
+    fn a_topic_made_again_is_read_from_0_and_its_old_ids_stay_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 10, std::time::Duration::ZERO).unwrap();
+        let me = store.host_id().unwrap();
+        assert!(!store.http_meet_epoch(7).unwrap(), "first meeting: nothing to reset");
+        store.http_take_in(0, 40, vec![claim(1, me, 10)], me, dead).unwrap();
+        store.http_take_in(1, 9, Vec::new(), me, dead).unwrap();
+        assert!(!store.http_meet_epoch(7).unwrap(), "the same topic");
+        assert_eq!(store.http_read_next(0).unwrap(), 40);
+        assert!(store.http_meet_epoch(8).unwrap(), "made again");
+        assert_eq!((store.http_read_next(0).unwrap(), store.http_read_next(1).unwrap()), (0, 0));
+        let due = store.http_take_in(0, 2, vec![claim(1, me, 10), claim(2, me, 10)], me, dead).unwrap();
+        assert_eq!(due.iter().map(|d| d.id.as_u128()).collect::<Vec<_>>(), [2], "1 was taken in already");
     }
 
     #[test]

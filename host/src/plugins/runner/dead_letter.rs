@@ -3,7 +3,6 @@
 //! row and the plugin is stopped as failed.
 
 use super::poll::Polled;
-use crate::envelope::Envelope;
 use crate::keys::HostKey;
 use crate::log::AppendItem;
 
@@ -21,22 +20,13 @@ pub fn dead_letter(key: &HostKey, plugin: &str, polled: &Polled, error: &str) ->
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&record.payload).into_owned()));
     let at = format!("owlery/dead-letter/{plugin}/{}", polled.at());
     let event_id = key.id(&at);
-    let envelope = Envelope {
-        event_id,
-        event_type: DEAD_LETTER_TYPE.to_owned(),
-        timestamp: crate::envelope::now_rfc3339(),
-        source: format!("plugin:{plugin}"),
-        user_id: None,
-        metadata: serde_json::Map::new(),
-        data: serde_json::json!({
-            "plugin": plugin,
-            "error": error,
-            "topic": polled.topic,
-            "partition": record.partition,
-            "offset": record.offset,
-            "event": original,
-        }),
-        extra: serde_json::Map::new(),
-    };
-    AppendItem { topic: DEAD_LETTER_TOPIC.to_owned(), key: event_id.to_string(), envelope }
+    let data = serde_json::json!({
+        "plugin": plugin,
+        "error": error,
+        "topic": polled.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "event": original,
+    });
+    crate::topics::dead_letter(event_id, DEAD_LETTER_TYPE, plugin, data)
 }

@@ -100,6 +100,13 @@ impl Emitter {
     ) -> Result<(), Refusal> {
         let checked =
             allow::check(&caps.http, &request.method, &request.url, &request.headers).map_err(Refusal::Http)?;
+        if request.body.len() > crate::delivery::MAX_BODY {
+            return Err(Refusal::Http(format!(
+                "the body is {} bytes, more than the {} a request may carry",
+                request.body.len(),
+                crate::delivery::MAX_BODY
+            )));
+        }
         let (id, _) = self.derive_id(&cause, Effect::Http)?;
         self.requests.push(HttpRequest {
             id,
@@ -318,6 +325,10 @@ mod tests {
             assert!(matches!(&refused, Err(Refusal::Http(m)) if m.contains("does not allow")), "{:?}", refused.err());
             let refused = emitter.send_http(&Capabilities::default(), "e2".into(), request("http://127.0.0.1:9000/a"));
             assert!(matches!(&refused, Err(Refusal::Http(m)) if m.contains("no `http` capability")));
+            let mut big = request("http://127.0.0.1:9000/a");
+            big.body = vec![b'x'; crate::delivery::MAX_BODY + 1];
+            let refused = emitter.send_http(&caps, "e2".into(), big);
+            assert!(matches!(&refused, Err(Refusal::Http(m)) if m.contains("more than")), "{:?}", refused.err());
             let emitted = emitter.finish().requests;
             assert!(emitted.iter().all(|r| r.method == "POST"), "the method in capitals");
             emitted.into_iter().map(|r| r.id).collect::<Vec<_>>()

@@ -17,7 +17,10 @@
 //! - `publish_flood`: publishes `test.flood` events with 64 KiB of data, in a loop (needs
 //!   `publish = ["test.*"]`);
 //! - `log_flood`: prints 1 MiB lines to stdout, in a loop;
-//! - `hostlog_flood`: logs 1 MiB lines through the host's `log` import, in a loop.
+//! - `hostlog_flood`: logs 1 MiB lines through the host's `log` import, in a loop;
+//! - `http`: one `send-http` as the poisoned event's data says: `POST data.url` with
+//!   headers `data.headers` (`[[name, value]]`) and a body of `data.bodyBytes` bytes (needs
+//!   `[capabilities] http`).
 //!
 //! Loops run until the host stops them; a host import that refuses (an `Err` from
 //! `broadcast` or `publish`) fails the event with the host's message. `config.repeat`, if
@@ -51,6 +54,7 @@ enum Mode {
     PublishFlood,
     LogFlood,
     HostLogFlood,
+    Http,
 }
 
 #[derive(Clone, Copy)]
@@ -160,6 +164,22 @@ fn misbehave(index: usize, event: &Envelope) -> Result<(), HandleError> {
             }
             Ok(())
         }
+        Mode::Http => {
+            let data = event.data_json();
+            let headers = data["headers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|h| Some((h[0].as_str()?.to_owned(), h[1].as_str()?.to_owned())))
+                .collect();
+            let request = owlery_plugin_sdk::HttpRequest {
+                method: "POST".into(),
+                url: data["url"].as_str().unwrap_or_default().into(),
+                headers,
+                body: vec![b'x'; data["bodyBytes"].as_u64().unwrap_or(0) as usize],
+            };
+            owlery_plugin_sdk::send_http(cause, &request).map_err(refused)
+        }
         Mode::PublishFlood => {
             let data = serde_json::Value::String("p".repeat((64 << 10) - 2));
             for _ in rounds() {
@@ -209,6 +229,7 @@ impl Plugin for Misbehave {
             "publish_flood" => Mode::PublishFlood,
             "log_flood" => Mode::LogFlood,
             "hostlog_flood" => Mode::HostLogFlood,
+            "http" => Mode::Http,
             other => return Err(format!("unknown mode {other:?}")),
         };
         let query = match text("query") {
