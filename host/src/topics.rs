@@ -17,7 +17,7 @@ pub const HTTP: &str = "owlery-http";
 
 /// Topics only the host writes: no default subscription includes them.
 pub fn is_internal(topic: &str) -> bool {
-    topic == DEAD_LETTERS || topic == FANOUT || topic == HTTP
+    topic == DEAD_LETTERS || is_host_only(topic)
 }
 
 /// Internal topics no plugin may read even by name: `owlery-http` carries every plugin's

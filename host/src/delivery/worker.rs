@@ -198,18 +198,16 @@ impl Queues {
 /// One attempt at request `id`, as stored (`None` when it could not be read).
 async fn attempt(client: &reqwest::Client, store: &Arc<Store>, id: uuid::Uuid) -> (Option<Pending>, Outcome) {
     let reading = store.clone();
-    let pending = match tokio::task::spawn_blocking(move || reading.http_pending(id)).await {
-        Ok(Ok(Some(pending))) => pending,
+    let error = match tokio::task::spawn_blocking(move || reading.http_pending(id)).await {
+        Ok(Ok(Some(pending))) => {
+            let outcome = send(client, &pending.request).await;
+            return (Some(pending), outcome);
+        }
         Ok(Ok(None)) => return (None, Outcome::Gone),
-        Ok(Err(error)) => {
-            return (None, Outcome::Again { error: format!("reading it: {error}"), status: None, retry_after: None });
-        }
-        Err(error) => {
-            return (None, Outcome::Again { error: format!("reading it: {error}"), status: None, retry_after: None });
-        }
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => error.to_string(),
     };
-    let outcome = send(client, &pending.request).await;
-    (Some(pending), outcome)
+    (None, Outcome::Again { error: format!("reading it: {error}"), status: None, retry_after: None })
 }
 
 /// Send `request` once and judge the answer.
