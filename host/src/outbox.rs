@@ -1,7 +1,9 @@
 //! The outbox forwarder: appends what plugins committed for the log (their publishes, dead
 //! letters, and on a shared log their broadcasts) to the log in order, then drops it from the
-//! store. A crash in between appends the same entries again with the same ids, which the log
-//! accepts once.
+//! store. A crash in between appends the same entries again with the same ids: the embedded
+//! log accepts them once; on Iggy, where they go straight to the server (`EventLog::forward`,
+//! not through the spool), readers skip the copies by event id. After a lost connection to
+//! Iggy the last entries it acknowledged are sent again (a crashed Iggy can lose them).
 //!
 //! Nothing in the outbox can stop it for good: an entry that cannot be read back is set
 //! aside at once, and when the log refuses a round `SPLIT_AFTER` times in a row for a reason
@@ -28,11 +30,64 @@ const RETRY: Duration = Duration::from_secs(1);
 /// Refusals of one round in a row after which its entries are tried one by one.
 const SPLIT_AFTER: u32 = 3;
 
+/// Which entries a forwarding loop takes. On a shared log broadcasts have a loop of their
+/// own: every broadcast is on its way to the clients, and it must not wait behind another
+/// topic's send (measured on Iggy: the first write to each fresh partition of a plugin's
+/// topic took 100-200 ms and held up every broadcast of the same round).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Every entry (a local log).
+    All,
+    /// Broadcasts to the shared fan-out topic.
+    Broadcasts,
+    /// Everything else; this lane also sends the last entries again after a lost connection.
+    Rest,
+}
+
+impl Lane {
+    /// Whether an entry for `topic` (`None`: cannot be read) is this lane's.
+    fn takes(self, topic: Option<&str>) -> bool {
+        match self {
+            Lane::All => true,
+            Lane::Broadcasts => topic == Some(crate::fanout::FANOUT_TOPIC),
+            Lane::Rest => topic != Some(crate::fanout::FANOUT_TOPIC),
+        }
+    }
+}
+
 /// Forward until `stop` is cancelled; `wake` is notified after each commit that adds entries.
 pub async fn forward(store: Arc<Store>, log: Arc<dyn EventLog>, wake: Arc<Notify>, stop: CancellationToken) {
+    if !log.is_shared() {
+        return forward_lane(Lane::All, &store, log.as_ref(), &wake, &stop).await;
+    }
+    let (broadcasts, rest) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    // Every commit wakes both lanes (a `Notify` wakes one waiter; a permit is kept for a
+    // lane that is busy, so no wake-up is lost).
+    let relay = async {
+        loop {
+            wake.notified().await;
+            broadcasts.notify_one();
+            rest.notify_one();
+        }
+    };
+    tokio::select! {
+        () = relay => {}
+        () = forward_lane(Lane::Broadcasts, &store, log.as_ref(), &broadcasts, &stop) => {}
+        () = forward_lane(Lane::Rest, &store, log.as_ref(), &rest, &stop) => {}
+    }
+}
+
+async fn forward_lane(lane: Lane, store: &Arc<Store>, log: &dyn EventLog, wake: &Notify, stop: &CancellationToken) {
     let mut refused = Refused::default();
+    let mut resent_for = 0;
     while !stop.is_cancelled() {
-        let pause = match round(&store, log.as_ref(), &mut refused).await {
+        let resent =
+            if lane == Lane::Broadcasts { Ok(()) } else { resend_after_loss(store, log, &mut resent_for).await };
+        let forwarded = match resent {
+            Ok(()) => round(store, log, lane, &mut refused).await,
+            Err(()) => Err(()),
+        };
+        let pause = match forwarded {
             Ok(true) => continue,
             Ok(false) => tokio::select! {
                 _ = wake.notified() => continue,
@@ -64,13 +119,47 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(move || work(&store)).await.expect("outbox store work does not panic")
 }
 
-/// One round: `Ok(true)` when entries were forwarded or set aside, `Ok(false)` when there
-/// were none.
-async fn round(store: &Arc<Store>, log: &dyn EventLog, refused: &mut Refused) -> Result<bool, ()> {
-    let entries = blocking(store, |s| s.outbox_peek(ROUND))
+/// After each lost connection to a remote log, send the last entries it acknowledged
+/// again, once: a crashed server can come back without the last ones (see
+/// `EventLog::losses`). Readers skip the copies of what they already have.
+async fn resend_after_loss(store: &Arc<Store>, log: &dyn EventLog, resent_for: &mut u64) -> Result<(), ()> {
+    let losses = log.losses();
+    if losses == *resent_for {
+        return Ok(());
+    }
+    let recent = blocking(store, |s| s.outbox_recent())
+        .await
+        .map_err(|error| tracing::error!(%error, "reading the outbox's recent entries failed"))?;
+    if !recent.is_empty() {
+        tracing::info!(
+            entries = recent.len(),
+            "the connection to the log was lost: sending the outbox's last acknowledged entries again"
+        );
+        match log.forward(recent).await {
+            Ok(()) => {}
+            // Acknowledged once already: nothing is lost by not sending them again.
+            Err(error) if is_refusal(&error) => {
+                tracing::warn!(%error, "the log refused entries it had acknowledged before; not sending them again");
+            }
+            Err(error) => {
+                tracing::debug!(%error, "sending the outbox's recent entries again failed; retrying");
+                return Err(());
+            }
+        }
+    }
+    *resent_for = losses;
+    Ok(())
+}
+
+/// One round of `lane`: `Ok(true)` when entries were forwarded or set aside, `Ok(false)`
+/// when there were none.
+async fn round(store: &Arc<Store>, log: &dyn EventLog, lane: Lane, refused: &mut Refused) -> Result<bool, ()> {
+    let entries = blocking(store, move |s| s.outbox_peek(ROUND, |topic| lane.takes(topic)))
         .await
         .map_err(|error| tracing::error!(%error, "reading the outbox failed"))?;
-    let Some(last) = entries.last().map(|(seq, _)| *seq) else { return Ok(false) };
+    if entries.is_empty() {
+        return Ok(false);
+    }
     let mut items = Vec::with_capacity(entries.len());
     let mut seqs = Vec::with_capacity(entries.len());
     for (seq, item) in entries {
@@ -91,7 +180,7 @@ async fn round(store: &Arc<Store>, log: &dyn EventLog, refused: &mut Refused) ->
         *refused = Refused::default();
         return Ok(true);
     }
-    if let Err(error) = log.append(items).await {
+    if let Err(error) = log.forward(items).await {
         if is_refusal(&error) {
             refused.times = if refused.head == head { refused.times + 1 } else { 1 };
             refused.head = head;
@@ -100,7 +189,8 @@ async fn round(store: &Arc<Store>, log: &dyn EventLog, refused: &mut Refused) ->
         return Err(());
     }
     *refused = Refused::default();
-    if let Err(error) = blocking(store, move |s| s.outbox_remove_through(last)).await {
+    let keep_recent = log.is_shared();
+    if let Err(error) = blocking(store, move |s| s.outbox_remove(&seqs, keep_recent)).await {
         tracing::error!(%error, "clearing the outbox failed");
     }
     Ok(true)
@@ -109,9 +199,10 @@ async fn round(store: &Arc<Store>, log: &dyn EventLog, refused: &mut Refused) ->
 /// Append a refused round's entries one at a time; set aside each the log still refuses
 /// (on a failure that is not a refusal, stop and try again later).
 async fn one_by_one(store: &Arc<Store>, log: &dyn EventLog, entries: Vec<(u64, AppendItem)>) -> Result<(), ()> {
+    let keep_recent = log.is_shared();
     for (seq, item) in entries {
-        match log.append(vec![item]).await {
-            Ok(_) => blocking(store, move |s| s.outbox_remove(seq))
+        match log.forward(vec![item]).await {
+            Ok(()) => blocking(store, move |s| s.outbox_remove(&[seq], keep_recent))
                 .await
                 .map_err(|error| tracing::error!(%error, "clearing the outbox failed"))?,
             Err(error) if !is_refusal(&error) => {
@@ -131,7 +222,7 @@ async fn one_by_one(store: &Arc<Store>, log: &dyn EventLog, entries: Vec<(u64, A
 pub(crate) fn is_refusal(error: &LogError) -> bool {
     match error {
         LogError::Unavailable(_) => false,
-        LogError::NoSuchTopic(_) | LogError::NoSuchPartition { .. } => true,
+        LogError::NoSuchTopic(_) | LogError::NoSuchPartition { .. } | LogError::Refused { .. } => true,
         LogError::Storage(cause) => match &**cause {
             // An entry the log cannot encode, a topic name it cannot take.
             StorageError::Entry(_) | StorageError::Name { .. } | StorageError::Topic { .. } => true,
@@ -205,10 +296,10 @@ mod tests {
 
         let mut refused = Refused::default();
         for _ in 0..SPLIT_AFTER {
-            assert!(round(&store, &log, &mut refused).await.is_err(), "the whole round is refused");
+            assert!(round(&store, &log, Lane::All, &mut refused).await.is_err(), "the whole round is refused");
         }
         assert_eq!(store.outbox_counts().unwrap(), (3, 0), "nothing set aside yet");
-        assert!(round(&store, &log, &mut refused).await.unwrap(), "then one by one");
+        assert!(round(&store, &log, Lane::All, &mut refused).await.unwrap(), "then one by one");
         assert_eq!(store.outbox_counts().unwrap(), (0, 1), "only the refused one is set aside");
         let sent = log.poll("out", 0, 0, 10).await.unwrap();
         assert_eq!(sent.len(), 2, "the entries around it went out, in order");
@@ -231,11 +322,14 @@ mod tests {
 
         let mut refused = Refused::default();
         for _ in 0..failures {
-            assert!(round(&store, &log, &mut refused).await.is_err(), "the round fails while the disk is full");
+            assert!(
+                round(&store, &log, Lane::All, &mut refused).await.is_err(),
+                "the round fails while the disk is full"
+            );
             assert_eq!(refused.times, 0, "a storage failure is not a refusal");
         }
         assert_eq!(store.outbox_counts().unwrap(), (3, 0), "nothing set aside");
-        assert!(round(&store, &log, &mut refused).await.unwrap(), "then the round goes out");
+        assert!(round(&store, &log, Lane::All, &mut refused).await.unwrap(), "then the round goes out");
         assert_eq!(store.outbox_counts().unwrap(), (0, 0), "every entry went out, none set aside");
         let sent = log.poll("out", 0, 0, 10).await.unwrap();
         let ns: Vec<u64> =
@@ -243,11 +337,98 @@ mod tests {
         assert_eq!(ns, [0, 1, 2], "all of them, in order");
     }
 
+    /// On a shared log a broadcast does not wait behind another topic's entries: with every
+    /// append to topic `stuck` failing (a connection that does not answer), broadcasts still
+    /// go out, and the stuck entry goes out once the log takes it.
+    #[tokio::test]
+    async fn on_a_shared_log_broadcasts_go_out_while_another_topic_is_stuck() {
+        use std::sync::atomic::AtomicBool;
+
+        use crate::fanout::FANOUT_TOPIC;
+        use crate::log::failing::SharedFailing;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
+        let stuck = Arc::new(AtomicBool::new(true));
+        let failing = stuck.clone();
+        let fail = move |items: &[AppendItem]| {
+            (failing.load(Ordering::Relaxed) && items.iter().any(|i| i.topic == "stuck"))
+                .then(|| LogError::from(Unavailable::NoAnswer(Duration::from_secs(5))))
+        };
+        let log = SharedFailing {
+            inner: Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail },
+            losses: Default::default(),
+        };
+        let outbox = vec![item("stuck", 0), item(FANOUT_TOPIC, 1), item(FANOUT_TOPIC, 2)];
+        store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
+
+        let mut refused = Refused::default();
+        assert!(round(&store, &log, Lane::Rest, &mut refused).await.is_err(), "the stuck topic fails");
+        assert!(round(&store, &log, Lane::Broadcasts, &mut refused).await.unwrap(), "broadcasts go out");
+        assert_eq!(log.poll(FANOUT_TOPIC, 0, 0, 10).await.unwrap().len(), 2, "both broadcasts, ahead of it");
+        assert_eq!(store.outbox_counts().unwrap(), (1, 0), "the stuck entry waits, nothing set aside");
+        assert!(!round(&store, &log, Lane::Broadcasts, &mut refused).await.unwrap(), "not the broadcasts' to send");
+        stuck.store(false, Ordering::Relaxed);
+        assert!(round(&store, &log, Lane::Rest, &mut refused).await.unwrap());
+        assert_eq!(store.outbox_counts().unwrap(), (0, 0));
+        assert_eq!(log.poll("stuck", 0, 0, 10).await.unwrap().len(), 1);
+    }
+
+    /// After each lost connection to a shared log, the last entries it acknowledged are sent
+    /// again once (a crashed Iggy can come back without them); a local log keeps none.
+    #[tokio::test]
+    async fn after_a_lost_connection_the_last_acknowledged_entries_are_sent_again_once() {
+        use std::sync::atomic::AtomicUsize;
+
+        use crate::log::failing::SharedFailing;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
+        // Counts what is sent (the embedded log under it takes a repeated id once).
+        let sent = Arc::new(AtomicUsize::new(0));
+        let counting = sent.clone();
+        let fail = move |items: &[AppendItem]| {
+            counting.fetch_add(items.len(), Ordering::Relaxed);
+            None
+        };
+        let log = SharedFailing {
+            inner: Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail },
+            losses: Default::default(),
+        };
+        let outbox = vec![item("out", 0), item("out", 1)];
+        store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
+        let mut refused = Refused::default();
+        assert!(round(&store, &log, Lane::Rest, &mut refused).await.unwrap());
+        assert_eq!(store.outbox_counts().unwrap(), (0, 0));
+        assert_eq!(store.outbox_recent().unwrap().len(), 2, "kept after the log acknowledged them");
+        assert_eq!(sent.load(Ordering::Relaxed), 2);
+
+        let mut resent_for = 0;
+        resend_after_loss(&store, &log, &mut resent_for).await.unwrap();
+        assert_eq!(sent.load(Ordering::Relaxed), 2, "no loss, nothing sent again");
+        log.losses.store(1, Ordering::Relaxed);
+        resend_after_loss(&store, &log, &mut resent_for).await.unwrap();
+        assert_eq!(sent.load(Ordering::Relaxed), 4, "both sent again after the loss");
+        resend_after_loss(&store, &log, &mut resent_for).await.unwrap();
+        assert_eq!(sent.load(Ordering::Relaxed), 4, "once per loss");
+
+        // A local log keeps nothing to send again.
+        let local =
+            Failing { log: EmbeddedLog::open(&dir.path().join("local"), 1).unwrap(), fail: |_: &[AppendItem]| None };
+        let local_store = Arc::new(Store::open(&dir.path().join("local-store"), 100, Duration::ZERO).unwrap());
+        let outbox = vec![item("out", 0)];
+        local_store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
+        assert!(round(&local_store, &local, Lane::All, &mut refused).await.unwrap());
+        assert!(local_store.outbox_recent().unwrap().is_empty());
+    }
+
     #[test]
     fn only_failures_about_the_entries_are_refusals() {
         assert!(!is_refusal(&disk_full()));
         assert!(!is_refusal(&LogError::from(Unavailable::Closing)));
         assert!(is_refusal(&LogError::NoSuchTopic("gone".into())));
+        let iggy_refused = LogError::from(Unavailable::from(iggy::prelude::IggyError::TooBigMessagePayload));
+        assert!(is_refusal(&LogError::Refused { topic: "t".into(), partition: 0, source: Box::new(iggy_refused) }));
         assert!(is_refusal(&refusing(&[item("refused", 0)]).unwrap()));
     }
 }

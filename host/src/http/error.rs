@@ -53,6 +53,7 @@ impl From<LogError> for ApiError {
             LogError::Storage(_) | LogError::Unavailable(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
+            LogError::Refused { .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
         }
     }
 }

@@ -28,6 +28,7 @@ macro_rules! contract_suite {
             an_append_wakes_a_waiting_reader,
             concurrent_appends_all_land,
             unknown_topics_are_errors,
+            forwarded_entries_land_by_key_in_order_and_wake_readers,
         );
     };
     (@each $skip:meta, $backend:expr; $($name:ident),* $(,)?) => {$(
@@ -184,4 +185,27 @@ pub async fn unknown_topics_are_errors(open: &Open, dir: &Path) {
     }
     assert!(matches!(log.poll("missing", 0, 0, 1).await, Err(LogError::NoSuchTopic(_))));
     assert!(log.topics().await.unwrap().contains(&"known".to_owned()));
+}
+
+/// `forward` (the outbox's way in) puts entries where `append` would, by key, in order, and
+/// wakes readers once it answers; sending the same entries again after a failure is allowed.
+pub async fn forwarded_entries_land_by_key_in_order_and_wake_readers(open: &Open, dir: &Path) {
+    let log = open(dir);
+    log.ensure_topics(&["f".to_owned()]).await.unwrap();
+    let items: Vec<_> = (0..20).map(|n| item("f", if n % 2 == 0 { "alice" } else { "bob" }, n)).collect();
+    let mut changes = log.changes();
+    changes.borrow_and_update();
+    // As the outbox does: try again until the log takes them (Iggy may not be connected yet).
+    let deadline = Instant::now() + VISIBLE_WITHIN;
+    while let Err(error) = log.forward(items.clone()).await {
+        assert!(Instant::now() < deadline, "forward kept failing: {error}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(changes.has_changed().unwrap(), "readers are woken once it answers");
+    let partitions = log.partitions("f").await.unwrap();
+    let alice = crate::log::partition_for("alice", partitions);
+    let records = read_all(&log, "f", alice, 10).await;
+    let ns: Vec<u64> = records.iter().map(|r| n_of(&r.payload)).filter(|n| n % 2 == 0).collect();
+    assert_eq!(ns, (0..20).step_by(2).collect::<Vec<_>>(), "alice's, in order, where append puts them");
+    assert_eq!(log.forward(items[..2].to_vec()).await.map_err(|e| e.to_string()), Ok(()), "sent again");
 }

@@ -19,6 +19,10 @@ pub enum LogError {
     NoSuchTopic(String),
     #[error("topic {topic:?} has no partition {partition}")]
     NoSuchPartition { topic: String, partition: u32 },
+    /// The log refused what was sent, for a reason in the entries themselves: the same
+    /// entries would be refused again.
+    #[error("the log refused entries for {topic}/{partition}: {source}")]
+    Refused { topic: String, partition: u32, source: Box<LogError> },
 }
 
 /// The log's own storage (local disk, or the settings it was given) failed.

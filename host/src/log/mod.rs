@@ -59,6 +59,22 @@ pub trait EventLog: Send + Sync + 'static {
     /// Append all items durably, or none of them. A repeated `eventId` is accepted once.
     async fn append(&self, items: Vec<AppendItem>) -> Result<Vec<Appended>, LogError>;
 
+    /// Append items that the caller already holds durably (the outbox) and keeps until
+    /// this answers `Ok`, sending them again after an error: a backend may send them on
+    /// without a durable copy of its own. A copy can then reach the log twice (readers skip
+    /// copies by event id). After each connection loss (`losses`) the caller sends its
+    /// last ones again.
+    async fn forward(&self, items: Vec<AppendItem>) -> Result<(), LogError> {
+        self.append(items).await.map(drop)
+    }
+
+    /// Times the connection to the log was lost so far (0 for a local log): a crashed
+    /// server can come back without the last messages it acknowledged (Iggy 0.8.0 was
+    /// seen to), so whoever `forward`s sends its last entries again after each.
+    fn losses(&self) -> u64 {
+        0
+    }
+
     /// Up to `max` records of one partition, starting at `from` (inclusive), in order.
     async fn poll(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError>;
 

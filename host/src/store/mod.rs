@@ -31,6 +31,9 @@ const FANOUT: TableDefinition<u64, &[u8]> = TableDefinition::new("fanout");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// outbox sequence → {reason, at, entry}: entries that could not be forwarded, kept
 const OUTBOX_ASIDE: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_aside");
+/// outbox sequence → OutboxEntry JSON: the last entries a remote log acknowledged, sent
+/// again after a lost connection (see `EventLog::losses`)
+const OUTBOX_RECENT: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_recent");
 /// counters: "fanout_next", "outbox_next", "http_seen_next", "epoch" (random, fixed when the
 /// store is made; with a shared fan-out log, that log's) and "host_id" (random, fixed)
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -95,6 +98,7 @@ impl Store {
         txn.open_table(FANOUT)?;
         txn.open_table(OUTBOX)?;
         txn.open_table(OUTBOX_ASIDE)?;
+        txn.open_table(OUTBOX_RECENT)?;
         txn.open_table(REPLAYS)?;
         txn.open_table(PROMOTIONS)?;
         txn.open_table(FANOUT_IDS)?;

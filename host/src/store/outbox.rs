@@ -3,7 +3,8 @@
 //!
 //! An entry that cannot be read back, or that the log refuses again and again, is set
 //! aside (moved to its own table with the reason, kept for inspection) so that the entries
-//! behind it still go out.
+//! behind it still go out. On a remote log the last `RECENT` entries it acknowledged are
+//! kept too, to be sent again after a lost connection.
 //!
 //! An entry is `{"topic", "key", "envelope"}` with the envelope written in place as the
 //! bytes `Envelope::to_bytes` makes, the ones the log stores. It is read back the same way:
@@ -18,7 +19,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{OUTBOX, OUTBOX_ASIDE, Store, StoreError};
+use super::{OUTBOX, OUTBOX_ASIDE, OUTBOX_RECENT, Store, StoreError};
 use crate::envelope::Envelope;
 use crate::log::AppendItem;
 
@@ -70,30 +71,65 @@ pub(super) fn push(
 /// One outbox entry: the item, or why it cannot be read back.
 pub type Peeked = (u64, Result<AppendItem, String>);
 
+/// Entries one `outbox_peek` looks at, at most: a lane with nothing of its own in a large
+/// backlog must not read all of it every round.
+const SCAN: usize = 8192;
+
+/// Entries kept after a remote log acknowledged them (as many as the Iggy spool keeps of
+/// its own, and readers remember per partition: `log::REDELIVERY_WINDOW`).
+pub const RECENT: u64 = crate::log::iggy::FORWARD_BATCH as u64;
+
 impl Store {
-    /// The oldest `max` outbox entries, in order, with their sequence numbers.
-    pub fn outbox_peek(&self, max: usize) -> Result<Vec<Peeked>, StoreError> {
+    /// The oldest `max` outbox entries whose topic `wanted` picks (`None`: the entry cannot
+    /// be read), in order, with their sequence numbers, among the oldest `SCAN`.
+    pub fn outbox_peek(&self, max: usize, wanted: impl Fn(Option<&str>) -> bool) -> Result<Vec<Peeked>, StoreError> {
         let table = self.read()?.open_table(OUTBOX)?;
         let mut out = Vec::new();
-        for entry in redb::ReadableTable::iter(&table)?.take(max) {
+        for entry in redb::ReadableTable::iter(&table)?.take(SCAN) {
             let (seq, value) = entry?;
+            let topic = serde_json::from_slice::<OutboxEntry<'_>>(value.value()).ok().map(|e| e.topic);
+            if !wanted(topic.as_deref()) {
+                continue;
+            }
             out.push((seq.value(), decode(value.value())));
+            if out.len() == max {
+                break;
+            }
         }
         Ok(out)
     }
 
-    /// Forget outbox entries up to and including `last` (they are in the log now).
-    pub fn outbox_remove_through(&self, last: u64) -> Result<(), StoreError> {
+    /// Forget the outbox entries `seqs` (they are in the log now); with `keep_recent` (a
+    /// remote log), keep the last `RECENT` forgotten (see `outbox_recent`).
+    pub fn outbox_remove(&self, seqs: &[u64], keep_recent: bool) -> Result<(), StoreError> {
+        use redb::ReadableTableMetadata;
         let txn = self.db.begin_write()?;
-        txn.open_table(OUTBOX)?.retain_in(..=last, |_, _| false)?;
+        {
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let mut recent = txn.open_table(OUTBOX_RECENT)?;
+            for seq in seqs {
+                let Some(value) = outbox.remove(*seq)? else { continue };
+                if keep_recent {
+                    recent.insert(*seq, value.value())?;
+                }
+            }
+            for _ in RECENT..recent.len()? {
+                recent.pop_first()?;
+            }
+        }
         Ok(txn.commit()?)
     }
 
-    /// Forget the one entry `seq` (it is in the log now).
-    pub fn outbox_remove(&self, seq: u64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(OUTBOX)?.remove(seq)?;
-        Ok(txn.commit()?)
+    /// The last entries a remote log acknowledged, in order (see `outbox_remove`);
+    /// any that cannot be read back are left out (they went out once already).
+    pub fn outbox_recent(&self) -> Result<Vec<AppendItem>, StoreError> {
+        let table = self.read()?.open_table(OUTBOX_RECENT)?;
+        let mut out = Vec::new();
+        for entry in redb::ReadableTable::iter(&table)? {
+            let (_, value) = entry?;
+            out.extend(decode(value.value()).ok());
+        }
+        Ok(out)
     }
 
     /// Move entry `seq` out of the way, with `reason`; kept in the `outbox_aside` table.
@@ -172,10 +208,45 @@ mod tests {
         let store = Store::open(dir.path(), 100, Duration::ZERO).unwrap();
         let batch = BatchCommit { outbox: vec![item.clone()], ..BatchCommit::default() };
         store.commit_batch("p", &batch, |_| {}).unwrap();
-        let peeked = store.outbox_peek(10).unwrap();
+        let peeked = store.outbox_peek(10, |_| true).unwrap();
         assert_eq!(peeked.len(), 1);
         let read = peeked.into_iter().next().unwrap().1.unwrap();
         assert_eq!(read.envelope, item.envelope, "read back whole");
+    }
+
+    #[test]
+    fn the_last_entries_a_remote_log_acknowledged_are_kept_and_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 100, Duration::ZERO).unwrap();
+        let items: Vec<AppendItem> = (0..RECENT + 10)
+            .map(|n| AppendItem { topic: "out".into(), key: n.to_string(), envelope: envelope(json!({"n": n})) })
+            .collect();
+        store.commit_batch("p", &BatchCommit { outbox: items.clone(), ..BatchCommit::default() }, |_| {}).unwrap();
+        let seqs: Vec<u64> = store.outbox_peek(usize::MAX, |_| true).unwrap().iter().map(|(seq, _)| *seq).collect();
+        let (first, rest) = seqs.split_at(20);
+        store.outbox_remove(first, true).unwrap();
+        store.outbox_remove(rest, true).unwrap();
+        assert_eq!(store.outbox_counts().unwrap(), (0, 0));
+        let recent = store.outbox_recent().unwrap();
+        assert_eq!(recent.len() as u64, RECENT, "at most RECENT kept");
+        let ids: Vec<_> = recent.iter().map(|i| i.envelope.event_id).collect();
+        let last: Vec<_> = items[10..].iter().map(|i| i.envelope.event_id).collect();
+        assert_eq!(ids, last, "the last ones, in order");
+    }
+
+    #[test]
+    fn a_peek_takes_only_the_entries_its_filter_picks_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 100, Duration::ZERO).unwrap();
+        let items: Vec<AppendItem> = ["a", "b", "a", "b", "a"]
+            .iter()
+            .enumerate()
+            .map(|(n, t)| AppendItem { topic: (*t).into(), key: n.to_string(), envelope: envelope(json!({"n": n})) })
+            .collect();
+        store.commit_batch("p", &BatchCommit { outbox: items, ..BatchCommit::default() }, |_| {}).unwrap();
+        let a = store.outbox_peek(2, |topic| topic == Some("a")).unwrap();
+        let keys: Vec<String> = a.into_iter().map(|(_, item)| item.unwrap().key).collect();
+        assert_eq!(keys, ["0", "2"], "the first two of topic a, in order");
     }
 
     #[test]

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use iggy::prelude::{
-    Client, CompressionAlgorithm, Identifier, IggyClient, IggyError, IggyExpiry, MaxTopicSize, Partition, StreamClient,
-    TopicClient, TopicDetails, UserClient,
+    Client, CompressionAlgorithm, Identifier, IggyClient, IggyError, IggyExpiry, IggyMessage, MaxTopicSize,
+    MessageClient, Partition, Partitioning, StreamClient, TopicClient, TopicDetails, UserClient,
 };
 
 use super::ends::Ends;
@@ -24,6 +25,9 @@ pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) const SEND_CONNECTIONS: usize = 4;
 /// Connections polls go over (see `Remote::pollers`).
 const POLL_CONNECTIONS: usize = 4;
+/// Connections entries forwarded straight from the outbox go over (see `Remote::direct`):
+/// one for the shared fan-out topic, one for the rest.
+pub(super) const DIRECT_CONNECTIONS: usize = 2;
 
 /// Why connecting, creating topics or forwarding failed (shown as the last error).
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +97,9 @@ pub(super) struct Remote {
     /// More connections for the forwarder's sends: each waits for its partition's fsync, so
     /// sends to different partitions go over different connections at once.
     senders: Vec<Arc<IggyClient>>,
+    /// The outbox's own connections (see `direct`), each signed in when first used and
+    /// again after a failure: they do not queue behind the spool's sends.
+    pub(super) direct: Vec<(IggyClient, tokio::sync::Mutex<bool>)>,
     pub(super) stream: Identifier,
     /// topic → partitions, as created or as found on the server
     topics: Mutex<BTreeMap<String, u32>>,
@@ -112,6 +119,8 @@ impl Remote {
         for _ in 1..SEND_CONNECTIONS {
             senders.push(Arc::new(connect()?));
         }
+        let direct =
+            (0..DIRECT_CONNECTIONS).map(|_| Ok((connect()?, Default::default()))).collect::<Result<_, LogError>>()?;
         let stream = ident(&settings.stream)?;
         Ok(Remote {
             settings,
@@ -120,6 +129,7 @@ impl Remote {
             pollers,
             next_poller: Default::default(),
             senders,
+            direct,
             stream,
             topics: Mutex::default(),
             health: Health::default(),
@@ -192,6 +202,30 @@ impl Remote {
         &self.senders[self.lane_of(topic, partition)]
     }
 
+    /// One request of `messages` (event id, payload) to a partition over `sender`; `Ok`
+    /// once Iggy acknowledged it. Not acknowledged in time counts as not sent.
+    pub(super) async fn send_to(
+        &self,
+        sender: &IggyClient,
+        topic: &str,
+        partition: u32,
+        messages: impl ExactSizeIterator<Item = (u128, Bytes)>,
+    ) -> Result<(), LogError> {
+        let count = messages.len();
+        let mut built = Vec::with_capacity(count);
+        for (id, payload) in messages {
+            built.push(IggyMessage::builder().id(id).payload(payload).build()?);
+        }
+        let topic_id = ident(topic)?;
+        let started = std::time::Instant::now();
+        let partitioning = Partitioning::partition_id(partition);
+        answered(sender.send_messages(&self.stream, &topic_id, &partitioning, &mut built)).await?;
+        tracing::debug!(%topic, partition, messages = count, took = ?started.elapsed(), "sent to Iggy");
+        crate::metrics::metrics().iggy_forward_seconds.observe(started.elapsed().as_secs_f64());
+        self.ends().sent(topic, partition);
+        Ok(())
+    }
+
     /// What a forwarder lane needs before sending: lane 0 prepares everything (see
     /// `prepare`); the others connect their own connection.
     pub(super) async fn prepare_lane(&self, lane: usize) -> Result<(), RemoteError> {
@@ -208,6 +242,12 @@ impl Remote {
         connect_signed_in(&self.reader, &self.settings).await?;
         for poller in &self.pollers {
             connect_signed_in(poller, &self.settings).await?;
+        }
+        for (client, ready) in &self.direct {
+            // Under its lock: a `connect` while another is under way answers at once.
+            let mut ready = ready.lock().await;
+            connect_signed_in(client, &self.settings).await?;
+            *ready = true;
         }
         if self.client.get_stream(&self.stream).await?.is_none() {
             match self.client.create_stream(&self.settings.stream).await {

@@ -13,17 +13,18 @@
 //! still refused is set aside (logged, counted in the status, kept in the spool's `aside`
 //! table). Entries spooled for a partition the topic no longer has (another client made it
 //! again with fewer) go to `partition % count`: one key's events still share a partition.
-//! Spool work runs on blocking threads: each acknowledgement is a durable write.
+//! Spool work runs on blocking threads; acknowledgements are written by the `acker`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use iggy::prelude::{IggyError, IggyMessage, MessageClient, Partitioning};
+use iggy::prelude::IggyError;
 use tokio::sync::watch;
 
-use super::client::{Remote, RemoteError, answered, ident};
+use super::acker::Acker;
+use super::client::{Remote, RemoteError};
 use super::spool::{Spool, SpoolEntry};
 use crate::log::{LogError, Unavailable};
 
@@ -59,6 +60,8 @@ pub(super) struct Forwarder {
     pub(super) spool: Arc<Spool>,
     /// Which of the lanes (see `Remote::lane_of`) this one is.
     pub(super) lane: usize,
+    /// Takes what Iggy acknowledged out of the spool, off this lane's path.
+    pub(super) acker: Arc<Acker>,
     /// Changes when something was spooled or a topic is wanted.
     pub(super) wake: watch::Receiver<u64>,
     /// Counted up when something reached Iggy, to wake the readers.
@@ -86,7 +89,7 @@ struct Outcome {
 }
 
 /// Errors that lie in the messages sent, so that sending the same again is refused again.
-fn refusal(error: &IggyError) -> bool {
+pub(super) fn refusal(error: &IggyError) -> bool {
     use IggyError::*;
     matches!(
         error,
@@ -112,7 +115,7 @@ fn refusal(error: &IggyError) -> bool {
 }
 
 /// The Iggy error behind a log error, if that is what it is.
-fn iggy_cause(error: &LogError) -> Option<&IggyError> {
+pub(super) fn iggy_cause(error: &LogError) -> Option<&IggyError> {
     match error {
         LogError::Unavailable(u) => match u.as_ref() {
             Unavailable::Iggy(e) => Some(e),
@@ -139,6 +142,8 @@ impl Forwarder {
             }
             let losses = self.remote.health.losses();
             if losses != round.resent_for {
+                // What Iggy acknowledged last is in `recent` once its write is done.
+                self.acker.flush().await;
                 match self.spool_work(Spool::recent).await {
                     Ok(recent) => {
                         let recent = recent.into_iter().filter(|(_, e)| self.mine(e)).collect();
@@ -151,10 +156,16 @@ impl Forwarder {
             // Marked seen before looking, so that what is spooled while looking wakes it.
             self.wake.borrow_and_update();
             let (remote, lane) = (self.remote.clone(), self.lane);
-            let mine = move |head: Option<(&str, u32)>| match head {
-                Some((topic, partition)) => remote.lane_of(topic, partition) == lane,
-                // Entries that cannot be read are set aside by one lane.
-                None => lane == 0,
+            // Acknowledged, on their way out of the spool: not to be sent again. Taken
+            // before the spool is read (see `Acker::in_flight`).
+            let in_flight = self.acker.in_flight();
+            let mine = move |seq: u64, head: Option<(&str, u32)>| {
+                !in_flight.contains(&seq)
+                    && match head {
+                        Some((topic, partition)) => remote.lane_of(topic, partition) == lane,
+                        // Entries that cannot be read are set aside by one lane.
+                        None => lane == 0,
+                    }
             };
             let peeked = match self.spool_work(move |s| s.peek(FORWARD_BATCH, mine)).await {
                 Ok(peeked) => peeked,
@@ -271,7 +282,7 @@ impl Forwarder {
     }
 
     /// Send spool entries partition by partition, in order; with `acknowledge`, what Iggy
-    /// acknowledged leaves the spool at once, request by request.
+    /// acknowledged is handed to the acker to leave the spool.
     async fn send(&self, entries: Vec<(u64, SpoolEntry)>, acknowledge: bool) -> Result<(), Failure> {
         let mut topics: Vec<&str> = entries.iter().map(|(_, e)| e.topic.as_str()).collect();
         topics.dedup();
@@ -310,9 +321,9 @@ impl Forwarder {
         let sent: Vec<u64> = outcomes.iter().flat_map(|o| o.sent.iter().copied()).collect();
         if !sent.is_empty() {
             if acknowledge {
-                let count = sent.len() as u64;
-                self.spool_work(move |s| s.acknowledged(&sent)).await.map_err(|e| Failure::Down(e.into()))?;
-                self.remote.health.forwarded(count);
+                // Written by the acker while this lane goes on (and its readers are woken).
+                self.remote.health.forwarded(sent.len() as u64);
+                self.acker.acknowledged(sent);
             } else {
                 self.remote.health.up();
             }
@@ -395,43 +406,36 @@ impl Forwarder {
                 _ => Failure::Down(error),
             }
         };
-        let mut messages = Vec::with_capacity(request.len());
-        for (_, entry) in request {
-            let message = IggyMessage::builder().id(entry.event_id).payload(Bytes::from(entry.payload.clone())).build();
-            messages.push(message.map_err(|e| failed(e.into()))?);
-        }
-        let topic_id = ident(topic).map_err(|e| Failure::Down(e.into()))?;
-        let started = std::time::Instant::now();
         // Not acknowledged in time counts as not sent: it stays in the spool and is sent
         // again (a copy that did arrive is skipped by the runners, by its eventId).
         let sender = self.remote.sender_for(topic, partition);
-        let partitioning = Partitioning::partition_id(partition);
-        let sent = answered(sender.send_messages(&self.remote.stream, &topic_id, &partitioning, &mut messages)).await;
-        match sent.map_err(failed) {
-            Ok(_) => {}
+        let messages = request.iter().map(|(_, e)| (e.event_id, Bytes::from(e.payload.clone())));
+        match self.remote.send_to(sender, topic, partition, messages).await.map_err(failed) {
+            Ok(()) => Ok(()),
             Err(Failure::Stale(error)) => {
                 tracing::warn!(%error, "reading the topic's partitions again");
-                return Err(match self.remote.ensure_topic(topic).await {
+                Err(match self.remote.ensure_topic(topic).await {
                     Ok(()) => Failure::Stale(error),
                     Err(e) => Failure::Down(e),
-                });
+                })
             }
-            Err(failure) => return Err(failure),
+            Err(failure) => Err(failure),
         }
-        tracing::debug!(%topic, partition, messages = request.len(), took = ?started.elapsed(), "sent to Iggy");
-        crate::metrics::metrics().iggy_forward_seconds.observe(started.elapsed().as_secs_f64());
-        self.remote.ends().sent(topic, partition);
-        Ok(())
     }
 }
 
 /// How many of `entries` go in the next request: up to `FORWARD_BATCH` entries and
 /// `REQUEST_BYTES` of payload, and at least one.
 fn request_len(entries: &[(u64, SpoolEntry)]) -> usize {
+    request_len_by(entries, |(_, entry)| entry.payload.len())
+}
+
+/// `request_len` of any entries, by `size` in payload bytes.
+pub(super) fn request_len_by<T>(entries: &[T], size: impl Fn(&T) -> usize) -> usize {
     let mut bytes = 0;
     let mut take = 0;
-    for (_, entry) in entries.iter().take(FORWARD_BATCH) {
-        bytes += entry.payload.len();
+    for entry in entries.iter().take(FORWARD_BATCH) {
+        bytes += size(entry);
         if take > 0 && bytes > REQUEST_BYTES {
             break;
         }

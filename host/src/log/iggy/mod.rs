@@ -7,8 +7,10 @@
 //! acknowledgement can put an event in Iggy twice; runners skip an `eventId` they have
 //! already applied. Other clients' writes are noticed by the `tailer`.
 
+mod acker;
 mod client;
 mod consumer_offsets;
+mod direct;
 mod ends;
 mod forwarder;
 mod health;
@@ -26,6 +28,7 @@ use async_trait::async_trait;
 use iggy::prelude::StreamClient;
 use tokio::sync::watch;
 
+use self::acker::Acker;
 use self::client::{REQUEST_TIMEOUT, Remote, SEND_CONNECTIONS, answered};
 use self::consumer_offsets::ConsumerOffsets;
 pub use self::forwarder::FORWARD_BATCH;
@@ -40,8 +43,9 @@ pub struct IggyLog {
     spool: Arc<Spool>,
     /// Wakes the forwarder's lanes: something was spooled, or a topic is wanted.
     forward: watch::Sender<u64>,
-    /// Kept so `changes` stays open while the background tasks are replaced or gone.
-    _changes_tx: watch::Sender<u64>,
+    /// Counted up by what wakes the readers; kept so `changes` stays open while the
+    /// background tasks are replaced or gone.
+    changes_tx: watch::Sender<u64>,
     changes: watch::Receiver<u64>,
     consumer_offsets: Arc<ConsumerOffsets>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -66,12 +70,14 @@ impl IggyLog {
         };
         let consumer_offsets = Arc::new(ConsumerOffsets::default());
         let refused = Arc::default();
+        let acker = Arc::new(Acker::start(spool.clone())?);
         let mut tasks: Vec<_> = (0..SEND_CONNECTIONS)
             .map(|lane| {
                 let forwarder = Forwarder {
                     remote: remote.clone(),
                     spool: spool.clone(),
                     lane,
+                    acker: acker.clone(),
                     wake: forward.subscribe(),
                     changes: changes_tx.clone(),
                     refused: Arc::clone(&refused),
@@ -81,7 +87,7 @@ impl IggyLog {
             .collect();
         tasks.push(tokio::spawn(tailer::run(remote.clone(), changes_tx.clone())));
         tasks.push(tokio::spawn(consumer_offsets::record(remote.clone(), consumer_offsets.clone())));
-        Ok(IggyLog { remote, spool, forward, _changes_tx: changes_tx, changes, consumer_offsets, tasks, writer })
+        Ok(IggyLog { remote, spool, forward, changes_tx, changes, consumer_offsets, tasks, writer })
     }
 }
 
@@ -118,6 +124,19 @@ impl EventLog for IggyLog {
 
     async fn append(&self, items: Vec<AppendItem>) -> Result<Vec<Appended>, LogError> {
         self.writer.append(items).await
+    }
+
+    /// Straight to Iggy, not through the spool (see `direct`).
+    async fn forward(&self, items: Vec<AppendItem>) -> Result<(), LogError> {
+        let count = items.len() as u64;
+        self.remote.forward_direct(items).await?;
+        self.remote.health.forwarded(count);
+        self.changes_tx.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    fn losses(&self) -> u64 {
+        self.remote.health.losses()
     }
 
     async fn poll(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError> {

@@ -28,9 +28,13 @@ impl Remote {
         from: u64,
         max: usize,
     ) -> Result<Vec<Record>, LogError> {
-        if self.ends().nothing_from(topic, partition, from) {
-            return Ok(Vec::new());
-        }
+        let generation = {
+            let ends = self.ends();
+            if ends.nothing_from(topic, partition, from) {
+                return Ok(Vec::new());
+            }
+            ends.generation(topic, partition)
+        };
         let max = max.clamp(1, u32::MAX as usize);
         let mut records: Vec<Record> = Vec::new();
         let mut next = from;
@@ -39,7 +43,17 @@ impl Remote {
             let count = cap.min(max - records.len());
             match self.poll_once(topic, partition, next, count as u32).await {
                 Ok(batch) => {
-                    let Some(last) = batch.last().map(|r| r.offset) else { break };
+                    let Some(last) = batch.last().map(|r| r.offset) else {
+                        if records.is_empty() {
+                            // Nothing at `next`: that is where the partition ends, unless
+                            // this host sent to it since (then `read` keeps it unknown).
+                            // The next polls of a partition with nothing new are answered
+                            // here, not by Iggy, until something is sent to it (measured:
+                            // every wake-up polled every partition of every reader).
+                            self.ends().read(topic, partition, next, generation);
+                        }
+                        break;
+                    };
                     next = last + 1;
                     records.extend(batch);
                     // The usual case: one request. Only after shrinking the count (below)

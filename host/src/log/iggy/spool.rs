@@ -106,13 +106,14 @@ impl Spool {
         Ok(results)
     }
 
-    /// The oldest `max` entries waiting to be forwarded whose (topic, partition) `wanted`
-    /// picks (`None`: cannot be read), in order, among the oldest `SCAN` entries: a lane
-    /// with nothing of its own in a large backlog must not read all of it every round.
+    /// The oldest `max` entries waiting to be forwarded that `wanted` picks by sequence and
+    /// (topic, partition) (`None`: cannot be read), in order, among the oldest `SCAN`
+    /// entries: a lane with nothing of its own in a large backlog must not read all of it
+    /// every round.
     pub(super) fn peek(
         &self,
         max: usize,
-        wanted: impl Fn(Option<(&str, u32)>) -> bool,
+        wanted: impl Fn(u64, Option<(&str, u32)>) -> bool,
     ) -> Result<Vec<Peeked>, LogError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(SPOOL)?;
@@ -121,7 +122,7 @@ impl Spool {
             let (seq, value) = entry?;
             // Where it goes, without copying its payload.
             let head = serde_json::from_slice::<Head<'_>>(value.value()).ok();
-            if !wanted(head.as_ref().map(|h| (h.topic.as_ref(), h.partition))) {
+            if !wanted(seq.value(), head.as_ref().map(|h| (h.topic.as_ref(), h.partition))) {
                 continue;
             }
             let parsed =
