@@ -1,6 +1,6 @@
 //! The outbox forwarder: appends what plugins committed for the log (their publishes, dead
-//! letters, and on a shared log their broadcasts) to the log in order, then drops it from the
-//! store. A crash in between appends the same entries again with the same ids: the embedded
+//! letters, and on a shared log their broadcasts) to the log in order (on a shared log, two
+//! lanes: broadcasts, and the rest, each in order), then drops it from the store. A crash in between appends the same entries again with the same ids: the embedded
 //! log accepts them once; on Iggy, where they go straight to the server (`EventLog::forward`,
 //! not through the spool), readers skip the copies by event id. After a lost connection to
 //! Iggy the last entries it acknowledged are sent again (a crashed Iggy can lose them).
@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::log::{AppendItem, EventLog, LogError, StorageError};
+use crate::log::{AppendItem, EventLog, LogError, StorageError, Unforwarded};
 use crate::store::{Store, StoreError};
 
 /// Entries appended per round.
@@ -78,13 +78,12 @@ pub async fn forward(store: Arc<Store>, log: Arc<dyn EventLog>, wake: Arc<Notify
 }
 
 async fn forward_lane(lane: Lane, store: &Arc<Store>, log: &dyn EventLog, wake: &Notify, stop: &CancellationToken) {
-    let mut refused = Refused::default();
-    let mut resent_for = 0;
+    let mut progress = Progress::default();
+    let mut resend = Resend::default();
     while !stop.is_cancelled() {
-        let resent =
-            if lane == Lane::Broadcasts { Ok(()) } else { resend_after_loss(store, log, &mut resent_for).await };
+        let resent = if lane == Lane::Broadcasts { Ok(()) } else { resend_after_loss(store, log, &mut resend).await };
         let forwarded = match resent {
-            Ok(()) => round(store, log, lane, &mut refused).await,
+            Ok(()) => round(store, log, lane, &mut progress).await,
             Err(()) => Err(()),
         };
         let pause = match forwarded {
@@ -103,11 +102,29 @@ async fn forward_lane(lane: Lane, store: &Arc<Store>, log: &dyn EventLog, wake: 
     }
 }
 
+/// What a lane knows between rounds.
+#[derive(Default)]
+struct Progress {
+    refused: Refused,
+    /// Where the next peek starts: every entry before it was sent, set aside, or is
+    /// another lane's (so an idle lane does not read the other's backlog again each round).
+    from: u64,
+}
+
 /// How often in a row the round starting at `head` was refused.
 #[derive(Default)]
 struct Refused {
     head: u64,
     times: u32,
+}
+
+/// Sending the recent entries again after a lost connection.
+#[derive(Default)]
+struct Resend {
+    /// The count of losses they were last sent again for.
+    resent_for: u64,
+    /// Tries that failed while the log was connected.
+    failures: u32,
 }
 
 /// Run store work on a blocking thread.
@@ -121,10 +138,12 @@ async fn blocking<T: Send + 'static>(
 
 /// After each lost connection to a remote log, send the last entries it acknowledged
 /// again, once: a crashed server can come back without the last ones (see
-/// `EventLog::losses`). Readers skip the copies of what they already have.
-async fn resend_after_loss(store: &Arc<Store>, log: &dyn EventLog, resent_for: &mut u64) -> Result<(), ()> {
+/// `EventLog::losses`). Readers skip the copies of what they already have. Best effort:
+/// while the log is down it waits, but after `SPLIT_AFTER` failed tries while connected it
+/// gives up (they were acknowledged once), so that nothing new waits behind them for good.
+async fn resend_after_loss(store: &Arc<Store>, log: &dyn EventLog, resend: &mut Resend) -> Result<(), ()> {
     let losses = log.losses();
-    if losses == *resent_for {
+    if losses == resend.resent_for {
         return Ok(());
     }
     let recent = blocking(store, |s| s.outbox_recent())
@@ -138,26 +157,40 @@ async fn resend_after_loss(store: &Arc<Store>, log: &dyn EventLog, resent_for: &
         match log.forward(recent).await {
             Ok(()) => {}
             // Acknowledged once already: nothing is lost by not sending them again.
-            Err(error) if is_refusal(&error) => {
+            Err(Unforwarded { error, .. }) if is_refusal(&error) => {
                 tracing::warn!(%error, "the log refused entries it had acknowledged before; not sending them again");
             }
-            Err(error) => {
-                tracing::debug!(%error, "sending the outbox's recent entries again failed; retrying");
-                return Err(());
+            Err(Unforwarded { error, .. }) => {
+                if log.readiness().connected {
+                    resend.failures += 1;
+                }
+                if resend.failures < SPLIT_AFTER {
+                    tracing::debug!(%error, "sending the outbox's recent entries again failed; retrying");
+                    return Err(());
+                }
+                tracing::warn!(%error, "sending the outbox's recent entries again failed {SPLIT_AFTER} times; going on without");
             }
         }
     }
-    *resent_for = losses;
+    *resend = Resend { resent_for: losses, failures: 0 };
     Ok(())
 }
 
 /// One round of `lane`: `Ok(true)` when entries were forwarded or set aside, `Ok(false)`
 /// when there were none.
-async fn round(store: &Arc<Store>, log: &dyn EventLog, lane: Lane, refused: &mut Refused) -> Result<bool, ()> {
-    let entries = blocking(store, move |s| s.outbox_peek(ROUND, |topic| lane.takes(topic)))
+async fn round(store: &Arc<Store>, log: &dyn EventLog, lane: Lane, progress: &mut Progress) -> Result<bool, ()> {
+    let from = progress.from;
+    let (entries, scanned_to) = blocking(store, move |s| s.outbox_peek(from, ROUND, |topic| lane.takes(topic)))
         .await
         .map_err(|error| tracing::error!(%error, "reading the outbox failed"))?;
+    // Once this round's entries are gone, the next peek starts after them, or after all
+    // that was looked at when that was less than a round.
+    let next_from = match entries.last() {
+        Some((last, _)) if entries.len() == ROUND => last + 1,
+        _ => scanned_to.map_or(from, |seq| seq + 1),
+    };
     if entries.is_empty() {
+        progress.from = next_from;
         return Ok(false);
     }
     let mut items = Vec::with_capacity(entries.len());
@@ -172,28 +205,42 @@ async fn round(store: &Arc<Store>, log: &dyn EventLog, lane: Lane, refused: &mut
         }
     }
     if items.is_empty() {
+        progress.from = next_from;
         return Ok(true);
     }
     let head = seqs[0];
+    let refused = &mut progress.refused;
     if refused.head == head && refused.times >= SPLIT_AFTER {
         one_by_one(store, log, seqs.into_iter().zip(items).collect()).await?;
-        *refused = Refused::default();
+        progress.refused = Refused::default();
+        progress.from = next_from;
         return Ok(true);
     }
-    if let Err(error) = log.forward(items).await {
+    let keep_recent = log.is_shared();
+    if let Err(Unforwarded { error, taken }) = log.forward(items).await {
         if is_refusal(&error) {
             refused.times = if refused.head == head { refused.times + 1 } else { 1 };
             refused.head = head;
         }
         tracing::warn!(%error, "forwarding the outbox to the log failed; retrying");
+        // What the log took all the same is not sent again.
+        let taken: Vec<u64> = taken.into_iter().filter_map(|i| seqs.get(i).copied()).collect();
+        if !taken.is_empty() {
+            let _ = clear(store, taken, keep_recent).await;
+        }
         return Err(());
     }
-    *refused = Refused::default();
-    let keep_recent = log.is_shared();
-    if let Err(error) = blocking(store, move |s| s.outbox_remove(&seqs, keep_recent)).await {
-        tracing::error!(%error, "clearing the outbox failed");
-    }
+    progress.refused = Refused::default();
+    clear(store, seqs, keep_recent).await?;
+    progress.from = next_from;
     Ok(true)
+}
+
+/// Forget entries the log took (see `Store::outbox_remove`).
+async fn clear(store: &Arc<Store>, seqs: Vec<u64>, keep_recent: bool) -> Result<(), ()> {
+    blocking(store, move |s| s.outbox_remove(&seqs, keep_recent))
+        .await
+        .map_err(|error| tracing::error!(%error, "clearing the outbox failed; sending its entries again later"))
 }
 
 /// Append a refused round's entries one at a time; set aside each the log still refuses
@@ -202,14 +249,12 @@ async fn one_by_one(store: &Arc<Store>, log: &dyn EventLog, entries: Vec<(u64, A
     let keep_recent = log.is_shared();
     for (seq, item) in entries {
         match log.forward(vec![item]).await {
-            Ok(()) => blocking(store, move |s| s.outbox_remove(&[seq], keep_recent))
-                .await
-                .map_err(|error| tracing::error!(%error, "clearing the outbox failed"))?,
-            Err(error) if !is_refusal(&error) => {
+            Ok(()) => clear(store, vec![seq], keep_recent).await?,
+            Err(Unforwarded { error, .. }) if !is_refusal(&error) => {
                 tracing::warn!(%error, "forwarding the outbox to the log failed; retrying");
                 return Err(());
             }
-            Err(error) => set_aside(store, seq, format!("refused by the log: {error}")).await?,
+            Err(Unforwarded { error, .. }) => set_aside(store, seq, format!("refused by the log: {error}")).await?,
         }
     }
     Ok(())
@@ -294,12 +339,12 @@ mod tests {
         let outbox = vec![item("out", 0), item("refused", 1), item("out", 2)];
         store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
 
-        let mut refused = Refused::default();
+        let mut progress = Progress::default();
         for _ in 0..SPLIT_AFTER {
-            assert!(round(&store, &log, Lane::All, &mut refused).await.is_err(), "the whole round is refused");
+            assert!(round(&store, &log, Lane::All, &mut progress).await.is_err(), "the whole round is refused");
         }
         assert_eq!(store.outbox_counts().unwrap(), (3, 0), "nothing set aside yet");
-        assert!(round(&store, &log, Lane::All, &mut refused).await.unwrap(), "then one by one");
+        assert!(round(&store, &log, Lane::All, &mut progress).await.unwrap(), "then one by one");
         assert_eq!(store.outbox_counts().unwrap(), (0, 1), "only the refused one is set aside");
         let sent = log.poll("out", 0, 0, 10).await.unwrap();
         assert_eq!(sent.len(), 2, "the entries around it went out, in order");
@@ -320,16 +365,16 @@ mod tests {
         let outbox = vec![item("out", 0), item("out", 1), item("out", 2)];
         store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
 
-        let mut refused = Refused::default();
+        let mut progress = Progress::default();
         for _ in 0..failures {
             assert!(
-                round(&store, &log, Lane::All, &mut refused).await.is_err(),
+                round(&store, &log, Lane::All, &mut progress).await.is_err(),
                 "the round fails while the disk is full"
             );
-            assert_eq!(refused.times, 0, "a storage failure is not a refusal");
+            assert_eq!(progress.refused.times, 0, "a storage failure is not a refusal");
         }
         assert_eq!(store.outbox_counts().unwrap(), (3, 0), "nothing set aside");
-        assert!(round(&store, &log, Lane::All, &mut refused).await.unwrap(), "then the round goes out");
+        assert!(round(&store, &log, Lane::All, &mut progress).await.unwrap(), "then the round goes out");
         assert_eq!(store.outbox_counts().unwrap(), (0, 0), "every entry went out, none set aside");
         let sent = log.poll("out", 0, 0, 10).await.unwrap();
         let ns: Vec<u64> =
@@ -362,16 +407,54 @@ mod tests {
         let outbox = vec![item("stuck", 0), item(FANOUT_TOPIC, 1), item(FANOUT_TOPIC, 2)];
         store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
 
-        let mut refused = Refused::default();
-        assert!(round(&store, &log, Lane::Rest, &mut refused).await.is_err(), "the stuck topic fails");
-        assert!(round(&store, &log, Lane::Broadcasts, &mut refused).await.unwrap(), "broadcasts go out");
+        let (mut rest, mut broadcasts) = (Progress::default(), Progress::default());
+        assert!(round(&store, &log, Lane::Rest, &mut rest).await.is_err(), "the stuck topic fails");
+        assert!(round(&store, &log, Lane::Broadcasts, &mut broadcasts).await.unwrap(), "broadcasts go out");
         assert_eq!(log.poll(FANOUT_TOPIC, 0, 0, 10).await.unwrap().len(), 2, "both broadcasts, ahead of it");
         assert_eq!(store.outbox_counts().unwrap(), (1, 0), "the stuck entry waits, nothing set aside");
-        assert!(!round(&store, &log, Lane::Broadcasts, &mut refused).await.unwrap(), "not the broadcasts' to send");
+        assert!(!round(&store, &log, Lane::Broadcasts, &mut broadcasts).await.unwrap(), "not the broadcasts' to send");
         stuck.store(false, Ordering::Relaxed);
-        assert!(round(&store, &log, Lane::Rest, &mut refused).await.unwrap());
+        assert!(round(&store, &log, Lane::Rest, &mut rest).await.unwrap());
         assert_eq!(store.outbox_counts().unwrap(), (0, 0));
         assert_eq!(log.poll("stuck", 0, 0, 10).await.unwrap().len(), 1);
+    }
+
+    /// The whole forwarder on a shared log, as the host runs it: with one topic stuck behind
+    /// a backlog longer than one look at the outbox, broadcasts committed after it still go
+    /// out, woken by the commit.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn broadcasts_behind_a_stuck_backlog_longer_than_one_scan_still_go_out() {
+        use crate::fanout::FANOUT_TOPIC;
+        use crate::log::failing::SharedFailing;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
+        let fail = |items: &[AppendItem]| {
+            items
+                .iter()
+                .any(|i| i.topic == "stuck")
+                .then(|| LogError::from(Unavailable::NoAnswer(Duration::from_secs(5))))
+        };
+        let log: Arc<dyn EventLog> = Arc::new(SharedFailing {
+            inner: Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail },
+            losses: Default::default(),
+        });
+        log.ensure_topics(&[FANOUT_TOPIC.to_owned(), "stuck".to_owned()]).await.unwrap();
+        let backlog: Vec<AppendItem> = (0..9000).map(|n| item("stuck", n)).collect();
+        store.commit_batch("p", &BatchCommit { outbox: backlog, ..BatchCommit::default() }, |_| {}).unwrap();
+        let (wake, stop) = (Arc::new(Notify::new()), CancellationToken::new());
+        let forwarder = tokio::spawn(forward(store.clone(), log.clone(), wake.clone(), stop.clone()));
+        let broadcasts = vec![item(FANOUT_TOPIC, 1), item(FANOUT_TOPIC, 2)];
+        store.commit_batch("p", &BatchCommit { outbox: broadcasts, ..BatchCommit::default() }, |_| {}).unwrap();
+        wake.notify_one();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while log.poll(FANOUT_TOPIC, 0, 0, 10).await.unwrap().len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the broadcasts never went out");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(store.outbox_counts().unwrap(), (9000, 0), "the stuck ones wait, none set aside");
+        stop.cancel();
+        forwarder.await.unwrap();
     }
 
     /// After each lost connection to a shared log, the last entries it acknowledged are sent
@@ -397,19 +480,19 @@ mod tests {
         };
         let outbox = vec![item("out", 0), item("out", 1)];
         store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
-        let mut refused = Refused::default();
-        assert!(round(&store, &log, Lane::Rest, &mut refused).await.unwrap());
+        let mut progress = Progress::default();
+        assert!(round(&store, &log, Lane::Rest, &mut progress).await.unwrap());
         assert_eq!(store.outbox_counts().unwrap(), (0, 0));
         assert_eq!(store.outbox_recent().unwrap().len(), 2, "kept after the log acknowledged them");
         assert_eq!(sent.load(Ordering::Relaxed), 2);
 
-        let mut resent_for = 0;
-        resend_after_loss(&store, &log, &mut resent_for).await.unwrap();
+        let mut resend = Resend::default();
+        resend_after_loss(&store, &log, &mut resend).await.unwrap();
         assert_eq!(sent.load(Ordering::Relaxed), 2, "no loss, nothing sent again");
         log.losses.store(1, Ordering::Relaxed);
-        resend_after_loss(&store, &log, &mut resent_for).await.unwrap();
+        resend_after_loss(&store, &log, &mut resend).await.unwrap();
         assert_eq!(sent.load(Ordering::Relaxed), 4, "both sent again after the loss");
-        resend_after_loss(&store, &log, &mut resent_for).await.unwrap();
+        resend_after_loss(&store, &log, &mut resend).await.unwrap();
         assert_eq!(sent.load(Ordering::Relaxed), 4, "once per loss");
 
         // A local log keeps nothing to send again.
@@ -418,7 +501,7 @@ mod tests {
         let local_store = Arc::new(Store::open(&dir.path().join("local-store"), 100, Duration::ZERO).unwrap());
         let outbox = vec![item("out", 0)];
         local_store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
-        assert!(round(&local_store, &local, Lane::All, &mut refused).await.unwrap());
+        assert!(round(&local_store, &local, Lane::All, &mut Progress::default()).await.unwrap());
         assert!(local_store.outbox_recent().unwrap().is_empty());
     }
 

@@ -64,8 +64,8 @@ pub trait EventLog: Send + Sync + 'static {
     /// without a durable copy of its own. A copy can then reach the log twice (readers skip
     /// copies by event id). After each connection loss (`losses`) the caller sends its
     /// last ones again.
-    async fn forward(&self, items: Vec<AppendItem>) -> Result<(), LogError> {
-        self.append(items).await.map(drop)
+    async fn forward(&self, items: Vec<AppendItem>) -> Result<(), Unforwarded> {
+        self.append(items).await.map(drop).map_err(|error| Unforwarded { error, taken: Vec::new() })
     }
 
     /// Times the connection to the log was lost so far (0 for a local log): a crashed
@@ -127,6 +127,16 @@ pub trait EventLog: Send + Sync + 'static {
     }
 }
 
+/// A `forward` that failed: why, and which of the items the log took all the same
+/// (indexes into what was forwarded), so that the caller does not send those again.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} ({} of the entries taken all the same)", taken.len())]
+pub struct Unforwarded {
+    #[source]
+    pub error: LogError,
+    pub taken: Vec<usize>,
+}
+
 /// What `/ready` needs of the log (see `EventLog::readiness`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Readiness {
@@ -137,8 +147,10 @@ pub struct Readiness {
 
 /// How many records back (per partition) a backend may write a second copy of an event
 /// it already wrote (a send retried after a lost acknowledgement). Consumers that skip
-/// copies by event id remember at least this many.
-pub const REDELIVERY_WINDOW: u64 = 2 * iggy::FORWARD_BATCH as u64;
+/// copies by event id remember at least this many. On Iggy, after a host crash: a spool
+/// lane's round whose acknowledgement was not written yet and the round it was sending
+/// (`FORWARD_BATCH` each), and the outbox's round and recent entries sent again, with room.
+pub const REDELIVERY_WINDOW: u64 = 4 * iggy::FORWARD_BATCH as u64;
 
 /// FNV-1a: a stable hash, so a key maps to the same partition in every version of Owlery.
 pub fn partition_for(key: &str, partitions: u32) -> u32 {

@@ -19,7 +19,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{OUTBOX, OUTBOX_ASIDE, OUTBOX_RECENT, Store, StoreError};
+use super::{META, OUTBOX, OUTBOX_ASIDE, OUTBOX_RECENT, Store, StoreError};
 use crate::envelope::Envelope;
 use crate::log::AppendItem;
 
@@ -80,13 +80,21 @@ const SCAN: usize = 8192;
 pub const RECENT: u64 = crate::log::iggy::FORWARD_BATCH as u64;
 
 impl Store {
-    /// The oldest `max` outbox entries whose topic `wanted` picks (`None`: the entry cannot
-    /// be read), in order, with their sequence numbers, among the oldest `SCAN`.
-    pub fn outbox_peek(&self, max: usize, wanted: impl Fn(Option<&str>) -> bool) -> Result<Vec<Peeked>, StoreError> {
+    /// The oldest `max` outbox entries from sequence `from` on whose topic `wanted` picks
+    /// (`None`: the entry cannot be read), in order, with their sequence numbers, among the
+    /// `SCAN` entries from there; and the last sequence looked at.
+    pub fn outbox_peek(
+        &self,
+        from: u64,
+        max: usize,
+        wanted: impl Fn(Option<&str>) -> bool,
+    ) -> Result<(Vec<Peeked>, Option<u64>), StoreError> {
         let table = self.read()?.open_table(OUTBOX)?;
         let mut out = Vec::new();
-        for entry in redb::ReadableTable::iter(&table)?.take(SCAN) {
+        let mut scanned_to = None;
+        for entry in table.range(from..)?.take(SCAN) {
             let (seq, value) = entry?;
+            scanned_to = Some(seq.value());
             let topic = serde_json::from_slice::<OutboxEntry<'_>>(value.value()).ok().map(|e| e.topic);
             if !wanted(topic.as_deref()) {
                 continue;
@@ -96,25 +104,32 @@ impl Store {
                 break;
             }
         }
-        Ok(out)
+        Ok((out, scanned_to))
     }
 
     /// Forget the outbox entries `seqs` (they are in the log now); with `keep_recent` (a
-    /// remote log), keep the last `RECENT` forgotten (see `outbox_recent`).
+    /// remote log), keep the last `RECENT` forgotten, in the order they were (see
+    /// `outbox_recent`; the lanes of the outbox forward out of sequence order).
     pub fn outbox_remove(&self, seqs: &[u64], keep_recent: bool) -> Result<(), StoreError> {
         use redb::ReadableTableMetadata;
         let txn = self.db.begin_write()?;
         {
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut recent = txn.open_table(OUTBOX_RECENT)?;
+            let mut meta = txn.open_table(META)?;
+            let mut next = Store::meta(&meta, "outbox_recent_next")?;
             for seq in seqs {
                 let Some(value) = outbox.remove(*seq)? else { continue };
                 if keep_recent {
-                    recent.insert(*seq, value.value())?;
+                    recent.insert(next, value.value())?;
+                    next += 1;
                 }
             }
-            for _ in RECENT..recent.len()? {
-                recent.pop_first()?;
+            if keep_recent {
+                meta.insert("outbox_recent_next", next)?;
+                for _ in RECENT..recent.len()? {
+                    recent.pop_first()?;
+                }
             }
         }
         Ok(txn.commit()?)
@@ -208,7 +223,7 @@ mod tests {
         let store = Store::open(dir.path(), 100, Duration::ZERO).unwrap();
         let batch = BatchCommit { outbox: vec![item.clone()], ..BatchCommit::default() };
         store.commit_batch("p", &batch, |_| {}).unwrap();
-        let peeked = store.outbox_peek(10, |_| true).unwrap();
+        let (peeked, _) = store.outbox_peek(0, 10, |_| true).unwrap();
         assert_eq!(peeked.len(), 1);
         let read = peeked.into_iter().next().unwrap().1.unwrap();
         assert_eq!(read.envelope, item.envelope, "read back whole");
@@ -222,16 +237,22 @@ mod tests {
             .map(|n| AppendItem { topic: "out".into(), key: n.to_string(), envelope: envelope(json!({"n": n})) })
             .collect();
         store.commit_batch("p", &BatchCommit { outbox: items.clone(), ..BatchCommit::default() }, |_| {}).unwrap();
-        let seqs: Vec<u64> = store.outbox_peek(usize::MAX, |_| true).unwrap().iter().map(|(seq, _)| *seq).collect();
-        let (first, rest) = seqs.split_at(20);
+        let seqs: Vec<u64> =
+            store.outbox_peek(0, usize::MAX, |_| true).unwrap().0.iter().map(|(seq, _)| *seq).collect();
+        // Out of sequence order, as two lanes take them out: the last 20 first.
+        let (first, rest) = seqs.split_at(seqs.len() - 20);
+        store.outbox_remove(&seqs[seqs.len() - 20..], true).unwrap();
         store.outbox_remove(first, true).unwrap();
-        store.outbox_remove(rest, true).unwrap();
+        let _ = rest;
         assert_eq!(store.outbox_counts().unwrap(), (0, 0));
         let recent = store.outbox_recent().unwrap();
         assert_eq!(recent.len() as u64, RECENT, "at most RECENT kept");
+        // Kept in the order they were taken out: the last 20 went first, so the 10 dropped
+        // are the first 10 of those.
         let ids: Vec<_> = recent.iter().map(|i| i.envelope.event_id).collect();
-        let last: Vec<_> = items[10..].iter().map(|i| i.envelope.event_id).collect();
-        assert_eq!(ids, last, "the last ones, in order");
+        let n = items.len();
+        let taken_out: Vec<_> = items[n - 20..].iter().chain(&items[..n - 20]).map(|i| i.envelope.event_id).collect();
+        assert_eq!(ids, taken_out[10..], "the last ones taken out, in the order they were");
     }
 
     #[test]
@@ -244,9 +265,14 @@ mod tests {
             .map(|(n, t)| AppendItem { topic: (*t).into(), key: n.to_string(), envelope: envelope(json!({"n": n})) })
             .collect();
         store.commit_batch("p", &BatchCommit { outbox: items, ..BatchCommit::default() }, |_| {}).unwrap();
-        let a = store.outbox_peek(2, |topic| topic == Some("a")).unwrap();
-        let keys: Vec<String> = a.into_iter().map(|(_, item)| item.unwrap().key).collect();
+        let (a, scanned_to) = store.outbox_peek(0, 2, |topic| topic == Some("a")).unwrap();
+        let keys: Vec<String> = a.iter().map(|(_, item)| item.as_ref().unwrap().key.clone()).collect();
         assert_eq!(keys, ["0", "2"], "the first two of topic a, in order");
+        assert_eq!(scanned_to, Some(a[1].0), "looked no further than it needed");
+        let (a, scanned_to) = store.outbox_peek(a[1].0 + 1, 10, |topic| topic == Some("a")).unwrap();
+        let keys: Vec<String> = a.into_iter().map(|(_, item)| item.unwrap().key).collect();
+        assert_eq!(keys, ["4"], "from where it left off");
+        assert!(scanned_to.is_some());
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //!
 //! Until written, acknowledged entries are in flight: a lane's peek skips them (none is
 //! sent twice for this), and a lane that lost its connection waits for them (`flush`)
-//! before it sends the recently acknowledged entries again. A write that fails leaves the
-//! entries in the spool, to be sent again (runners skip the copies by event id).
+//! before it sends the recently acknowledged entries again. A write that fails
+//! is tried again until it works, the entries in flight meanwhile.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, mpsc};
@@ -19,10 +19,14 @@ use super::spool::Spool;
 use crate::log::{LogError, StorageError};
 
 enum Request {
-    Acknowledge(Vec<u64>),
-    /// Answered once everything asked before it is written (or failed).
+    /// Answered once written.
+    Acknowledge(Vec<u64>, oneshot::Sender<()>),
+    /// Answered once everything asked before it is written.
     Flush(oneshot::Sender<()>),
 }
+
+/// How long to wait before writing again after a write failed.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) struct Acker {
     in_flight: Arc<Mutex<HashSet<u64>>>,
@@ -43,19 +47,27 @@ impl Acker {
         Ok(Acker { in_flight, requests })
     }
 
-    /// Iggy acknowledged these spool entries: they leave the spool soon.
-    pub(super) fn acknowledged(&self, seqs: Vec<u64>) {
+    /// Iggy acknowledged these spool entries: they leave the spool soon. Answers once they
+    /// are written: a lane waits for that before it hands over its next round, so at most
+    /// one round per lane is acknowledged and not written (a host that crashes then sends
+    /// at most that round again, within what readers recognise as copies).
+    pub(super) fn acknowledged(&self, seqs: Vec<u64>) -> oneshot::Receiver<()> {
+        let (reply, written) = oneshot::channel();
         if seqs.is_empty() {
-            return;
+            let _ = reply.send(());
+            return written;
         }
         self.lock().extend(seqs.iter().copied());
-        if self.requests.send(Request::Acknowledge(seqs.clone())).is_err() {
+        if let Err(mpsc::SendError(Request::Acknowledge(seqs, _))) =
+            self.requests.send(Request::Acknowledge(seqs, reply))
+        {
             // No writer (the log is closing): they stay in the spool and are sent again.
             let mut in_flight = self.lock();
             for seq in &seqs {
                 in_flight.remove(seq);
             }
         }
+        written
     }
 
     /// The entries acknowledged and not yet out of the spool. Take this before reading
@@ -80,24 +92,36 @@ impl Acker {
 fn write_loop(spool: &Spool, queue: &mpsc::Receiver<Request>, in_flight: &Mutex<HashSet<u64>>) {
     while let Ok(first) = queue.recv() {
         let mut seqs = Vec::new();
-        let mut flushes = Vec::new();
+        let mut replies = Vec::new();
         for request in std::iter::once(first).chain(queue.try_iter()) {
             match request {
-                Request::Acknowledge(more) => seqs.extend(more),
-                Request::Flush(reply) => flushes.push(reply),
+                Request::Acknowledge(more, reply) => {
+                    seqs.extend(more);
+                    replies.push(reply);
+                }
+                Request::Flush(reply) => replies.push(reply),
             }
         }
-        if !seqs.is_empty() {
-            if let Err(error) = spool.acknowledged(&seqs) {
-                tracing::error!(%error, entries = seqs.len(), "taking acknowledged entries out of the spool failed; \
-                                they will be sent again");
+        // They are in Iggy: written out however long the spool fails (a full disk), and
+        // in flight meanwhile, so that no lane sends them again and again.
+        let mut failures = 0u32;
+        while let Err(error) = spool.acknowledged(&seqs) {
+            if failures == 0 {
+                tracing::error!(%error, entries = seqs.len(), "taking acknowledged entries out of the spool failed; retrying");
             }
+            failures += 1;
+            std::thread::sleep(RETRY);
+        }
+        if failures > 0 {
+            tracing::info!(failures, "acknowledged entries taken out of the spool");
+        }
+        {
             let mut in_flight = in_flight.lock().expect("in-flight lock");
             for seq in &seqs {
                 in_flight.remove(seq);
             }
         }
-        for reply in flushes {
+        for reply in replies {
             let _ = reply.send(());
         }
     }
@@ -127,13 +151,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = spool_with(dir.path(), 5);
         let acker = Acker::start(spool.clone()).unwrap();
-        acker.acknowledged(vec![0, 1, 2]);
+        let written = acker.acknowledged(vec![0, 1, 2]);
         // Either still in flight or already written: never both gone and still in the spool.
         let in_flight = acker.in_flight();
         let pending: Vec<u64> =
             spool.peek(10, |seq, _| !in_flight.contains(&seq)).unwrap().iter().map(|p| p.0).collect();
         assert_eq!(pending, [3, 4]);
-        acker.flush().await;
+        written.await.unwrap();
         assert!(acker.in_flight().is_empty(), "written out");
         assert_eq!(spool.depth(), 2);
         let recent: Vec<u64> = spool.recent().unwrap().iter().map(|(seq, _)| *seq).collect();
@@ -146,7 +170,7 @@ mod tests {
         let spool = spool_with(dir.path(), 200);
         let acker = Acker::start(spool.clone()).unwrap();
         for seq in 0..200u64 {
-            acker.acknowledged(vec![seq]);
+            let _written = acker.acknowledged(vec![seq]);
             // Taken before reading, as the forwarder does: an entry acknowledged so far is
             // either in the set or no longer in the spool.
             let in_flight = acker.in_flight();

@@ -219,10 +219,12 @@ impl Remote {
         let topic_id = ident(topic)?;
         let started = std::time::Instant::now();
         let partitioning = Partitioning::partition_id(partition);
-        answered(sender.send_messages(&self.stream, &topic_id, &partitioning, &mut built)).await?;
+        let sent = answered(sender.send_messages(&self.stream, &topic_id, &partitioning, &mut built)).await;
+        // Unknown from now on, whatever the answer: a request that timed out may have landed.
+        self.ends().sent(topic, partition);
+        sent?;
         tracing::debug!(%topic, partition, messages = count, took = ?started.elapsed(), "sent to Iggy");
         crate::metrics::metrics().iggy_forward_seconds.observe(started.elapsed().as_secs_f64());
-        self.ends().sent(topic, partition);
         Ok(())
     }
 
@@ -244,10 +246,11 @@ impl Remote {
             connect_signed_in(poller, &self.settings).await?;
         }
         for (client, ready) in &self.direct {
-            // Under its lock: a `connect` while another is under way answers at once.
-            let mut ready = ready.lock().await;
-            connect_signed_in(client, &self.settings).await?;
-            *ready = true;
+            // Ready before the outbox's first send; a failure here is the outbox's to retry
+            // (it does not hold up the spool's lanes).
+            if let Err(error) = self.signed_in(client, ready).await {
+                tracing::debug!(%error, "connecting the outbox's connection to Iggy failed; retried on its next send");
+            }
         }
         if self.client.get_stream(&self.stream).await?.is_none() {
             match self.client.create_stream(&self.settings.stream).await {

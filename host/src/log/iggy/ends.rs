@@ -49,6 +49,16 @@ impl Ends {
         moved
     }
 
+    /// Record an end learnt from a poll that found nothing at `end`, when none is known
+    /// and the partition was not sent to since `generation`. A known end is never lowered
+    /// by this: a poll's answer can arrive after the tailer read a later end.
+    pub(super) fn learn(&mut self, topic: &str, partition: u32, end: u64, generation: u64) {
+        let entry = self.entry(topic, partition);
+        if entry.1 == generation && entry.0.is_none() {
+            entry.0 = Some(end);
+        }
+    }
+
     /// True when the partition is known to end at or before `from`.
     pub(super) fn nothing_from(&self, topic: &str, partition: u32, from: u64) -> bool {
         self.get(topic, partition).is_some_and(|(end, _)| end.is_some_and(|e| e <= from))
@@ -74,5 +84,22 @@ mod tests {
         assert!(!ends.nothing_from("t", 1, 5) && !ends.nothing_from("u", 0, 5), "other partitions and topics unknown");
         ends.sent("t", 0);
         assert!(!ends.nothing_from("t", 0, 1), "a send makes it unknown again");
+    }
+
+    #[test]
+    fn a_poll_that_found_nothing_teaches_an_unknown_end_and_never_lowers_a_known_one() {
+        let mut ends = Ends::default();
+        let generation = ends.generation("t", 0);
+        ends.learn("t", 0, 4, generation);
+        assert!(ends.nothing_from("t", 0, 4), "learnt: polls from 4 need not ask Iggy");
+        // The tailer read a later end; a poll's late answer must not take it back.
+        assert!(ends.read("t", 0, 9, generation));
+        ends.learn("t", 0, 4, generation);
+        assert!(!ends.nothing_from("t", 0, 4), "still ends at 9");
+        // A send since the poll began: what it found says nothing of now.
+        let before = ends.generation("t", 1);
+        ends.sent("t", 1);
+        ends.learn("t", 1, 0, before);
+        assert!(!ends.nothing_from("t", 1, 0));
     }
 }

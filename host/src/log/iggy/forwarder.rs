@@ -29,8 +29,9 @@ use super::spool::{Spool, SpoolEntry};
 use crate::log::{LogError, Unavailable};
 
 /// Spool entries sent per round. A crash between Iggy's acknowledgement and the spool's
-/// cleanup resends at most this many per partition; runners remember at least as many ids
-/// per partition (`SEEN_PRIME`), so the copies are recognised.
+/// cleanup resends at most two rounds per partition (the one being sent, and the one
+/// before whose acknowledgement the acker had not written yet); runners remember more ids
+/// than that per partition (`log::REDELIVERY_WINDOW`), so the copies are recognised.
 pub const FORWARD_BATCH: usize = 512;
 
 /// Payload bytes per request at most (an entry bigger than this goes alone): a round of
@@ -62,6 +63,8 @@ pub(super) struct Forwarder {
     pub(super) lane: usize,
     /// Takes what Iggy acknowledged out of the spool, off this lane's path.
     pub(super) acker: Arc<Acker>,
+    /// Answered when this lane's last round handed to the acker is written.
+    pub(super) unwritten: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     /// Changes when something was spooled or a topic is wanted.
     pub(super) wake: watch::Receiver<u64>,
     /// Counted up when something reached Iggy, to wake the readers.
@@ -321,9 +324,15 @@ impl Forwarder {
         let sent: Vec<u64> = outcomes.iter().flat_map(|o| o.sent.iter().copied()).collect();
         if !sent.is_empty() {
             if acknowledge {
-                // Written by the acker while this lane goes on (and its readers are woken).
+                // Written by the acker while this lane goes on (and its readers are woken),
+                // once the lane's previous round is: at most one round unwritten per lane.
                 self.remote.health.forwarded(sent.len() as u64);
-                self.acker.acknowledged(sent);
+                let previous = self.unwritten.lock().expect("unwritten lock").take();
+                if let Some(written) = previous {
+                    let _ = written.await;
+                }
+                let written = self.acker.acknowledged(sent);
+                *self.unwritten.lock().expect("unwritten lock") = Some(written);
             } else {
                 self.remote.health.up();
             }

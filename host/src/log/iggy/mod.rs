@@ -36,7 +36,7 @@ use self::forwarder::{Forwarder, RESEND_AFTER_LOSS};
 pub use self::settings::IggySettings;
 use self::spool::Spool;
 use super::group_commit::GroupCommit;
-use super::{AppendItem, Appended, EventLog, LogError, Record};
+use super::{AppendItem, Appended, EventLog, LogError, Record, Unforwarded};
 
 pub struct IggyLog {
     remote: Arc<Remote>,
@@ -78,6 +78,7 @@ impl IggyLog {
                     spool: spool.clone(),
                     lane,
                     acker: acker.clone(),
+                    unwritten: Default::default(),
                     wake: forward.subscribe(),
                     changes: changes_tx.clone(),
                     refused: Arc::clone(&refused),
@@ -127,12 +128,15 @@ impl EventLog for IggyLog {
     }
 
     /// Straight to Iggy, not through the spool (see `direct`).
-    async fn forward(&self, items: Vec<AppendItem>) -> Result<(), LogError> {
-        let count = items.len() as u64;
-        self.remote.forward_direct(items).await?;
-        self.remote.health.forwarded(count);
-        self.changes_tx.send_modify(|n| *n += 1);
-        Ok(())
+    async fn forward(&self, items: Vec<AppendItem>) -> Result<(), Unforwarded> {
+        let count = items.len();
+        let forwarded = self.remote.forward_direct(items).await;
+        let taken = forwarded.as_ref().map_or_else(|u| u.taken.len(), |()| count);
+        if taken > 0 {
+            self.remote.health.forwarded(taken as u64);
+            self.changes_tx.send_modify(|n| *n += 1);
+        }
+        forwarded
     }
 
     fn losses(&self) -> u64 {

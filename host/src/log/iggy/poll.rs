@@ -50,7 +50,7 @@ impl Remote {
                             // The next polls of a partition with nothing new are answered
                             // here, not by Iggy, until something is sent to it (measured:
                             // every wake-up polled every partition of every reader).
-                            self.ends().read(topic, partition, next, generation);
+                            self.ends().learn(topic, partition, next, generation);
                         }
                         break;
                     };
