@@ -57,8 +57,9 @@ impl Lane {
 
 /// Forward until `stop` is cancelled; `wake` is notified after each commit that adds entries.
 pub async fn forward(store: Arc<Store>, log: Arc<dyn EventLog>, wake: Arc<Notify>, stop: CancellationToken) {
+    let sending = Arc::new(tokio::sync::RwLock::new(()));
     if !log.is_shared() {
-        return forward_lane(Lane::All, &store, log.as_ref(), &wake, &stop).await;
+        return forward_lane(Lane::All, &store, log.as_ref(), &wake, &stop, sending).await;
     }
     let (broadcasts, rest) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     // Every commit wakes both lanes (a `Notify` wakes one waiter; a permit is kept for a
@@ -72,16 +73,26 @@ pub async fn forward(store: Arc<Store>, log: Arc<dyn EventLog>, wake: Arc<Notify
     };
     tokio::select! {
         () = relay => {}
-        () = forward_lane(Lane::Broadcasts, &store, log.as_ref(), &broadcasts, &stop) => {}
-        () = forward_lane(Lane::Rest, &store, log.as_ref(), &rest, &stop) => {}
+        () = forward_lane(Lane::Broadcasts, &store, log.as_ref(), &broadcasts, &stop, sending.clone()) => {}
+        () = forward_lane(Lane::Rest, &store, log.as_ref(), &rest, &stop, sending) => {}
     }
 }
 
-async fn forward_lane(lane: Lane, store: &Arc<Store>, log: &dyn EventLog, wake: &Notify, stop: &CancellationToken) {
-    let mut progress = Progress::default();
+async fn forward_lane(
+    lane: Lane,
+    store: &Arc<Store>,
+    log: &dyn EventLog,
+    wake: &Notify,
+    stop: &CancellationToken,
+    sending: Arc<tokio::sync::RwLock<()>>,
+) {
+    let mut progress = Progress { sending, ..Progress::default() };
     let mut resend = Resend::default();
     while !stop.is_cancelled() {
-        let resent = if lane == Lane::Broadcasts { Ok(()) } else { resend_after_loss(store, log, &mut resend).await };
+        let resent = match lane {
+            Lane::Broadcasts => Ok(()),
+            _ => resend_after_loss(store, log, &mut resend, &progress.sending).await,
+        };
         let forwarded = match resent {
             Ok(()) => round(store, log, lane, &mut progress).await,
             Err(()) => Err(()),
@@ -109,6 +120,10 @@ struct Progress {
     /// Where the next peek starts: every entry before it was sent, set aside, or is
     /// another lane's (so an idle lane does not read the other's backlog again each round).
     from: u64,
+    /// Shared by the lanes: held (read) from a forward until its entries are cleared into
+    /// the recent ones, and (write) while the recent ones are read to be sent again, so
+    /// that no entry the log just acknowledged is missed by that.
+    sending: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// How often in a row the round starting at `head` was refused.
@@ -123,7 +138,7 @@ struct Refused {
 struct Resend {
     /// The count of losses they were last sent again for.
     resent_for: u64,
-    /// Tries that failed while the log was connected.
+    /// Tries that failed while the log was connected, since the last that worked.
     failures: u32,
 }
 
@@ -138,14 +153,23 @@ async fn blocking<T: Send + 'static>(
 
 /// After each lost connection to a remote log, send the last entries it acknowledged
 /// again, once: a crashed server can come back without the last ones (see
-/// `EventLog::losses`). Readers skip the copies of what they already have. Best effort:
-/// while the log is down it waits, but after `SPLIT_AFTER` failed tries while connected it
-/// gives up (they were acknowledged once), so that nothing new waits behind them for good.
-async fn resend_after_loss(store: &Arc<Store>, log: &dyn EventLog, resend: &mut Resend) -> Result<(), ()> {
+/// `EventLog::losses`). Readers skip the copies of what they already have, if the copies
+/// come soon after (they remember a window of ids): so nothing new goes out before this
+/// is done, and it is best effort. While the log is down it waits; after `SPLIT_AFTER`
+/// tries that failed while it was connected it gives up, for every loss counted by then
+/// (a failed try counts a loss of its own).
+async fn resend_after_loss(
+    store: &Arc<Store>,
+    log: &dyn EventLog,
+    resend: &mut Resend,
+    sending: &tokio::sync::RwLock<()>,
+) -> Result<(), ()> {
     let losses = log.losses();
     if losses == resend.resent_for {
         return Ok(());
     }
+    // No lane between a forward and its clear: what the log acknowledged last is read.
+    let _sending = sending.write().await;
     let recent = blocking(store, |s| s.outbox_recent())
         .await
         .map_err(|error| tracing::error!(%error, "reading the outbox's recent entries failed"))?;
@@ -154,6 +178,7 @@ async fn resend_after_loss(store: &Arc<Store>, log: &dyn EventLog, resend: &mut 
             entries = recent.len(),
             "the connection to the log was lost: sending the outbox's last acknowledged entries again"
         );
+        let connected = log.readiness().connected;
         match log.forward(recent).await {
             Ok(()) => {}
             // Acknowledged once already: nothing is lost by not sending them again.
@@ -161,14 +186,14 @@ async fn resend_after_loss(store: &Arc<Store>, log: &dyn EventLog, resend: &mut 
                 tracing::warn!(%error, "the log refused entries it had acknowledged before; not sending them again");
             }
             Err(Unforwarded { error, .. }) => {
-                if log.readiness().connected {
-                    resend.failures += 1;
-                }
+                resend.failures += u32::from(connected);
                 if resend.failures < SPLIT_AFTER {
                     tracing::debug!(%error, "sending the outbox's recent entries again failed; retrying");
                     return Err(());
                 }
                 tracing::warn!(%error, "sending the outbox's recent entries again failed {SPLIT_AFTER} times; going on without");
+                *resend = Resend { resent_for: log.losses(), failures: 0 };
+                return Ok(());
             }
         }
     }
@@ -191,7 +216,9 @@ async fn round(store: &Arc<Store>, log: &dyn EventLog, lane: Lane, progress: &mu
     };
     if entries.is_empty() {
         progress.from = next_from;
-        return Ok(false);
+        // Another lane's entries only: look on from there at once (the look stopped at
+        // `SCAN` entries, or reached the end and the next one says so).
+        return Ok(scanned_to.is_some());
     }
     let mut items = Vec::with_capacity(entries.len());
     let mut seqs = Vec::with_capacity(entries.len());
@@ -209,6 +236,8 @@ async fn round(store: &Arc<Store>, log: &dyn EventLog, lane: Lane, progress: &mu
         return Ok(true);
     }
     let head = seqs[0];
+    let sending = progress.sending.clone();
+    let _sending = sending.read().await;
     let refused = &mut progress.refused;
     if refused.head == head && refused.times >= SPLIT_AFTER {
         one_by_one(store, log, seqs.into_iter().zip(items).collect()).await?;
@@ -487,12 +516,12 @@ mod tests {
         assert_eq!(sent.load(Ordering::Relaxed), 2);
 
         let mut resend = Resend::default();
-        resend_after_loss(&store, &log, &mut resend).await.unwrap();
+        resend_after_loss(&store, &log, &mut resend, &Default::default()).await.unwrap();
         assert_eq!(sent.load(Ordering::Relaxed), 2, "no loss, nothing sent again");
         log.losses.store(1, Ordering::Relaxed);
-        resend_after_loss(&store, &log, &mut resend).await.unwrap();
+        resend_after_loss(&store, &log, &mut resend, &Default::default()).await.unwrap();
         assert_eq!(sent.load(Ordering::Relaxed), 4, "both sent again after the loss");
-        resend_after_loss(&store, &log, &mut resend).await.unwrap();
+        resend_after_loss(&store, &log, &mut resend, &Default::default()).await.unwrap();
         assert_eq!(sent.load(Ordering::Relaxed), 4, "once per loss");
 
         // A local log keeps nothing to send again.
@@ -503,6 +532,39 @@ mod tests {
         local_store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
         assert!(round(&local_store, &local, Lane::All, &mut Progress::default()).await.unwrap());
         assert!(local_store.outbox_recent().unwrap().is_empty());
+    }
+
+    /// A resend that keeps failing while the log is connected is given up after
+    /// `SPLIT_AFTER` tries: new output must not wait behind it for good.
+    #[tokio::test]
+    async fn a_resend_that_keeps_failing_is_given_up_and_new_output_goes_on() {
+        use std::sync::atomic::AtomicBool;
+
+        use crate::log::failing::SharedFailing;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
+        let failing = Arc::new(AtomicBool::new(false));
+        let fails = failing.clone();
+        let fail = move |_: &[AppendItem]| {
+            fails.load(Ordering::Relaxed).then(|| LogError::from(Unavailable::NoAnswer(Duration::from_secs(5))))
+        };
+        let log = SharedFailing {
+            inner: Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail },
+            losses: Default::default(),
+        };
+        let outbox = vec![item("out", 0)];
+        store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
+        assert!(round(&store, &log, Lane::Rest, &mut Progress::default()).await.unwrap());
+        log.losses.store(1, Ordering::Relaxed);
+        failing.store(true, Ordering::Relaxed);
+        let (mut resend, sending) = (Resend::default(), tokio::sync::RwLock::new(()));
+        for _ in 1..SPLIT_AFTER {
+            assert!(resend_after_loss(&store, &log, &mut resend, &sending).await.is_err(), "tried again");
+        }
+        assert!(resend_after_loss(&store, &log, &mut resend, &sending).await.is_ok(), "then given up");
+        assert_eq!(resend.resent_for, 1);
+        assert!(resend_after_loss(&store, &log, &mut resend, &sending).await.is_ok(), "and not tried again");
     }
 
     #[test]

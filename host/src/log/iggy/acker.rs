@@ -31,6 +31,9 @@ const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 pub(super) struct Acker {
     in_flight: Arc<Mutex<HashSet<u64>>>,
     requests: mpsc::Sender<Request>,
+    /// Written here directly if the thread is gone (it never should be): entries left in
+    /// the spool would be sent again round after round.
+    spool: Arc<Spool>,
 }
 
 impl Acker {
@@ -39,12 +42,12 @@ impl Acker {
     pub(super) fn start(spool: Arc<Spool>) -> Result<Acker, LogError> {
         let (requests, queue) = mpsc::channel();
         let in_flight: Arc<Mutex<HashSet<u64>>> = Arc::default();
-        let writing = in_flight.clone();
+        let (writing, written) = (in_flight.clone(), spool.clone());
         std::thread::Builder::new()
             .name("owlery-spool-acker".into())
-            .spawn(move || write_loop(&spool, &queue, &writing))
+            .spawn(move || write_loop(&written, &queue, &writing))
             .map_err(|source| StorageError::Thread { thread: "spool acker", source })?;
-        Ok(Acker { in_flight, requests })
+        Ok(Acker { in_flight, requests, spool })
     }
 
     /// Iggy acknowledged these spool entries: they leave the spool soon. Answers once they
@@ -58,14 +61,19 @@ impl Acker {
             return written;
         }
         self.lock().extend(seqs.iter().copied());
-        if let Err(mpsc::SendError(Request::Acknowledge(seqs, _))) =
+        if let Err(mpsc::SendError(Request::Acknowledge(seqs, reply))) =
             self.requests.send(Request::Acknowledge(seqs, reply))
         {
-            // No writer (the log is closing): they stay in the spool and are sent again.
+            // No writer thread: written here (one durable write, on a path that should
+            // never run); if even that fails they stay in the spool and are sent again.
+            if let Err(error) = self.spool.acknowledged(&seqs) {
+                tracing::error!(%error, "taking acknowledged entries out of the spool failed");
+            }
             let mut in_flight = self.lock();
             for seq in &seqs {
                 in_flight.remove(seq);
             }
+            let _ = reply.send(());
         }
         written
     }

@@ -42,6 +42,12 @@ impl Health {
         !std::mem::replace(&mut self.state().connected, true)
     }
 
+    /// Iggy acknowledged `count` more forwarded events, but the request that followed
+    /// failed: counted, without saying the connection is up.
+    pub(super) fn counted(&self, count: u64) {
+        self.state().forwarded += count;
+    }
+
     /// Iggy acknowledged `count` more forwarded events.
     pub(super) fn forwarded(&self, count: u64) {
         let mut state = self.state();
