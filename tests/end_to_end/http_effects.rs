@@ -391,8 +391,11 @@ async fn a_slow_receiver_holds_up_no_plugin_and_gets_at_most_the_limit_at_once()
     host.caught_up("alerts").await;
     let status = host.plugin("alerts").await;
     assert_eq!(status["processed"], 100, "every event handled while the receiver is busy: {status}");
-    let pending = status["http"]["pending"].as_u64().unwrap();
-    assert!(pending >= 90, "the requests wait for the receiver, not the plugin: {status}");
+    // Taken in from the log a moment after the plugin committed them (the outbox, then the
+    // requests topic's reader, run on their own): waited for, since under a full test run
+    // that moment was seen to be longer than one status read.
+    let http = http_status(&host, |h| h["pending"].as_u64().is_some_and(|p| p >= 90)).await;
+    assert_eq!(http["delivered"], 0, "the requests wait for the receiver, not the plugin: {http}");
     receiver.until("the first requests", |g| g.len() >= 4).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, most) = *receiver.in_flight.lock().unwrap();
