@@ -1,9 +1,10 @@
 //! The outbox forwarder: appends what plugins committed for the log (their publishes, dead
 //! letters, and on a shared log their broadcasts) to the log in order (on a shared log, two
-//! lanes: broadcasts, and the rest, each in order), then drops it from the store. A crash in between appends the same entries again with the same ids: the embedded
-//! log accepts them once; on Iggy, where they go straight to the server (`EventLog::forward`,
-//! not through the spool), readers skip the copies by event id. After a lost connection to
-//! Iggy the last entries it acknowledged are sent again (a crashed Iggy can lose them).
+//! lanes: broadcasts, and the rest, each in order), then drops it from the store. A crash in
+//! between appends the same entries again with the same ids: the embedded log accepts them
+//! once; on Iggy, where they go straight to the server (`EventLog::forward`, not through the
+//! spool), readers skip the copies by event id. After a lost connection to Iggy the last
+//! entries it acknowledged are sent again (a crashed Iggy can lose them).
 //!
 //! Nothing in the outbox can stop it for good: an entry that cannot be read back is set
 //! aside at once, and when the log refuses a round `SPLIT_AFTER` times in a row for a reason
