@@ -350,6 +350,12 @@ mod tests {
         StorageError::Group(Arc::new(commit)).into()
     }
 
+    /// A test log in `dir/log`, local or standing for a shared one.
+    fn log_in<F>(dir: &std::path::Path, fail: F, shared: bool) -> Failing<F> {
+        let log = EmbeddedLog::open(&dir.join("log"), 1).unwrap();
+        if shared { Failing::shared(log, fail) } else { Failing::local(log, fail) }
+    }
+
     fn item(topic: &str, n: u64) -> AppendItem {
         let envelope = Envelope::from_bytes(
             serde_json::json!({"eventId": uuid::Uuid::new_v4(), "eventType": "a.b", "timestamp": "2026-01-01T00:00:00Z",
@@ -365,7 +371,7 @@ mod tests {
     async fn an_entry_the_log_refuses_every_time_is_set_aside_and_the_rest_go_out() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
-        let log = Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail: refusing };
+        let log = log_in(dir.path(), refusing, false);
         let outbox = vec![item("out", 0), item("refused", 1), item("out", 2)];
         store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
 
@@ -391,7 +397,7 @@ mod tests {
             let failing = left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
             failing.then(disk_full)
         };
-        let log = Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail };
+        let log = log_in(dir.path(), fail, false);
         let outbox = vec![item("out", 0), item("out", 1), item("out", 2)];
         store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
 
@@ -420,8 +426,6 @@ mod tests {
         use std::sync::atomic::AtomicBool;
 
         use crate::fanout::FANOUT_TOPIC;
-        use crate::log::failing::SharedFailing;
-
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
         let stuck = Arc::new(AtomicBool::new(true));
@@ -430,10 +434,7 @@ mod tests {
             (failing.load(Ordering::Relaxed) && items.iter().any(|i| i.topic == "stuck"))
                 .then(|| LogError::from(Unavailable::NoAnswer(Duration::from_secs(5))))
         };
-        let log = SharedFailing {
-            inner: Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail },
-            losses: Default::default(),
-        };
+        let log = log_in(dir.path(), fail, true);
         let outbox = vec![item("stuck", 0), item(FANOUT_TOPIC, 1), item(FANOUT_TOPIC, 2)];
         store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
 
@@ -455,8 +456,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn broadcasts_behind_a_stuck_backlog_longer_than_one_scan_still_go_out() {
         use crate::fanout::FANOUT_TOPIC;
-        use crate::log::failing::SharedFailing;
-
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
         let fail = |items: &[AppendItem]| {
@@ -465,10 +464,7 @@ mod tests {
                 .any(|i| i.topic == "stuck")
                 .then(|| LogError::from(Unavailable::NoAnswer(Duration::from_secs(5))))
         };
-        let log: Arc<dyn EventLog> = Arc::new(SharedFailing {
-            inner: Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail },
-            losses: Default::default(),
-        });
+        let log: Arc<dyn EventLog> = Arc::new(log_in(dir.path(), fail, true));
         log.ensure_topics(&[FANOUT_TOPIC.to_owned(), "stuck".to_owned()]).await.unwrap();
         let backlog: Vec<AppendItem> = (0..9000).map(|n| item("stuck", n)).collect();
         store.commit_batch("p", &BatchCommit { outbox: backlog, ..BatchCommit::default() }, |_| {}).unwrap();
@@ -493,8 +489,6 @@ mod tests {
     async fn after_a_lost_connection_the_last_acknowledged_entries_are_sent_again_once() {
         use std::sync::atomic::AtomicUsize;
 
-        use crate::log::failing::SharedFailing;
-
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
         // Counts what is sent (the embedded log under it takes a repeated id once).
@@ -504,10 +498,7 @@ mod tests {
             counting.fetch_add(items.len(), Ordering::Relaxed);
             None
         };
-        let log = SharedFailing {
-            inner: Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail },
-            losses: Default::default(),
-        };
+        let log = log_in(dir.path(), fail, true);
         let outbox = vec![item("out", 0), item("out", 1)];
         store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
         let mut progress = Progress::default();
@@ -519,15 +510,14 @@ mod tests {
         let mut resend = Resend::default();
         resend_after_loss(&store, &log, &mut resend, &Default::default()).await.unwrap();
         assert_eq!(sent.load(Ordering::Relaxed), 2, "no loss, nothing sent again");
-        log.losses.store(1, Ordering::Relaxed);
+        log.losses.as_ref().unwrap().store(1, Ordering::Relaxed);
         resend_after_loss(&store, &log, &mut resend, &Default::default()).await.unwrap();
         assert_eq!(sent.load(Ordering::Relaxed), 4, "both sent again after the loss");
         resend_after_loss(&store, &log, &mut resend, &Default::default()).await.unwrap();
         assert_eq!(sent.load(Ordering::Relaxed), 4, "once per loss");
 
         // A local log keeps nothing to send again.
-        let local =
-            Failing { log: EmbeddedLog::open(&dir.path().join("local"), 1).unwrap(), fail: |_: &[AppendItem]| None };
+        let local = Failing::local(EmbeddedLog::open(&dir.path().join("local"), 1).unwrap(), |_: &[AppendItem]| None);
         let local_store = Arc::new(Store::open(&dir.path().join("local-store"), 100, Duration::ZERO).unwrap());
         let outbox = vec![item("out", 0)];
         local_store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
@@ -541,8 +531,6 @@ mod tests {
     async fn a_resend_that_keeps_failing_is_given_up_and_new_output_goes_on() {
         use std::sync::atomic::AtomicBool;
 
-        use crate::log::failing::SharedFailing;
-
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
         let failing = Arc::new(AtomicBool::new(false));
@@ -550,14 +538,11 @@ mod tests {
         let fail = move |_: &[AppendItem]| {
             fails.load(Ordering::Relaxed).then(|| LogError::from(Unavailable::NoAnswer(Duration::from_secs(5))))
         };
-        let log = SharedFailing {
-            inner: Failing { log: EmbeddedLog::open(&dir.path().join("log"), 1).unwrap(), fail },
-            losses: Default::default(),
-        };
+        let log = log_in(dir.path(), fail, true);
         let outbox = vec![item("out", 0)];
         store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
         assert!(round(&store, &log, Lane::Rest, &mut Progress::default()).await.unwrap());
-        log.losses.store(1, Ordering::Relaxed);
+        log.losses.as_ref().unwrap().store(1, Ordering::Relaxed);
         failing.store(true, Ordering::Relaxed);
         let (mut resend, sending) = (Resend::default(), tokio::sync::RwLock::new(()));
         for _ in 1..SPLIT_AFTER {

@@ -314,7 +314,7 @@ mod tests {
                 StorageError::Topic { topic: "presence-events".into(), reason: "refused for the test".into() }.into()
             })
         };
-        let log = Arc::new(Failing { log: EmbeddedLog::open(dir.path(), 1).unwrap(), fail });
+        let log = Arc::new(Failing::local(EmbeddedLog::open(dir.path(), 1).unwrap(), fail));
         log.ensure_topics(&["presence-events".into()]).await.unwrap();
         let config = PresenceConfig { enabled: true, max_changes_per_minute: 600 };
         let (presence, task) = Presence::start(&config, log.clone(), Arc::new(Routing::default()));

@@ -129,14 +129,20 @@ impl EventLog for IggyLog {
 
     /// Straight to Iggy, not through the spool (see `direct`).
     async fn forward(&self, items: Vec<AppendItem>) -> Result<(), Unforwarded> {
-        let count = items.len() as u64;
+        let count = items.len();
         let forwarded = self.remote.forward_direct(items).await;
-        match &forwarded {
-            Ok(()) => self.remote.health.forwarded(count),
+        let taken = match &forwarded {
+            Ok(()) => {
+                self.remote.health.forwarded(count as u64);
+                count
+            }
             // The failure said whether the connection is down; this must not undo it.
-            Err(unforwarded) => self.remote.health.counted(unforwarded.taken.len() as u64),
-        }
-        if forwarded.as_ref().map_or_else(|u| !u.taken.is_empty(), |()| count > 0) {
+            Err(unforwarded) => {
+                self.remote.health.counted(unforwarded.taken.len() as u64);
+                unforwarded.taken.len()
+            }
+        };
+        if taken > 0 {
             self.changes_tx.send_modify(|n| *n += 1);
         }
         forwarded
