@@ -506,6 +506,42 @@ async fn a_stuck_plugin_answers_its_operations_and_holds_up_nobody() {
     .await;
 }
 
+/// Operators' commands and queries in quick turns on a plugin asleep in `handle`: each
+/// command is answered by a runner that may be waiting or in a call, and no query waits for
+/// the whole call. Seen once in CI: a command answered before its interrupt was raised
+/// ended the next call for nothing, which spent the one interruption a query gets per
+/// batch, and the next query waited for the call's 10 s deadline. A second query in a row
+/// may not end the call either: it answers 504 at its own deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_between_quick_commands_on_a_sleeping_plugin_all_answer_promptly() {
+    let host =
+        Host::with_plugins(&[misbehave("stuck", "", "batch_timeout_ms = 20000\nretries = 0", "mode = \"sleep\"")]);
+    let poisoned = post(&host, ticks(1, &[0])).await.remove(0);
+    let id = poisoned["eventId"].as_str().unwrap().to_owned();
+    logged(&host, &["misbehaving on", &id], Duration::from_secs(10)).await;
+    let base = host.url("/api/plugins/stuck");
+    for round in 0..8 {
+        let operations = [
+            ("POST pause", host.http.post(format!("{base}/pause"))),
+            ("POST resume", host.http.post(format!("{base}/resume"))),
+            ("GET query", host.http.get(format!("{base}/query"))),
+            ("POST replay", host.http.post(format!("{base}/replay")).json(&json!({"from": 0}))),
+            ("GET query", host.http.get(format!("{base}/query"))),
+            ("GET query", host.http.get(format!("{base}/query"))),
+        ];
+        for (what, request) in operations {
+            let answer = send(request, what).await;
+            assert!(answer.took < OPERATION_LIMIT, "round {round}: {what} took {:?}", answer.took);
+            let fine = if what == "GET query" { [200, 504].contains(&answer.status) } else { answer.status < 300 };
+            assert!(fine, "round {round}: {what}: {} {}", answer.status, answer.body);
+            if answer.status == 504 {
+                let error = answer.body["error"].as_str().unwrap_or_default();
+                assert!(error.contains("query_timeout_ms") && error.contains("stuck"), "{}", answer.body);
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_the_host_while_plugins_sleep_in_handle() {
     let limits = "batch_timeout_ms = 60000";

@@ -64,6 +64,7 @@ impl From<PluginError> for ApiError {
             _ if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
             PluginError::NotFound(_) => StatusCode::NOT_FOUND,
             PluginError::NotRunning(_) | PluginError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            PluginError::NoAnswer { .. } => StatusCode::GATEWAY_TIMEOUT,
             PluginError::Failed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             PluginError::NoShadow(_) | PluginError::ShadowBehind { .. } => StatusCode::CONFLICT,
             PluginError::BadManifest(_) => return ApiError::bad_request(e.to_string()).with("field", "manifest"),

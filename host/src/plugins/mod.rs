@@ -52,6 +52,10 @@ pub enum PluginError {
     /// Its `max_queued_queries` queries are waiting already.
     #[error("plugin {0:?} has too many queries waiting; try again later")]
     Busy(String),
+    /// A query not answered within `query_timeout_ms`, waiting for a batch in progress
+    /// included.
+    #[error("plugin {name:?} did not answer the query within {ms} ms (query_timeout_ms)")]
+    NoAnswer { name: String, ms: u128 },
     #[error("the shadow of {name:?} is {lag} events behind; wait until it has caught up or use force")]
     ShadowBehind { name: String, lag: u64 },
 }
@@ -73,7 +77,11 @@ pub enum Failure {
 impl PluginError {
     /// A call into the plugin ran past its deadline.
     pub fn is_timeout(&self) -> bool {
-        matches!(self, PluginError::Failed { cause: Failure::Runner(RunnerError::Call(CallError::Timeout(_))), .. })
+        matches!(
+            self,
+            PluginError::NoAnswer { .. }
+                | PluginError::Failed { cause: Failure::Runner(RunnerError::Call(CallError::Timeout(_))), .. }
+        )
     }
 }
 
@@ -281,10 +289,8 @@ impl Plugins {
             return Ok(Installed::Started);
         };
         let (reply, answer) = oneshot::channel();
-        commands
-            .send(Command::Swap { component, manifest: Box::new(manifest), reply })
+        deliver(&commands, &interrupt, Command::Swap { component, manifest: Box::new(manifest), reply })
             .map_err(|_| PluginError::NotRunning(name.to_owned()))?;
-        interrupt.request(false);
         answer
             .blocking_recv()
             .map_err(|_| PluginError::NotRunning(name.to_owned()))?
@@ -366,10 +372,7 @@ impl Plugins {
         if r.thread.is_none() {
             return Err(PluginError::NotRunning(name.to_owned()));
         }
-        let query = matches!(command, Command::Query { .. });
-        r.commands.send(command).map_err(|_| PluginError::NotRunning(name.to_owned()))?;
-        r.interrupt.request(query);
-        Ok(())
+        deliver(&r.commands, &r.interrupt, command).map_err(|_| PluginError::NotRunning(name.to_owned()))
     }
 
     /// Send the command `make` builds and wait for the runner's answer.
@@ -560,15 +563,20 @@ impl Plugins {
         Ok(snapshot(r))
     }
 
-    /// Run the plugin's `query` with `request` (JSON) on its runner, between batches.
-    /// Ask the plugin's `query`; `Busy` when `max_queued_queries` are already waiting.
+    /// Run the plugin's `query` with `request` (JSON) on its runner, between batches;
+    /// `Busy` when `max_queued_queries` are already waiting, `NoAnswer` when no answer came
+    /// within `query_timeout_ms` (a batch that a query may not end holds the runner: the
+    /// asker is answered at its deadline, and the runner then skips the query).
     pub async fn query(&self, name: &str, request: String) -> Result<String, PluginError> {
-        let slot = {
+        let (slot, timeout) = {
             let running = self.lock();
             let r = running.get(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
-            r.status.query_slot().ok_or_else(|| PluginError::Busy(name.to_owned()))?
+            (r.status.query_slot().ok_or_else(|| PluginError::Busy(name.to_owned()))?, r.status.query_timeout())
         };
-        self.ask(name, |reply| Command::Query { request, reply, slot }).await
+        let asked = self.ask(name, |reply| Command::Query { request, reply, slot });
+        tokio::time::timeout(timeout, asked)
+            .await
+            .unwrap_or_else(|_| Err(PluginError::NoAnswer { name: name.to_owned(), ms: timeout.as_millis() }))
     }
 
     /// Stop every runner and wait for them to finish their batches: all are told first,
@@ -670,12 +678,20 @@ fn stop(r: Running) {
     }
 }
 
+/// Send a command to a runner, counted for its interrupt first (the runner uncounts it when
+/// it takes it); `Err` when the runner is gone.
+fn deliver(commands: &mpsc::UnboundedSender<Command>, interrupt: &Interrupt, command: Command) -> Result<(), ()> {
+    let query = matches!(command, Command::Query { .. });
+    interrupt.request(query);
+    commands.send(command).map_err(|_| interrupt.taken(query))
+}
+
 /// Send `Stop` to a runner (and its shadow's), collecting the threads to wait for.
 fn tell_to_stop(r: Running, threads: &mut Vec<std::thread::JoinHandle<()>>) {
     if let Some(shadow) = r.shadow {
         tell_to_stop(shadow.running, threads);
     }
-    let _ = r.commands.send(Command::Stop);
+    let _ = deliver(&r.commands, &r.interrupt, Command::Stop);
     r.cancel.cancel();
     threads.extend(r.thread);
 }

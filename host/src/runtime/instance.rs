@@ -8,7 +8,7 @@
 //! stopped, as wasmtime's CLI and Spin do, and the instance is then discarded.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -47,13 +47,20 @@ pub struct InstanceContext {
 /// call is made again afterwards). An operator's command (pause, replay, swap...) always
 /// ends it; a query only when the runner allows it (once per batch), so a slow plugin still
 /// makes progress however often it is queried.
+///
+/// Commands are counted, not flagged: counted before they are sent and uncounted when the
+/// runner takes them, so a call is never ended for a command already answered (which would
+/// spend the batch's one query interruption on nothing and leave the next query waiting
+/// for the whole call).
 #[derive(Clone, Default)]
 pub struct Interrupt(Arc<InterruptState>);
 
 #[derive(Default)]
 struct InterruptState {
-    command: AtomicBool,
-    query: AtomicBool,
+    /// Operator's commands counted and not yet taken by the runner.
+    commands: AtomicUsize,
+    /// Queries counted and not yet taken.
+    queries: AtomicUsize,
     /// A `handle` call is running.
     armed: AtomicBool,
     /// ... and a query may end it.
@@ -62,22 +69,30 @@ struct InterruptState {
 }
 
 impl Interrupt {
-    /// A command is waiting (`query`: only a query).
+    fn counter(&self, query: bool) -> &AtomicUsize {
+        if query { &self.0.queries } else { &self.0.commands }
+    }
+
+    /// A command is about to be sent (`query`: a query): counted before it is, so that a
+    /// runner which finds the count but not yet the command waits for it.
     pub fn request(&self, query: bool) {
-        let flag = if query { &self.0.query } else { &self.0.command };
-        flag.store(true, Ordering::Release);
+        self.counter(query).fetch_add(1, Ordering::AcqRel);
         self.0.notify.notify_waiters();
+    }
+
+    /// The runner took a requested command (or it could not be sent after all).
+    pub fn taken(&self, query: bool) {
+        let _ = self.counter(query).fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// Whether an operator's command (not only queries) is waiting.
     pub fn operator_waiting(&self) -> bool {
-        self.0.command.load(Ordering::Acquire)
+        self.0.commands.load(Ordering::Acquire) > 0
     }
 
-    /// The waiting commands are being handled.
-    pub fn clear(&self) {
-        self.0.command.store(false, Ordering::Release);
-        self.0.query.store(false, Ordering::Release);
+    /// Whether any requested command has not been taken yet.
+    pub fn pending(&self) -> bool {
+        self.operator_waiting() || self.0.queries.load(Ordering::Acquire) > 0
     }
 
     /// A `handle` call starts (`for_queries`: a query may end it too) or ends (`None`).
@@ -89,8 +104,8 @@ impl Interrupt {
     fn due(&self) -> bool {
         let s = &self.0;
         s.armed.load(Ordering::Acquire)
-            && (s.command.load(Ordering::Acquire)
-                || (s.for_queries.load(Ordering::Acquire) && s.query.load(Ordering::Acquire)))
+            && (s.commands.load(Ordering::Acquire) > 0
+                || (s.for_queries.load(Ordering::Acquire) && s.queries.load(Ordering::Acquire) > 0))
     }
 
     /// Resolves when the call should end; never while disarmed.
@@ -240,5 +255,45 @@ impl Instance {
         let result = bounded(&self.tokio, (&self.cancel, &self.interrupt), timeout, guest(plugin, store));
         let effects = self.store.data_mut().finish();
         result?.map(|answer| (answer, effects)).map_err(|e| CallError::trap(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Interrupt;
+
+    #[test]
+    fn a_command_taken_ends_no_later_call() {
+        let interrupt = Interrupt::default();
+        // Taken by a runner that was waiting (not in a call), then a call starts: it must
+        // run, not end at once for a command already answered.
+        interrupt.request(false);
+        interrupt.taken(false);
+        interrupt.request(true);
+        interrupt.taken(true);
+        interrupt.arm(Some(true));
+        assert!(!interrupt.due() && !interrupt.pending());
+        // A stray `taken` (a send that failed twice over) never makes the count wrap.
+        interrupt.taken(false);
+        interrupt.request(false);
+        assert!(interrupt.due() && interrupt.operator_waiting());
+    }
+
+    #[test]
+    fn a_query_ends_only_a_call_armed_for_queries_and_an_operator_any_armed_call() {
+        let interrupt = Interrupt::default();
+        interrupt.request(true);
+        assert!(interrupt.pending() && !interrupt.operator_waiting());
+        assert!(!interrupt.due(), "not armed: nothing to end");
+        interrupt.arm(Some(false));
+        assert!(!interrupt.due(), "this call runs to its end for queries");
+        interrupt.arm(Some(true));
+        assert!(interrupt.due());
+        interrupt.taken(true);
+        interrupt.arm(Some(false));
+        interrupt.request(false);
+        assert!(interrupt.due(), "an operator's command ends any call");
+        interrupt.arm(None);
+        assert!(!interrupt.due() && interrupt.pending());
     }
 }

@@ -272,7 +272,7 @@ impl Runner {
     }
 
     fn start(&mut self) -> Result<(), RunnerError> {
-        self.status.set_max_queries(self.version.manifest.limits.max_queued_queries);
+        self.status.set_query_limits(&self.version.manifest.limits);
         if self.mode == Mode::Shadow {
             self.deps.store.reset_plugin(&self.namespace)?;
         }
@@ -374,26 +374,40 @@ impl Runner {
         }
     }
 
-    /// Act on every command waiting; `Break` if one of them was to stop.
+    /// Act on every command waiting, including one counted and not sent yet (its sender is
+    /// between the two: it comes at once); `Break` if one of them was to stop.
     fn drain_commands(&mut self) -> ControlFlow<()> {
-        self.interrupt.clear();
         let mut flow = ControlFlow::Continue(());
-        while let Ok(command) = self.commands.try_recv() {
+        loop {
+            let command = match self.commands.try_recv() {
+                Ok(command) => command,
+                Err(mpsc::error::TryRecvError::Empty) if self.interrupt.pending() => {
+                    match self.commands.blocking_recv() {
+                        Some(command) => command,
+                        None => return ControlFlow::Break(()),
+                    }
+                }
+                Err(_) => return flow,
+            };
             if self.command(command).is_break() {
                 flow = ControlFlow::Break(());
             }
         }
-        flow
     }
 
     fn command(&mut self, command: Command) -> ControlFlow<()> {
-        if !matches!(command, Command::Query { .. }) {
+        let query = matches!(command, Command::Query { .. });
+        self.interrupt.taken(query);
+        if !query {
             self.interruptible = true;
         }
         match command {
             Command::Stop => return ControlFlow::Break(()),
             Command::Query { request, reply, slot } => {
-                let _ = reply.send(self.query(&request));
+                // An asker past its deadline has gone: its query is not run.
+                if !reply.is_closed() {
+                    let _ = reply.send(self.query(&request));
+                }
                 drop(slot);
             }
             Command::Pause(reply) => {

@@ -2,13 +2,14 @@
 //! between the runner thread, which writes it, and the registry, which reads it; and the
 //! metrics the runner keeps in it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::offsets::Offsets;
+use crate::plugins::manifest::Limits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -102,6 +103,8 @@ pub struct SharedStatus(Arc<Mutex<PluginStatus>>, Arc<QueryGate>);
 pub struct QueryGate {
     waiting: AtomicUsize,
     max: AtomicUsize,
+    /// `query_timeout_ms`: how long an asker waits for the answer, queueing included.
+    timeout_ms: AtomicU64,
 }
 
 /// One query's place at the gate, given up when dropped (with the query's command).
@@ -115,7 +118,11 @@ impl Drop for QuerySlot {
 
 impl SharedStatus {
     pub fn new(status: PluginStatus) -> Self {
-        let gate = QueryGate { waiting: AtomicUsize::new(0), max: AtomicUsize::new(usize::MAX) };
+        let gate = QueryGate {
+            waiting: AtomicUsize::new(0),
+            max: AtomicUsize::new(usize::MAX),
+            timeout_ms: AtomicU64::new(u64::MAX),
+        };
         SharedStatus(Arc::new(Mutex::new(status)), Arc::new(gate))
     }
 
@@ -127,8 +134,15 @@ impl SharedStatus {
         Some(QuerySlot(gate.clone()))
     }
 
-    pub fn set_max_queries(&self, max: usize) {
-        self.1.max.store(max, Ordering::Release);
+    /// The version's `max_queued_queries` and `query_timeout_ms`.
+    pub fn set_query_limits(&self, limits: &Limits) {
+        self.1.max.store(limits.max_queued_queries, Ordering::Release);
+        self.1.timeout_ms.store(limits.query_timeout_ms, Ordering::Release);
+    }
+
+    /// How long a query's asker waits for its answer, a batch in progress included.
+    pub fn query_timeout(&self) -> Duration {
+        Duration::from_millis(self.1.timeout_ms.load(Ordering::Acquire))
     }
 
     pub fn snapshot(&self) -> PluginStatus {

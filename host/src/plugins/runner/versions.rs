@@ -89,7 +89,7 @@ impl Runner {
     }
 
     fn show_version(&self) {
-        self.status.set_max_queries(self.version.manifest.limits.max_queued_queries);
+        self.status.set_query_limits(&self.version.manifest.limits);
         let hash = self.version.component.hash.clone();
         self.status.update(|s| {
             s.version = hash;
