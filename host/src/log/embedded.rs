@@ -12,7 +12,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
 use super::dedup::{Ids, SeenIds};
-use super::group_commit::GroupCommit;
+use super::group_commit::{Appends, GroupCommit};
 use super::{AppendItem, Appended, EventLog, LogError, Record, StorageError, partition_for};
 
 /// topic → number of partitions
@@ -47,11 +47,14 @@ impl EmbeddedLog {
         let (changes_tx, changes) = watch::channel(0);
         let writer_db = db.clone();
         let partitions = default_partitions.max(1);
-        let writer = GroupCommit::start("log writer", move |group: &[Vec<AppendItem>]| {
-            let results = commit_group(&writer_db, group, partitions)?;
-            changes_tx.send_modify(|n| *n += 1);
-            Ok(results)
-        })?;
+        let writer = GroupCommit::start(
+            "log writer",
+            Appends(move |group: &[Vec<AppendItem>]| {
+                let results = commit_group(&writer_db, group, partitions)?;
+                changes_tx.send_modify(|n| *n += 1);
+                Ok(results)
+            }),
+        )?;
         Ok(EmbeddedLog { db, writer, changes, default_partitions: partitions })
     }
 }

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use iggy::prelude::StreamClient;
 use tokio::sync::watch;
 
-use self::acker::Acker;
+use self::acker::{Acker, SpoolRequest, SpoolWriter};
 use self::client::{REQUEST_TIMEOUT, Remote, SEND_CONNECTIONS, answered};
 use self::consumer_offsets::ConsumerOffsets;
 pub use self::forwarder::FORWARD_BATCH;
@@ -49,7 +49,9 @@ pub struct IggyLog {
     changes: watch::Receiver<u64>,
     consumer_offsets: Arc<ConsumerOffsets>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    writer: GroupCommit,
+    /// The spool's one writer: publishes and acknowledgements (the acker holds it weakly,
+    /// so dropping the log stops it).
+    writer: Arc<GroupCommit<SpoolRequest>>,
 }
 
 impl IggyLog {
@@ -60,17 +62,18 @@ impl IggyLog {
         let remote = Arc::new(Remote::new(settings)?);
         let (changes_tx, changes) = watch::channel(0);
         let (forward, _) = watch::channel(0u64);
-        let writer = {
-            let (spool, remote, forward) = (spool.clone(), remote.clone(), forward.clone());
-            GroupCommit::start("spool writer", move |group: &[Vec<AppendItem>]| {
-                let accepted = spool.accept(group, |topic| remote.plan_topic(topic), remote.settings.dedup_window)?;
-                forward.send_modify(|n| *n += 1);
-                Ok(accepted)
-            })?
-        };
+        let planner = remote.clone();
+        let writer = SpoolWriter::new(
+            spool.clone(),
+            move |topic| planner.plan_topic(topic),
+            remote.settings.dedup_window,
+            forward.clone(),
+        );
+        let in_flight = writer.in_flight().clone();
+        let writer = Arc::new(GroupCommit::start("spool writer", writer)?);
         let consumer_offsets = Arc::new(ConsumerOffsets::default());
         let refused = Arc::default();
-        let acker = Arc::new(Acker::start(spool.clone())?);
+        let acker = Arc::new(Acker::new(&in_flight, &writer, spool.clone()));
         let mut tasks: Vec<_> = (0..SEND_CONNECTIONS)
             .map(|lane| {
                 let forwarder = Forwarder {

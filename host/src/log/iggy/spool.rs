@@ -70,20 +70,52 @@ impl Spool {
         Ok(Spool { db, keep_recent })
     }
 
-    /// One durable transaction for a group of publish requests: dedup, spool, window
-    /// upkeep. `partitions` says how many partitions a topic has (or will get).
+    /// One durable transaction for a group of publish requests (dedup, spool, window
+    /// upkeep) and the acknowledgements that came with them (see `acknowledged`): one
+    /// fsync for both. `partitions` says how many partitions a topic has (or will get).
+    pub(super) fn write(
+        &self,
+        group: &[Vec<AppendItem>],
+        acknowledged: &[u64],
+        partitions: impl Fn(&str) -> u32,
+        dedup_window: u64,
+    ) -> Result<Vec<Vec<Appended>>, LogError> {
+        if group.is_empty() && acknowledged.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_write()?;
+        let results =
+            if group.is_empty() { Vec::new() } else { self.accept_in(&txn, group, partitions, dedup_window)? };
+        if !acknowledged.is_empty() {
+            self.acknowledge_in(&txn, acknowledged)?;
+        }
+        txn.commit()?;
+        Ok(results)
+    }
+
+    /// Publish requests only (`write` with no acknowledgements).
+    #[cfg(test)]
     pub(super) fn accept(
         &self,
         group: &[Vec<AppendItem>],
         partitions: impl Fn(&str) -> u32,
         dedup_window: u64,
     ) -> Result<Vec<Vec<Appended>>, LogError> {
-        let txn = self.db.begin_write()?;
-        let results = {
+        self.write(group, &[], partitions, dedup_window)
+    }
+
+    fn accept_in(
+        &self,
+        txn: &redb::WriteTransaction,
+        group: &[Vec<AppendItem>],
+        partitions: impl Fn(&str) -> u32,
+        dedup_window: u64,
+    ) -> Result<Vec<Vec<Appended>>, LogError> {
+        Ok({
             let mut table = txn.open_table(SPOOL)?;
             let mut meta = txn.open_table(META)?;
             let mut next = meta.get("next")?.map_or(0, |v| v.value());
-            let mut seen = SeenIds::windowed(&txn, IDS, IDS_BY_SEQ)?;
+            let mut seen = SeenIds::windowed(txn, IDS, IDS_BY_SEQ)?;
             let results = seen.append_each(group, false, |item| {
                 let partition = partition_for(&item.key, partitions(&item.topic));
                 let entry = SpoolEntry {
@@ -101,9 +133,7 @@ impl Spool {
                 seen.forget_before(cut)?;
             }
             results
-        };
-        txn.commit()?;
-        Ok(results)
+        })
     }
 
     /// The oldest `max` entries waiting to be forwarded that `wanted` picks by sequence and
@@ -171,9 +201,13 @@ impl Spool {
         Ok(txn.commit()?)
     }
 
-    /// Iggy acknowledged these: out of the spool, into the recently forwarded entries.
+    /// Iggy acknowledged these: out of the spool, into the recently forwarded entries (in
+    /// a transaction of their own; the writer thread puts them in its next `write`).
     pub(super) fn acknowledged(&self, seqs: &[u64]) -> Result<(), LogError> {
-        let txn = self.db.begin_write()?;
+        self.write(&[], seqs, |_| 1, u64::MAX).map(drop)
+    }
+
+    fn acknowledge_in(&self, txn: &redb::WriteTransaction, seqs: &[u64]) -> Result<(), LogError> {
         {
             let mut table = txn.open_table(SPOOL)?;
             let mut recent = txn.open_table(RECENT)?;
@@ -194,7 +228,7 @@ impl Spool {
                 }
             }
         }
-        Ok(txn.commit()?)
+        Ok(())
     }
 
     /// Entries waiting to be forwarded (0 if the spool cannot be read).
