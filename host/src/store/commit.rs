@@ -69,7 +69,12 @@ impl Store {
                 super::outbox::push(&txn, &mut meta, &mut batch.outbox.iter().chain(&outbox))?;
             }
         }
-        txn.commit()?;
+        // Durable: syncs every outbox removal committed before it (see `outbox_remove`).
+        let unsynced = self.unsynced_removals.swap(0, std::sync::atomic::Ordering::AcqRel);
+        if let Err(error) = txn.commit() {
+            self.unsynced_removals.fetch_add(unsynced, std::sync::atomic::Ordering::AcqRel);
+            return Err(error.into());
+        }
         committed(fanout);
         Ok(())
     }

@@ -84,6 +84,9 @@ pub struct Store {
     /// With a shared fan-out log (see `share_fanout`): how a broadcast becomes the outbox
     /// entry that carries it there; the fan-out table then mirrors that log.
     shared: Option<BroadcastEncoder>,
+    /// Outbox entries removed by commits not synced to disk yet (see `outbox_remove`);
+    /// changed only under the write lock.
+    unsynced_removals: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -123,6 +126,7 @@ impl Store {
             fanout_retention: fanout_retention.max(1),
             fanout_max_age_ms: fanout_max_age.as_millis() as u64,
             shared: None,
+            unsynced_removals: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

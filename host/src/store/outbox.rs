@@ -110,9 +110,24 @@ impl Store {
     /// Forget the outbox entries `seqs` (they are in the log now); with `keep_recent` (a
     /// remote log), keep the last `RECENT` forgotten, in the order they were (see
     /// `outbox_recent`; the lanes of the outbox forward out of sequence order).
+    ///
+    /// Not synced to disk on its own while fewer than `RECENT` removals are unsynced: the
+    /// next durable commit (a plugin's batch, every few milliseconds under load) syncs
+    /// them. A crash before it forwards those entries again, as a lost connection does
+    /// with the last `RECENT` (readers skip copies by id). Measured on the Iggy path at
+    /// 1,000 events/s: 300 fsyncs a second, a fifth of the host's.
     pub fn outbox_remove(&self, seqs: &[u64], keep_recent: bool) -> Result<(), StoreError> {
         use redb::ReadableTableMetadata;
-        let txn = self.db.begin_write()?;
+        use std::sync::atomic::Ordering;
+        let mut txn = self.db.begin_write()?;
+        // Counted under the write lock (a failed commit leaves the count high: an earlier
+        // sync, never a later one).
+        let unsynced = self.unsynced_removals.load(Ordering::Acquire) + seqs.len() as u64;
+        let durable = unsynced >= RECENT;
+        if !durable {
+            txn.set_durability(redb::Durability::None)?;
+            self.unsynced_removals.store(unsynced, Ordering::Release);
+        }
         {
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut recent = txn.open_table(OUTBOX_RECENT)?;
@@ -132,7 +147,11 @@ impl Store {
                 }
             }
         }
-        Ok(txn.commit()?)
+        txn.commit()?;
+        if durable {
+            self.unsynced_removals.store(0, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// The last entries a remote log acknowledged, in order (see `outbox_remove`);
@@ -280,5 +299,68 @@ mod tests {
         assert!(decode(b"{\"topic\": \"out\"").unwrap_err().starts_with("cannot be read back"));
         let bad_envelope = br#"{"topic": "out", "key": "k", "envelope": {"eventType": 7}}"#;
         assert!(decode(bad_envelope).unwrap_err().starts_with("cannot be read back: envelope:"));
+    }
+
+    /// A host killed while forwarding loses at most `RECENT` removals (those entries go out
+    /// again, as after a lost connection), and any removal is synced by the next plugin
+    /// commit. The kill is real: this test runs itself again as a child that aborts.
+    #[test]
+    fn a_crash_forwards_again_fewer_than_recent_entries_and_a_plugin_commit_syncs_them_all() {
+        const CHILD: &str = "OWLERY_TEST_OUTBOX_CRASH_DIR";
+        const TEST: &str =
+            "store::outbox::tests::a_crash_forwards_again_fewer_than_recent_entries_and_a_plugin_commit_syncs_them_all";
+        if let Ok(dir) = std::env::var(CHILD) {
+            // The child: remove entries one by one (as rounds of one), then die; with a
+            // plugin commit in the middle when asked.
+            let store = Store::open(std::path::Path::new(&dir), 100, Duration::ZERO).unwrap();
+            let seqs: Vec<u64> = store.outbox_peek(0, usize::MAX, |_| true).unwrap().0.iter().map(|p| p.0).collect();
+            let (first, second) = seqs.split_at(300);
+            for seq in first {
+                store.outbox_remove(&[*seq], true).unwrap();
+            }
+            if std::env::var("OWLERY_TEST_OUTBOX_COMMIT").is_ok() {
+                let offsets = vec![("t".to_owned(), 0, 1)];
+                store.commit_batch("p", &BatchCommit { offsets, ..BatchCommit::default() }, |_| {}).unwrap();
+                std::process::abort();
+            }
+            for seq in second {
+                store.outbox_remove(&[*seq], true).unwrap();
+            }
+            std::process::abort();
+        }
+        let entries = 3 * RECENT + 7;
+        for commit_between in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let store = Store::open(dir.path(), 100, Duration::ZERO).unwrap();
+                let items: Vec<AppendItem> = (0..entries)
+                    .map(|n| AppendItem {
+                        topic: "out".into(),
+                        key: n.to_string(),
+                        envelope: envelope(json!({"n": n})),
+                    })
+                    .collect();
+                store.commit_batch("p", &BatchCommit { outbox: items, ..BatchCommit::default() }, |_| {}).unwrap();
+            }
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+            child
+                .args(["--exact", TEST, "--test-threads=1"])
+                .env(CHILD, dir.path())
+                .stdout(std::process::Stdio::null());
+            if commit_between {
+                child.env("OWLERY_TEST_OUTBOX_COMMIT", "1");
+            }
+            let status = child.status().unwrap();
+            assert!(!status.success(), "the child aborts");
+            let store = Store::open(dir.path(), 100, Duration::ZERO).unwrap();
+            let (left, _) = store.outbox_counts().unwrap();
+            if commit_between {
+                assert_eq!(left, entries - 300, "the plugin commit synced all 300 removals before it");
+            } else {
+                let lost = left;
+                assert!(lost < RECENT, "{lost} removals lost: at most {} may be", RECENT - 1);
+                assert!(lost > 0, "removals are not synced one by one");
+            }
+        }
     }
 }

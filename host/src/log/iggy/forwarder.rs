@@ -13,11 +13,14 @@
 //! still refused is set aside (logged, counted in the status, kept in the spool's `aside`
 //! table). Entries spooled for a partition the topic no longer has (another client made it
 //! again with fewer) go to `partition % count`: one key's events still share a partition.
-//! Spool work runs on blocking threads; acknowledgements are written by the `acker`.
+//! Spool work runs on blocking threads; acknowledgements are handed to the `acker`, whose
+//! entries the spool's writer thread writes with the next publishes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 use iggy::prelude::IggyError;
@@ -137,11 +140,46 @@ struct Round {
 }
 
 impl Forwarder {
-    pub(super) async fn run(mut self) {
+    /// Forward until `stop`, which ends the lane between rounds only: a round Iggy may
+    /// have taken always hands its acknowledgement over (written even with the log
+    /// closed), so a log closed and opened again does not send it twice.
+    pub(super) async fn run(mut self, stop: CancellationToken) {
         let mut round = Round { backoff: Duration::from_millis(100), ready: false, resent_for: 0 };
         loop {
-            if !round.ready && !self.connect(&mut round).await {
-                continue;
+            let entries = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                entries = self.next_round(&mut round) => entries,
+            };
+            let Some(entries) = entries else { continue };
+            let pause = match self.send(entries, true).await {
+                Ok(()) | Err(Failure::Stale(_)) => None,
+                // Iggy is up and answering; the refused request is tried again (then split).
+                Err(Failure::Refused { .. }) => Some(REFUSED_PAUSE),
+                Err(Failure::Down(e)) => {
+                    self.remote.health.failed(&e.to_string());
+                    round.ready = false;
+                    Some(round.backoff)
+                }
+            };
+            if round.ready {
+                self.changes.send_modify(|n| *n += 1);
+            }
+            if let Some(pause) = pause {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+
+    /// Connect, resend after a loss, or wait for entries; the entries of the next round to
+    /// send, if any (`None`: look again).
+    async fn next_round(&mut self, round: &mut Round) -> Option<Vec<(u64, SpoolEntry)>> {
+        {
+            if !round.ready && !self.connect(round).await {
+                return None;
             }
             let losses = self.remote.health.losses();
             if losses != round.resent_for {
@@ -150,11 +188,11 @@ impl Forwarder {
                 match self.spool_work(Spool::recent).await {
                     Ok(recent) => {
                         let recent = recent.into_iter().filter(|(_, e)| self.mine(e)).collect();
-                        self.resend(&mut round, recent, losses).await;
+                        self.resend(round, recent, losses).await;
                     }
                     Err(e) => self.spool_unreadable(&e).await,
                 }
-                continue;
+                return None;
             }
             // Marked seen before looking, so that what is spooled while looking wakes it.
             self.wake.borrow_and_update();
@@ -174,7 +212,7 @@ impl Forwarder {
                 Ok(peeked) => peeked,
                 Err(e) => {
                     self.spool_unreadable(&e).await;
-                    continue;
+                    return None;
                 }
             };
             let mut entries = Vec::with_capacity(peeked.len());
@@ -186,25 +224,16 @@ impl Forwarder {
                 }
             }
             if set_aside && entries.is_empty() {
-                continue;
+                return None;
             }
             if entries.is_empty() {
                 tokio::select! {
                     _ = self.wake.changed() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
-                continue;
+                return None;
             }
-            match self.send(entries, true).await {
-                Ok(()) => self.changes.send_modify(|n| *n += 1),
-                // Iggy is up and answering; the refused request is tried again (then split).
-                Err(Failure::Refused { .. }) => {
-                    self.changes.send_modify(|n| *n += 1);
-                    tokio::time::sleep(REFUSED_PAUSE).await;
-                }
-                Err(Failure::Stale(_)) => self.changes.send_modify(|n| *n += 1),
-                Err(Failure::Down(e)) => self.failed(&mut round, &e).await,
-            }
+            Some(entries)
         }
     }
 
