@@ -84,8 +84,8 @@ pub struct Store {
     /// With a shared fan-out log (see `share_fanout`): how a broadcast becomes the outbox
     /// entry that carries it there; the fan-out table then mirrors that log.
     shared: Option<BroadcastEncoder>,
-    /// Outbox entries removed by commits not synced to disk yet (see `outbox_remove`);
-    /// changed only under the write lock.
+    /// Outbox entries removed by commits not synced to disk yet (see `outbox_remove`):
+    /// only added to, or taken whole by a durable commit (and given back if it fails).
     unsynced_removals: std::sync::atomic::AtomicU64,
 }
 

@@ -120,13 +120,12 @@ impl Store {
         use redb::ReadableTableMetadata;
         use std::sync::atomic::Ordering;
         let mut txn = self.db.begin_write()?;
-        // Counted under the write lock (a failed commit leaves the count high: an earlier
-        // sync, never a later one).
-        let unsynced = self.unsynced_removals.load(Ordering::Acquire) + seqs.len() as u64;
-        let durable = unsynced >= RECENT;
+        // Counted under the write lock, and changed only by adding or by taking all of it
+        // before a durable commit (given back if that fails): a count is never lost.
+        let count = seqs.len() as u64;
+        let durable = self.unsynced_removals.load(Ordering::Acquire) + count >= RECENT;
         if !durable {
             txn.set_durability(redb::Durability::None)?;
-            self.unsynced_removals.store(unsynced, Ordering::Release);
         }
         {
             let mut outbox = txn.open_table(OUTBOX)?;
@@ -147,9 +146,16 @@ impl Store {
                 }
             }
         }
-        txn.commit()?;
-        if durable {
-            self.unsynced_removals.store(0, Ordering::Release);
+        let taken = if durable {
+            self.unsynced_removals.swap(0, Ordering::AcqRel)
+        } else {
+            self.unsynced_removals.fetch_add(count, Ordering::AcqRel);
+            0
+        };
+        if let Err(error) = txn.commit() {
+            // Not synced after all: its own removals did not happen, the earlier ones wait.
+            self.unsynced_removals.fetch_add(taken, Ordering::AcqRel);
+            return Err(error.into());
         }
         Ok(())
     }

@@ -133,10 +133,14 @@ impl Writer<SpoolRequest> for SpoolWriter {
             match self.spool.write(&items, &self.unwritten, &self.partitions, self.dedup_window) {
                 Ok(results) => (Ok(()), Ok(results)),
                 Err(error) if self.unwritten.is_empty() => (Ok(()), Err(error)),
-                // The publishes again alone: they must not fail for what the acknowledgements
-                // touch.
+                // Each part alone: neither fails for what the other touches.
                 Err(error) if !items.is_empty() => {
-                    (Err(error), self.spool.write(&items, &[], &self.partitions, self.dedup_window))
+                    let accepted = self.spool.write(&items, &[], &self.partitions, self.dedup_window);
+                    let acknowledged = match accepted {
+                        Ok(_) => Err(error),
+                        Err(_) => self.spool.write(&[], &self.unwritten, &self.partitions, self.dedup_window).map(drop),
+                    };
+                    (acknowledged, accepted)
                 }
                 Err(error) => (Err(error), Ok(Vec::new())),
             };

@@ -267,7 +267,17 @@ impl Remote {
         Ok(())
     }
 
+    /// Make `topic` if missing and learn its partitions; `Unavailable` if Iggy does not
+    /// answer all of it within `REQUEST_TIMEOUT` (a forwarder lane waits for this before
+    /// it may stop).
     pub(super) async fn ensure_topic(&self, topic: &str) -> Result<(), RemoteError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.ensure_topic_now(topic)).await {
+            Ok(result) => result,
+            Err(_) => Err(RemoteError::Log(Unavailable::NoAnswer(REQUEST_TIMEOUT).into())),
+        }
+    }
+
+    async fn ensure_topic_now(&self, topic: &str) -> Result<(), RemoteError> {
         let id = Identifier::named(topic)?;
         if self.client.get_topic(&self.stream, &id).await?.is_none() {
             let created = self

@@ -102,8 +102,9 @@ impl IggyLog {
 }
 
 impl Drop for IggyLog {
-    /// Stop the background tasks (the lanes after the round they are in, at most a request
-    /// timeout); then the writer (a field) finishes what is queued. A lane that finishes
+    /// Stop the background tasks (the lanes after the round they are in, each of its
+    /// requests bounded by the request timeout); then the writer (a field) finishes what
+    /// is queued. A lane that finishes
     /// its round after that writes its acknowledgement itself (see `Acker`).
     fn drop(&mut self) {
         self.stop_lanes.cancel();
