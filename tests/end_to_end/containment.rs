@@ -542,6 +542,25 @@ async fn queries_between_quick_commands_on_a_sleeping_plugin_all_answer_promptly
     }
 }
 
+/// Queries that gave up (504) behind a batch they may not end count no more as waiting:
+/// the next ones wait their own deadline again instead of being turned away with 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_that_gave_up_behind_a_sleeping_batch_leave_room_for_the_next() {
+    let limits = "batch_timeout_ms = 20000\nretries = 0\nquery_timeout_ms = 300\nmax_queued_queries = 1";
+    let host = Host::with_plugins(&[misbehave("stuck", "", limits, "mode = \"sleep\"")]);
+    let poisoned = post(&host, ticks(1, &[0])).await.remove(0);
+    let id = poisoned["eventId"].as_str().unwrap().to_owned();
+    logged(&host, &["misbehaving on", &id], Duration::from_secs(10)).await;
+    // The first query may end the batch's call (once); the batch then runs to its end.
+    let first = get(&host, "/api/plugins/stuck/query").await;
+    assert!([200, 504].contains(&first.status), "{} {}", first.status, first.body);
+    for n in 0..4 {
+        let answer = get(&host, "/api/plugins/stuck/query").await;
+        assert_eq!(answer.status, 504, "query {n}: {}", answer.body);
+        assert!(answer.took < OPERATION_LIMIT, "query {n} took {:?}", answer.took);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_the_host_while_plugins_sleep_in_handle() {
     let limits = "batch_timeout_ms = 60000";

@@ -573,10 +573,14 @@ impl Plugins {
             let r = running.get(name).ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
             (r.status.query_slot().ok_or_else(|| PluginError::Busy(name.to_owned()))?, r.status.query_timeout())
         };
-        let asked = self.ask(name, |reply| Command::Query { request, reply, slot });
-        tokio::time::timeout(timeout, asked)
+        let asked = self.ask(name, |reply| Command::Query { request, reply });
+        let answer = tokio::time::timeout(timeout, asked)
             .await
-            .unwrap_or_else(|_| Err(PluginError::NoAnswer { name: name.to_owned(), ms: timeout.as_millis() }))
+            .unwrap_or_else(|_| Err(PluginError::NoAnswer { name: name.to_owned(), ms: timeout.as_millis() }));
+        // Held by the asker, not the command: one that gave up no longer counts as waiting
+        // (its command, still queued behind a batch, is skipped when the runner gets to it).
+        drop(slot);
+        answer
     }
 
     /// Stop every runner and wait for them to finish their batches: all are told first,

@@ -63,8 +63,6 @@ pub enum Command {
     Query {
         request: String,
         reply: oneshot::Sender<Result<String, RunnerError>>,
-        /// Its place at the plugin's query gate, given up with the command.
-        slot: QuerySlot,
     },
     Pause(Reply),
     Resume(Reply),
@@ -403,12 +401,11 @@ impl Runner {
         }
         match command {
             Command::Stop => return ControlFlow::Break(()),
-            Command::Query { request, reply, slot } => {
+            Command::Query { request, reply } => {
                 // An asker past its deadline has gone: its query is not run.
                 if !reply.is_closed() {
                     let _ = reply.send(self.query(&request));
                 }
-                drop(slot);
             }
             Command::Pause(reply) => {
                 self.lifecycle.pause();

@@ -107,7 +107,7 @@ pub struct QueryGate {
     timeout_ms: AtomicU64,
 }
 
-/// One query's place at the gate, given up when dropped (with the query's command).
+/// One query's place at the gate, given up when its asker is answered or gives up.
 pub struct QuerySlot(Arc<QueryGate>);
 
 impl Drop for QuerySlot {
