@@ -191,8 +191,8 @@ pub(super) struct Acker {
     in_flight: InFlight,
     /// The spool's writer; not kept alive by the acker (the log owns it and stops it).
     writer: Weak<GroupCommit<SpoolRequest>>,
-    /// Written here directly if the writer is gone (it should not be while lanes run):
-    /// entries left in the spool would be sent again round after round.
+    /// Written here directly if the writer is gone (a lane ending its last round after the
+    /// log closed): entries left in the spool would be sent again after a reopen.
     spool: Arc<Spool>,
 }
 
@@ -226,8 +226,8 @@ impl Acker {
         written
     }
 
-    /// No writer thread: written here (one durable write, on a path that should never
-    /// run); if even that fails they stay in the spool and are sent again.
+    /// No writer thread (the log closed): written here, one durable write; if even that
+    /// fails they stay in the spool and are sent again.
     fn write_here(&self, seqs: &[u64]) {
         if let Err(error) = self.spool.acknowledged(seqs) {
             tracing::error!(%error, "taking acknowledged entries out of the spool failed");
