@@ -91,8 +91,18 @@ impl<R: Send + 'static> GroupCommit<R> {
 
     /// Queue `request` for the next group.
     pub(super) fn send(&self, request: R) -> Result<(), LogError> {
-        let requests = self.requests.as_ref().ok_or(Unavailable::Closing)?;
-        requests.send(request).map_err(|_| Unavailable::WriterStopped(self.name).into())
+        self.try_send(request).map_err(|_| match self.requests {
+            None => Unavailable::Closing.into(),
+            Some(_) => Unavailable::WriterStopped(self.name).into(),
+        })
+    }
+
+    /// Queue `request`, or have it back when the writer is gone.
+    pub(super) fn try_send(&self, request: R) -> Result<(), R> {
+        match &self.requests {
+            Some(requests) => requests.send(request).map_err(|mpsc::SendError(request)| request),
+            None => Err(request),
+        }
     }
 
     /// Append `items` in the next group; answers once they are durable (or not written).

@@ -212,16 +212,14 @@ impl Acker {
             return written;
         }
         self.lock().extend(seqs.iter().copied());
-        let Some(writer) = self.writer.upgrade() else {
-            self.write_here(&seqs);
-            let _ = reply.send(());
-            return written;
+        let request = SpoolRequest::Acknowledge(seqs, reply);
+        let unqueued = match self.writer.upgrade() {
+            Some(writer) => writer.try_send(request),
+            None => Err(request),
         };
-        if writer.send(SpoolRequest::Acknowledge(seqs.clone(), reply)).is_err() {
-            let (reply, written) = oneshot::channel();
+        if let Err(SpoolRequest::Acknowledge(seqs, reply)) = unqueued {
             self.write_here(&seqs);
             let _ = reply.send(());
-            return written;
         }
         written
     }

@@ -156,11 +156,7 @@ impl Forwarder {
                 Ok(()) | Err(Failure::Stale(_)) => None,
                 // Iggy is up and answering; the refused request is tried again (then split).
                 Err(Failure::Refused { .. }) => Some(REFUSED_PAUSE),
-                Err(Failure::Down(e)) => {
-                    self.remote.health.failed(&e.to_string());
-                    round.ready = false;
-                    Some(round.backoff)
-                }
+                Err(Failure::Down(e)) => Some(self.down(&mut round, &e)),
             };
             if round.ready {
                 self.changes.send_modify(|n| *n += 1);
@@ -277,14 +273,15 @@ impl Forwarder {
         }
         match self.send(recent, false).await {
             Ok(()) | Err(Failure::Refused { .. } | Failure::Stale(_)) => round.resent_for = losses,
-            Err(Failure::Down(e)) => self.failed(round, &e).await,
+            Err(Failure::Down(e)) => tokio::time::sleep(self.down(round, &e)).await,
         }
     }
 
-    async fn failed(&self, round: &mut Round, error: &RemoteError) {
+    /// The connection failed: say so and connect again; how long to wait first.
+    fn down(&self, round: &mut Round, error: &RemoteError) -> Duration {
         self.remote.health.failed(&error.to_string());
         round.ready = false;
-        tokio::time::sleep(round.backoff).await;
+        round.backoff
     }
 
     async fn spool_unreadable(&self, error: &crate::log::LogError) {
