@@ -37,6 +37,9 @@ pub struct Metrics {
     pub slow_clients_cut: IntCounterVec,
     /// From a spool round's send to Iggy's acknowledgement.
     pub iggy_forward_seconds: Histogram,
+    /// Reads of Iggy's partitions, by what answered them: `iggy`, `kept` (records another
+    /// reader had just read), `end` (known to hold nothing new).
+    pub iggy_polls: IntCounterVec,
     /// Attempts at plugins' HTTP requests, by plugin and outcome (`delivered`, `retried`,
     /// `failed`).
     pub http_requests: IntCounterVec,
@@ -72,6 +75,8 @@ impl Metrics {
         )
         .expect("a valid histogram");
         registry.register(Box::new(iggy_forward_seconds.clone())).expect("registered once");
+        let iggy_polls =
+            counter("owlery_iggy_polls_total", "Reads of Iggy's partitions, by what answered them", &["answered"]);
         let http_requests = counter(
             "owlery_http_request_attempts_total",
             "Attempts at plugins' HTTP requests, by outcome",
@@ -85,6 +90,7 @@ impl Metrics {
             frames_sent,
             slow_clients_cut,
             iggy_forward_seconds,
+            iggy_polls,
             http_requests,
         }
     }

@@ -94,6 +94,15 @@ async fn publish_reaches_plugins_and_websockets_through_iggy() {
         monitoring["topics"]["presence-events"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(presence, 30);
     assert_eq!(monitoring["plugins"]["analytics"]["lag"], 0);
+
+    // The three runners read the same partitions: what one read from Iggy, the others were
+    // given by the host (`log::iggy::recent`), and the counts above are still exact.
+    let metrics = host.http.get(host.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let polls = |answered: &str| -> u64 {
+        let line = format!("owlery_iggy_polls_total{{answered=\"{answered}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).map_or(0, |n| n.parse().unwrap())
+    };
+    assert!(polls("kept") > 0 && polls("iggy") > 0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

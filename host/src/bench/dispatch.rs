@@ -109,7 +109,7 @@ fn presence_records(n: usize) -> Vec<Record> {
                 json!({"eventType": event_type, "source": "owlery", "userId": user, "data": data}),
             )
             .expect("valid");
-            Record { partition: 0, offset: i as u64, payload: envelope.to_bytes() }
+            Record { partition: 0, offset: i as u64, payload: envelope.to_bytes().into() }
         })
         .collect()
 }
@@ -172,7 +172,7 @@ fn records(n: usize) -> Vec<Record> {
                 "data": {"id": i % 500, "severity": severity, "location": format!("site-{}", i % 20), "title": "Forklift blocking aisle 7"},
             }))
             .expect("valid");
-            Record { partition: 0, offset: i as u64, payload: envelope.to_bytes() }
+            Record { partition: 0, offset: i as u64, payload: envelope.to_bytes().into() }
         })
         .collect()
 }

@@ -95,7 +95,7 @@ mod tests {
     }
 
     fn record(item: &AppendItem) -> Record {
-        Record { partition: 0, offset: 3, payload: item.envelope.to_bytes() }
+        Record { partition: 0, offset: 3, payload: item.envelope.to_bytes().into() }
     }
 
     #[test]

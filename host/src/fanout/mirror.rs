@@ -243,7 +243,7 @@ mod tests {
     use super::*;
 
     fn record(envelope: &Envelope) -> Record {
-        Record { partition: 0, offset: 7, payload: envelope.to_bytes() }
+        Record { partition: 0, offset: 7, payload: envelope.to_bytes().into() }
     }
 
     #[test]

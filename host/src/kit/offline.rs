@@ -150,7 +150,7 @@ pub fn run(args: &TestArgs) -> Result<(), OfflineError> {
         let subscribed = patterns.iter().any(|p| p.matches(&event.event_type))
             && (manifest.subscribe.topics.is_empty() || manifest.subscribe.topics.contains(&topic));
         let report = if subscribed {
-            let record = crate::log::Record { partition: 0, offset: offset as u64, payload: event.to_bytes() };
+            let record = crate::log::Record { partition: 0, offset: offset as u64, payload: event.to_bytes().into() };
             let (_, guest) = guest_from_record(&topic, &record).expect("a validated envelope reads back");
             tester.handle(guest, &state)
         } else {

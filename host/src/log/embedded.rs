@@ -133,7 +133,7 @@ impl EventLog for EmbeddedLog {
         let mut out = Vec::with_capacity(max.min(1024));
         for entry in table.range((topic, partition, from)..=(topic, partition, u64::MAX))?.take(max) {
             let (key, value) = entry?;
-            out.push(Record { partition, offset: key.value().2, payload: value.value().to_vec() });
+            out.push(Record { partition, offset: key.value().2, payload: value.value().to_vec().into() });
         }
         Ok(out)
     }

@@ -48,7 +48,8 @@ pub struct Appended {
 pub struct Record {
     pub partition: u32,
     pub offset: u64,
-    pub payload: Vec<u8>,
+    /// Shared, not copied, between the readers given the same record (see `iggy::recent`).
+    pub payload: bytes::Bytes,
 }
 
 #[async_trait]

@@ -13,6 +13,7 @@ use iggy::prelude::{
 
 use super::ends::Ends;
 use super::health::Health;
+use super::recent::Recent;
 use super::settings::IggySettings;
 use crate::log::{LogError, StorageError, Unavailable, partition_for};
 
@@ -105,6 +106,8 @@ pub(super) struct Remote {
     topics: Mutex<BTreeMap<String, u32>>,
     pub(super) health: Health,
     pub(super) ends: Mutex<Ends>,
+    /// The records last read from each partition, shared by the readers.
+    pub(super) recent: Recent,
 }
 
 impl Remote {
@@ -134,6 +137,7 @@ impl Remote {
             topics: Mutex::default(),
             health: Health::default(),
             ends: Mutex::default(),
+            recent: Recent::default(),
         })
     }
 

@@ -15,6 +15,7 @@ mod ends;
 mod forwarder;
 mod health;
 mod poll;
+mod recent;
 mod settings;
 mod spool;
 mod status;

@@ -20,7 +20,8 @@ impl From<LogError> for PollError {
 }
 
 impl Remote {
-    /// Up to `max` records of a partition from `from`, in order.
+    /// Up to `max` records of a partition from `from`, in order: what another reader just
+    /// read (see `recent`), else from Iggy.
     pub(super) async fn poll(
         &self,
         topic: &str,
@@ -28,6 +29,53 @@ impl Remote {
         from: u64,
         max: usize,
     ) -> Result<Vec<Record>, LogError> {
+        let answered = |by: &str| crate::metrics::metrics().iggy_polls.with_label_values(&[by]).inc();
+        if self.ends().nothing_from(topic, partition, from) {
+            answered("end");
+            return Ok(Vec::new());
+        }
+        let kept = self.recent.partition(topic, partition);
+        let (mut records, next) = match kept.read(from, max) {
+            Some(read) if read.whole => {
+                answered("kept");
+                return Ok(read.records);
+            }
+            // Kept, but Iggy may have more: ask for what follows.
+            Some(read) => (read.records, read.end),
+            None => (Vec::new(), from),
+        };
+        let want = max - records.len();
+        // At the end of what is kept, readers take turns: the one before may have brought
+        // what this one wants, or learnt that there is nothing yet.
+        let turn = if kept.at_end(next) { Some(kept.fetching.lock().await) } else { None };
+        if turn.is_some() {
+            if let Some(read) = kept.read(next, want) {
+                answered("kept");
+                records.extend(read.records);
+                return Ok(records);
+            }
+            if self.ends().nothing_from(topic, partition, next) {
+                answered("end");
+                return Ok(records);
+            }
+        }
+        answered("iggy");
+        match self.fetch(topic, partition, next, want).await {
+            Ok(more) => {
+                kept.put(next, want, &more);
+                records.extend(more);
+                Ok(records)
+            }
+            Err(e) => {
+                // Iggy may have restarted, and lost records: what is kept may not be so.
+                self.recent.clear();
+                if records.is_empty() { Err(e) } else { Ok(records) }
+            }
+        }
+    }
+
+    /// Up to `max` records of a partition from `from`, in order, from Iggy.
+    async fn fetch(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError> {
         let generation = {
             let ends = self.ends();
             if ends.nothing_from(topic, partition, from) {
@@ -124,7 +172,7 @@ impl Remote {
             .messages
             .into_iter()
             .filter(|m| m.header.offset >= from)
-            .map(|m| Record { partition, offset: m.header.offset, payload: m.payload.to_vec() })
+            .map(|m| Record { partition, offset: m.header.offset, payload: m.payload })
             .collect())
     }
 

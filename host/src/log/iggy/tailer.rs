@@ -20,6 +20,8 @@ const LOOK_TIMEOUT: Duration = Duration::from_secs(1);
 pub(super) async fn run(remote: Arc<Remote>, changes: watch::Sender<u64>) {
     // topic → messages it held at the last look
     let mut counts: HashMap<String, u64> = HashMap::new();
+    // topic → when it was made, as first seen
+    let mut made: HashMap<String, u64> = HashMap::new();
     let mut tick: u64 = 0;
     loop {
         tokio::time::sleep(EVERY).await;
@@ -29,6 +31,7 @@ pub(super) async fn run(remote: Arc<Remote>, changes: watch::Sender<u64>) {
             // The stream is not created yet: the forwarder is on it.
             Ok(Ok(None)) => continue,
             Ok(Err(e)) => {
+                remote.recent.clear();
                 remote.health.failed(&e.to_string());
                 if matches!(e, IggyError::Unauthenticated) {
                     let _ = connect_signed_in(&remote.reader, &remote.settings).await;
@@ -36,6 +39,7 @@ pub(super) async fn run(remote: Arc<Remote>, changes: watch::Sender<u64>) {
                 continue;
             }
             Err(_) => {
+                remote.recent.clear();
                 remote.health.failed("Iggy did not answer within 1 s");
                 continue;
             }
@@ -43,6 +47,13 @@ pub(super) async fn run(remote: Arc<Remote>, changes: watch::Sender<u64>) {
         remote.health.up();
         let mut moved = false;
         for topic in details.topics {
+            // Made again (deleted, or purged, and made anew): its offsets start over.
+            let created = topic.created_at.as_micros();
+            if made.insert(topic.name.clone(), created).is_some_and(|before| before != created)
+                || counts.get(&topic.name).is_some_and(|&before| topic.messages_count < before)
+            {
+                remote.recent.forget(&topic.name);
+            }
             // Where its partitions end: read when it changed, and every second anyway.
             if counts.get(&topic.name) == Some(&topic.messages_count) && !tick.is_multiple_of(REREAD_EVERY) {
                 continue;
