@@ -373,7 +373,7 @@ mod tests {
         let store = Arc::new(Store::open(dir.path(), 100, Duration::ZERO).unwrap());
         let log = log_in(dir.path(), refusing, false);
         let outbox = vec![item("out", 0), item("refused", 1), item("out", 2)];
-        store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
+        store.commit_batch("p", BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
 
         let mut progress = Progress::default();
         for _ in 0..SPLIT_AFTER {
@@ -399,7 +399,7 @@ mod tests {
         };
         let log = log_in(dir.path(), fail, false);
         let outbox = vec![item("out", 0), item("out", 1), item("out", 2)];
-        store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
+        store.commit_batch("p", BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
 
         let mut progress = Progress::default();
         for _ in 0..failures {
@@ -436,7 +436,7 @@ mod tests {
         };
         let log = log_in(dir.path(), fail, true);
         let outbox = vec![item("stuck", 0), item(FANOUT_TOPIC, 1), item(FANOUT_TOPIC, 2)];
-        store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
+        store.commit_batch("p", BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
 
         let (mut rest, mut broadcasts) = (Progress::default(), Progress::default());
         assert!(round(&store, &log, Lane::Rest, &mut rest).await.is_err(), "the stuck topic fails");
@@ -467,11 +467,11 @@ mod tests {
         let log: Arc<dyn EventLog> = Arc::new(log_in(dir.path(), fail, true));
         log.ensure_topics(&[FANOUT_TOPIC.to_owned(), "stuck".to_owned()]).await.unwrap();
         let backlog: Vec<AppendItem> = (0..9000).map(|n| item("stuck", n)).collect();
-        store.commit_batch("p", &BatchCommit { outbox: backlog, ..BatchCommit::default() }, |_| {}).unwrap();
+        store.commit_batch("p", BatchCommit { outbox: backlog, ..BatchCommit::default() }, |_| {}).unwrap();
         let (wake, stop) = (Arc::new(Notify::new()), CancellationToken::new());
         let forwarder = tokio::spawn(forward(store.clone(), log.clone(), wake.clone(), stop.clone()));
         let broadcasts = vec![item(FANOUT_TOPIC, 1), item(FANOUT_TOPIC, 2)];
-        store.commit_batch("p", &BatchCommit { outbox: broadcasts, ..BatchCommit::default() }, |_| {}).unwrap();
+        store.commit_batch("p", BatchCommit { outbox: broadcasts, ..BatchCommit::default() }, |_| {}).unwrap();
         wake.notify_one();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while log.poll(FANOUT_TOPIC, 0, 0, 10).await.unwrap().len() < 2 {
@@ -500,7 +500,7 @@ mod tests {
         };
         let log = log_in(dir.path(), fail, true);
         let outbox = vec![item("out", 0), item("out", 1)];
-        store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
+        store.commit_batch("p", BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
         let mut progress = Progress::default();
         assert!(round(&store, &log, Lane::Rest, &mut progress).await.unwrap());
         assert_eq!(store.outbox_counts().unwrap(), (0, 0));
@@ -520,7 +520,7 @@ mod tests {
         let local = Failing::local(EmbeddedLog::open(&dir.path().join("local"), 1).unwrap(), |_: &[AppendItem]| None);
         let local_store = Arc::new(Store::open(&dir.path().join("local-store"), 100, Duration::ZERO).unwrap());
         let outbox = vec![item("out", 0)];
-        local_store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
+        local_store.commit_batch("p", BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
         assert!(round(&local_store, &local, Lane::All, &mut Progress::default()).await.unwrap());
         assert!(local_store.outbox_recent().unwrap().is_empty());
     }
@@ -540,7 +540,7 @@ mod tests {
         };
         let log = log_in(dir.path(), fail, true);
         let outbox = vec![item("out", 0)];
-        store.commit_batch("p", &BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
+        store.commit_batch("p", BatchCommit { outbox, ..BatchCommit::default() }, |_| {}).unwrap();
         assert!(round(&store, &log, Lane::Rest, &mut Progress::default()).await.unwrap());
         log.losses.as_ref().unwrap().store(1, Ordering::Relaxed);
         failing.store(true, Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! A plugin batch's one transaction: its state writes, new offsets, broadcasts (into the
 //! fan-out table, or to the outbox for a shared fan-out log) and outbox entries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::fanout::FanoutRecord;
 use super::{FANOUT, META, OFFSETS, STATE, Store, StoreError};
@@ -30,20 +30,104 @@ impl BatchCommit {
     }
 }
 
+/// Hands a committed batch's fan-out records on (to the hub); called in commit order.
+pub type Committed = Box<dyn FnOnce(Vec<FanoutRecord>) + Send>;
+
+/// A batch waiting for the next commit.
+struct Queued {
+    ticket: u64,
+    plugin: String,
+    batch: BatchCommit,
+    committed: Committed,
+}
+
+/// Batches of every plugin waiting to be committed together, and the answers for the
+/// runners whose batch another runner's commit took (see `Store::commit_batch`).
+#[derive(Default)]
+pub(super) struct Group {
+    queue: Vec<Queued>,
+    next_ticket: u64,
+    answers: HashMap<u64, Result<(), StoreError>>,
+    /// Transactions `commit_batch` wrote (a test counts them).
+    written: u64,
+}
+
 impl Store {
+    fn group(&self) -> std::sync::MutexGuard<'_, Group> {
+        self.group.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Commit one plugin batch atomically, then hand its fan-out records (with their
     /// offsets) to `committed`; records of successive commits are handed on in order.
+    ///
+    /// Batches of plugins committing at the same moment share one transaction, and so one
+    /// fsync: each runner queues its batch and waits for the store; the first to get it
+    /// commits everything queued, and the others find their answer. Measured before, with
+    /// three plugins at 1,000 events/s: each plugin synced the store 680 times a second on
+    /// the embedded log, one after another.
     pub fn commit_batch(
         &self,
         plugin: &str,
-        batch: &BatchCommit,
-        committed: impl FnOnce(Vec<FanoutRecord>),
+        batch: BatchCommit,
+        committed: impl FnOnce(Vec<FanoutRecord>) + Send + 'static,
     ) -> Result<(), StoreError> {
+        let ticket = {
+            let mut group = self.group();
+            let ticket = group.next_ticket;
+            group.next_ticket += 1;
+            group.queue.push(Queued { ticket, plugin: plugin.to_owned(), batch, committed: Box::new(committed) });
+            ticket
+        };
         let _order = self.lock_order();
+        if let Some(answer) = self.group().answers.remove(&ticket) {
+            return answer;
+        }
+        // Not taken by the commit before: this one's is still queued, and it commits all.
+        let queued = std::mem::take(&mut self.group().queue);
+        self.group().written += 1;
+        let mut mine = None;
+        for (ticket_of, answer) in self.commit_queued(queued) {
+            if ticket_of == ticket {
+                mine = Some(answer);
+            } else {
+                self.group().answers.insert(ticket_of, answer);
+            }
+        }
+        mine.unwrap_or_else(|| unreachable!("a batch not answered is still queued"))
+    }
+
+    /// Commit `queued` in one transaction, then each one's fan-out records in order; if
+    /// that fails, each alone, so that one batch's failure is its own.
+    fn commit_queued(&self, queued: Vec<Queued>) -> Vec<(u64, Result<(), StoreError>)> {
+        if queued.len() > 1 {
+            let all: Vec<(&str, &BatchCommit)> = queued.iter().map(|q| (q.plugin.as_str(), &q.batch)).collect();
+            if let Ok(fanouts) = self.write(&all) {
+                return queued
+                    .into_iter()
+                    .zip(fanouts)
+                    .map(|(q, fanout)| {
+                        (q.committed)(fanout);
+                        (q.ticket, Ok(()))
+                    })
+                    .collect();
+            }
+        }
+        queued
+            .into_iter()
+            .map(|q| {
+                let answer = self.write(&[(&q.plugin, &q.batch)]).map(|mut fanouts| (q.committed)(fanouts.remove(0)));
+                (q.ticket, answer)
+            })
+            .collect()
+    }
+
+    /// Write `batches` (plugin, batch) in one durable transaction; each one's fan-out records.
+    fn write(&self, batches: &[(&str, &BatchCommit)]) -> Result<Vec<Vec<FanoutRecord>>, StoreError> {
         let txn = self.db.begin_write()?;
         let now = crate::envelope::now_millis();
-        let mut fanout = Vec::new();
-        {
+        let mut fanouts = Vec::with_capacity(batches.len());
+        for &(plugin, batch) in batches {
+            let mut fanout = Vec::new();
             let mut state = txn.open_table(STATE)?;
             for (key, value) in &batch.state_writes {
                 match value {
@@ -68,6 +152,7 @@ impl Store {
             if !batch.outbox.is_empty() || !outbox.is_empty() {
                 super::outbox::push(&txn, &mut meta, &mut batch.outbox.iter().chain(&outbox))?;
             }
+            fanouts.push(fanout);
         }
         // Durable: syncs every outbox removal committed before it (see `outbox_remove`).
         let unsynced = self.unsynced_removals.swap(0, std::sync::atomic::Ordering::AcqRel);
@@ -75,7 +160,62 @@ impl Store {
             self.unsynced_removals.fetch_add(unsynced, std::sync::atomic::Ordering::AcqRel);
             return Err(error.into());
         }
-        committed(fanout);
-        Ok(())
+        Ok(fanouts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier, Mutex};
+    use std::time::Duration;
+
+    use super::{BatchCommit, Broadcast, Store};
+
+    /// Eight plugins committing at once, 50 batches each: every batch is answered and
+    /// stored, fan-out records reach the hub in offset order, and batches share
+    /// transactions (one fsync for several).
+    #[test]
+    fn batches_committed_at_once_share_transactions_and_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 100_000, Duration::ZERO).unwrap());
+        let handed: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let start = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|p| {
+                let (store, handed, start) = (store.clone(), handed.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    for n in 0..50u64 {
+                        let broadcast = Broadcast {
+                            id: uuid::Uuid::new_v4(),
+                            room: "r".into(),
+                            payload: format!("{{\"n\":{n}}}"),
+                            event: "e".into(),
+                        };
+                        let batch = BatchCommit {
+                            state_writes: [("n".to_owned(), Some(n.to_le_bytes().to_vec()))].into(),
+                            offsets: vec![("t".into(), 0, n + 1)],
+                            broadcasts: vec![broadcast],
+                            outbox: Vec::new(),
+                        };
+                        let handed = handed.clone();
+                        store
+                            .commit_batch(&format!("p{p}"), batch, move |records| {
+                                handed.lock().unwrap().extend(records.iter().map(|r| r.offset));
+                            })
+                            .unwrap();
+                        // Answered means stored: this runner reads its own write back.
+                        let stored = store.state_get(&format!("p{p}"), "n").unwrap().unwrap();
+                        assert_eq!(stored, n.to_le_bytes());
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let handed = handed.lock().unwrap().clone();
+        assert_eq!(handed.len(), 400, "every broadcast handed on once");
+        assert!(handed.windows(2).all(|w| w[0] < w[1]), "in offset order: {handed:?}");
+        let written = store.group().written;
+        assert!(written < 400, "no two batches shared a transaction ({written} for 400)");
     }
 }

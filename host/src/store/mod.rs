@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-pub use commit::{BatchCommit, Broadcast, BroadcastEncoder};
+pub use commit::{BatchCommit, Broadcast, BroadcastEncoder, Committed};
 pub use fanout::FanoutRecord;
 pub use http::{Due, Pending, Settle};
 pub use outbox::Peeked;
@@ -87,6 +87,8 @@ pub struct Store {
     /// Outbox entries removed by commits not synced to disk yet (see `outbox_remove`):
     /// only added to, or taken whole by a durable commit (and given back if it fails).
     unsynced_removals: std::sync::atomic::AtomicU64,
+    /// Plugin batches waiting to be committed together (see `commit_batch`).
+    group: std::sync::Mutex<commit::Group>,
 }
 
 impl Store {
@@ -127,6 +129,7 @@ impl Store {
             fanout_max_age_ms: fanout_max_age.as_millis() as u64,
             shared: None,
             unsynced_removals: std::sync::atomic::AtomicU64::new(0),
+            group: Default::default(),
         })
     }
 

@@ -247,7 +247,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 100, Duration::ZERO).unwrap();
         let batch = BatchCommit { outbox: vec![item.clone()], ..BatchCommit::default() };
-        store.commit_batch("p", &batch, |_| {}).unwrap();
+        store.commit_batch("p", batch, |_| {}).unwrap();
         let (peeked, _) = store.outbox_peek(0, 10, |_| true).unwrap();
         assert_eq!(peeked.len(), 1);
         let read = peeked.into_iter().next().unwrap().1.unwrap();
@@ -261,7 +261,7 @@ mod tests {
         let items: Vec<AppendItem> = (0..RECENT + 10)
             .map(|n| AppendItem { topic: "out".into(), key: n.to_string(), envelope: envelope(json!({"n": n})) })
             .collect();
-        store.commit_batch("p", &BatchCommit { outbox: items.clone(), ..BatchCommit::default() }, |_| {}).unwrap();
+        store.commit_batch("p", BatchCommit { outbox: items.clone(), ..BatchCommit::default() }, |_| {}).unwrap();
         let seqs: Vec<u64> =
             store.outbox_peek(0, usize::MAX, |_| true).unwrap().0.iter().map(|(seq, _)| *seq).collect();
         // Out of sequence order, as two lanes take them out: the last 20 first.
@@ -289,7 +289,7 @@ mod tests {
             .enumerate()
             .map(|(n, t)| AppendItem { topic: (*t).into(), key: n.to_string(), envelope: envelope(json!({"n": n})) })
             .collect();
-        store.commit_batch("p", &BatchCommit { outbox: items, ..BatchCommit::default() }, |_| {}).unwrap();
+        store.commit_batch("p", BatchCommit { outbox: items, ..BatchCommit::default() }, |_| {}).unwrap();
         let (a, scanned_to) = store.outbox_peek(0, 2, |topic| topic == Some("a")).unwrap();
         let keys: Vec<String> = a.iter().map(|(_, item)| item.as_ref().unwrap().key.clone()).collect();
         assert_eq!(keys, ["0", "2"], "the first two of topic a, in order");
@@ -326,7 +326,7 @@ mod tests {
             }
             if std::env::var("OWLERY_TEST_OUTBOX_COMMIT").is_ok() {
                 let offsets = vec![("t".to_owned(), 0, 1)];
-                store.commit_batch("p", &BatchCommit { offsets, ..BatchCommit::default() }, |_| {}).unwrap();
+                store.commit_batch("p", BatchCommit { offsets, ..BatchCommit::default() }, |_| {}).unwrap();
                 std::process::abort();
             }
             for seq in second {
@@ -346,7 +346,7 @@ mod tests {
                         envelope: envelope(json!({"n": n})),
                     })
                     .collect();
-                store.commit_batch("p", &BatchCommit { outbox: items, ..BatchCommit::default() }, |_| {}).unwrap();
+                store.commit_batch("p", BatchCommit { outbox: items, ..BatchCommit::default() }, |_| {}).unwrap();
             }
             let mut child = std::process::Command::new(std::env::current_exe().unwrap());
             child

@@ -156,12 +156,11 @@ impl Runner {
         }
         // With a shared fan-out log, broadcasts go out through the outbox too.
         let has_outbox = !commit.outbox.is_empty() || !commit.broadcasts.is_empty();
-        let hub = &self.deps.hub;
-        self.deps.store.commit_batch(&self.namespace, &commit, |fanout| hub.publish(fanout))?;
-        if self.mode == Mode::Live {
-            for (topic, partition, next) in &commit.offsets {
-                self.log.note_consumer_offset(&self.name, topic, *partition, *next);
-            }
+        let hub = self.deps.hub.clone();
+        let offsets = (self.mode == Mode::Live).then(|| commit.offsets.clone());
+        self.deps.store.commit_batch(&self.namespace, commit, move |fanout| hub.publish(fanout))?;
+        for (topic, partition, next) in offsets.iter().flatten() {
+            self.log.note_consumer_offset(&self.name, topic, *partition, *next);
         }
         if has_outbox {
             self.deps.outbox.notify_one();
