@@ -82,43 +82,54 @@ impl Store {
         if let Some(answer) = self.group().answers.remove(&ticket) {
             return answer;
         }
-        // Not taken by the commit before: this one's is still queued, and it commits all.
+        // Not taken by the commit before: this one's is still queued (unless that commit
+        // panicked before answering), and it commits all.
         let queued = std::mem::take(&mut self.group().queue);
-        self.group().written += 1;
-        let mut mine = None;
-        for (ticket_of, answer) in self.commit_queued(queued) {
-            if ticket_of == ticket {
-                mine = Some(answer);
-            } else {
-                self.group().answers.insert(ticket_of, answer);
-            }
+        if !queued.iter().any(|q| q.ticket == ticket) {
+            return Err(StoreError::Unanswered);
         }
-        mine.unwrap_or_else(|| unreachable!("a batch not answered is still queued"))
+        self.group().written += 1;
+        self.commit_queued(queued, ticket)
     }
 
-    /// Commit `queued` in one transaction, then each one's fan-out records in order; if
-    /// that fails, each alone, so that one batch's failure is its own.
-    fn commit_queued(&self, queued: Vec<Queued>) -> Vec<(u64, Result<(), StoreError>)> {
+    /// Commit `queued` in one transaction, answer every batch but `mine`, then hand on each
+    /// one's fan-out records in order; if that fails, each alone, so that one batch's
+    /// failure is its own. Returns `mine`'s answer.
+    fn commit_queued(&self, queued: Vec<Queued>, mine: u64) -> Result<(), StoreError> {
+        let answer = |q: &Queued, result: Result<(), StoreError>| {
+            if q.ticket == mine {
+                return Some(result);
+            }
+            self.group().answers.insert(q.ticket, result);
+            None
+        };
+        let mut my_answer = None;
         if queued.len() > 1 {
             let all: Vec<(&str, &BatchCommit)> = queued.iter().map(|q| (q.plugin.as_str(), &q.batch)).collect();
             if let Ok(fanouts) = self.write(&all) {
-                return queued
-                    .into_iter()
-                    .zip(fanouts)
-                    .map(|(q, fanout)| {
-                        (q.committed)(fanout);
-                        (q.ticket, Ok(()))
-                    })
-                    .collect();
+                // Answered before any record is handed on: a panic there must not leave
+                // the other runners without the answer to a batch that is committed.
+                for q in &queued {
+                    my_answer = my_answer.or(answer(q, Ok(())));
+                }
+                for (q, fanout) in queued.into_iter().zip(fanouts) {
+                    (q.committed)(fanout);
+                }
+                return my_answer.unwrap_or(Err(StoreError::Unanswered));
             }
         }
-        queued
-            .into_iter()
-            .map(|q| {
-                let answer = self.write(&[(&q.plugin, &q.batch)]).map(|mut fanouts| (q.committed)(fanouts.remove(0)));
-                (q.ticket, answer)
-            })
-            .collect()
+        for q in queued {
+            let result = self.write(&[(&q.plugin, &q.batch)]);
+            let (result, fanout) = match result {
+                Ok(mut fanouts) => (Ok(()), Some(fanouts.remove(0))),
+                Err(e) => (Err(e), None),
+            };
+            my_answer = my_answer.or(answer(&q, result));
+            if let Some(fanout) = fanout {
+                (q.committed)(fanout);
+            }
+        }
+        my_answer.unwrap_or(Err(StoreError::Unanswered))
     }
 
     /// Write `batches` (plugin, batch) in one durable transaction; each one's fan-out records.
@@ -217,5 +228,54 @@ mod tests {
         assert!(handed.windows(2).all(|w| w[0] < w[1]), "in offset order: {handed:?}");
         let written = store.group().written;
         assert!(written < 400, "no two batches shared a transaction ({written} for 400)");
+    }
+
+    /// A hand-on that panics (on whichever runner's thread commits the group) leaves every
+    /// other batch answered truthfully: `Ok` and stored, or `Unanswered` and not stored;
+    /// nobody waits forever, and the store goes on taking commits.
+    #[test]
+    fn a_panic_handing_on_one_batch_leaves_the_others_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 100_000, Duration::ZERO).unwrap());
+        let start = Arc::new(Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|p| {
+                let (store, start) = (store.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let mut answers = Vec::new();
+                    for n in 0..30u64 {
+                        let plugin = format!("p{p}");
+                        let key = format!("k{n}");
+                        let batch = BatchCommit {
+                            state_writes: [(key.clone(), Some(vec![1]))].into(),
+                            ..BatchCommit::default()
+                        };
+                        let bad = p == 0 && n == 10;
+                        let answer = store.commit_batch(&plugin, batch, move |_| assert!(!bad, "a bad hand-on"));
+                        let stored = store.state_get(&plugin, &key).unwrap().is_some();
+                        answers.push((answer.map_err(|e| e.to_string()), stored));
+                    }
+                    answers
+                })
+            })
+            .collect();
+        let mut answered = 0;
+        for (p, thread) in threads.into_iter().enumerate() {
+            let Ok(answers) = thread.join() else {
+                assert_eq!(p, 0, "only the thread whose hand-on panicked can have panicked");
+                continue;
+            };
+            for (answer, stored) in answers {
+                match answer {
+                    Ok(()) => assert!(stored, "answered Ok: stored"),
+                    Err(e) => assert!(!stored && e.contains("panicked"), "{e}"),
+                }
+                answered += 1;
+            }
+        }
+        assert!(answered >= 90, "the three other plugins were all answered");
+        let batch = BatchCommit { state_writes: [("after".to_owned(), Some(vec![1]))].into(), ..Default::default() };
+        store.commit_batch("p9", batch, |_| {}).unwrap();
     }
 }

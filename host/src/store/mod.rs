@@ -58,6 +58,9 @@ pub enum StoreError {
     Db(#[from] redb::Error),
     #[error("store: a stored record cannot be read back: {0}")]
     Corrupt(#[from] serde_json::Error),
+    /// The commit that took a plugin's batch (another plugin's) ended before writing it.
+    #[error("store: the commit that took this batch ended (panicked) before writing it")]
+    Unanswered,
 }
 
 /// Every redb error type converts (through `redb::Error`), so `?` works on each call.

@@ -61,15 +61,24 @@ impl Remote {
         }
         answered("iggy");
         match self.fetch(topic, partition, next, want).await {
+            Ok(more) if more.is_empty() && kept.beyond(next) => {
+                // Nothing where the run holds records: not the partition they were read from.
+                self.recent.forget(topic);
+                Ok(Vec::new())
+            }
             Ok(more) => {
                 kept.put(next, want, &more);
                 records.extend(more);
                 Ok(records)
             }
             Err(e) => {
-                // Iggy may have restarted, and lost records: what is kept may not be so.
-                self.recent.clear();
-                if records.is_empty() { Err(e) } else { Ok(records) }
+                match &e {
+                    LogError::NoSuchTopic(_) | LogError::NoSuchPartition { .. } => self.recent.forget(topic),
+                    // Iggy may be restarting, and may lose records: what is kept may not be so.
+                    LogError::Unavailable(_) => self.recent.clear(),
+                    _ => {}
+                }
+                Err(e)
             }
         }
     }
@@ -146,7 +155,13 @@ impl Remote {
             .iter()
             .find(|p| p.id == partition)
             .ok_or_else(|| LogError::NoSuchPartition { topic: topic.to_owned(), partition })?;
-        Ok(end_of(p))
+        let end = end_of(p);
+        if self.recent.partition(topic, partition).beyond(end) {
+            // Made again since it was read (a reader that sees the end move back reads it
+            // from the start): what is kept of it is another topic's.
+            self.recent.forget(topic);
+        }
+        Ok(end)
     }
 
     /// One poll request of `count` messages from `from`.

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use crate::log::Record;
 
-/// Records kept per partition, at most.
-const KEEP_RECORDS: usize = 1024;
+/// Records kept per partition, at most: a few batches of the live readers.
+const KEEP_RECORDS: usize = 512;
 /// Payload bytes kept per partition, at most.
-const KEEP_BYTES: usize = 1 << 20;
+const KEEP_BYTES: usize = 256 << 10;
 
 #[derive(Default)]
 pub(super) struct Recent {
@@ -121,10 +121,20 @@ impl Kept {
         Some(Read { records, whole, end: run.end })
     }
 
-    /// Whether a read from `from` extends the run (or starts it): then it takes its turn.
+    /// Whether a read from `from` extends the run: then it takes its turn. While the run is
+    /// empty (at the start, after a clear) no reader waits for another: a replay's long
+    /// read must not hold up the live readers.
     pub(super) fn at_end(&self, from: u64) -> bool {
         let run = self.run();
-        run.records.is_empty() || from == run.end
+        !run.records.is_empty() && from == run.end
+    }
+
+    /// Whether the run holds offsets at or past `end`: Iggy says the partition ends
+    /// there, so it is not the partition the run was read from (made again, or records
+    /// lost in a crash).
+    pub(super) fn beyond(&self, end: u64) -> bool {
+        let run = self.run();
+        !run.records.is_empty() && run.end > end
     }
 
     /// `records` (in order, from `from` on) were read from Iggy, asking for `asked`: keep
@@ -148,7 +158,10 @@ impl Kept {
         let end = run.end;
         for record in records.iter().filter(|r| r.offset >= end) {
             run.bytes += record.payload.len();
-            run.records.push_back(record.clone());
+            // A copy: Iggy's client slices each payload out of its whole answer, which a
+            // shared slice would keep alive.
+            let payload = bytes::Bytes::copy_from_slice(&record.payload);
+            run.records.push_back(Record { partition: record.partition, offset: record.offset, payload });
         }
         if last + 1 >= run.end {
             run.end = last + 1;
@@ -180,13 +193,14 @@ mod tests {
     #[test]
     fn a_run_serves_what_it_holds_and_grows_at_its_end() {
         let kept = Kept::default();
-        assert!(kept.at_end(7), "an empty run: any reader starts it");
+        assert!(!kept.at_end(7), "an empty run: nobody waits for another");
         kept.put(5, 3, &records([5, 6, 7]));
         assert_eq!(offsets(kept.read(6, 10)), Some(vec![6, 7]));
         assert_eq!(offsets(kept.read(5, 2)), Some(vec![5, 6]), "at most max");
         assert_eq!(kept.read(4, 10).map(|_| ()), None, "before the run: not known");
         assert_eq!(kept.read(8, 10).map(|_| ()), None, "the end: Iggy's to answer");
         assert!(kept.at_end(8) && !kept.at_end(6));
+        assert!(kept.beyond(7) && !kept.beyond(8), "Iggy ending before the run's end: not this partition");
         // A read from inside the run that went on past its end: only the new ones are added.
         kept.put(7, 3, &records([7, 8, 9]));
         assert_eq!(offsets(kept.read(5, 10)), Some(vec![5, 6, 7, 8, 9]));

@@ -71,16 +71,20 @@ impl SeenIds {
             .map(|(tp, next)| (tp.clone(), next))
             .collect();
         for (tp, next) in todo {
-            let from = next.saturating_sub(SEEN_PRIME);
-            if from < next {
+            // A poll may answer with fewer records than asked for (a remote log's page, or
+            // what another reader just read): read on until `next`.
+            let mut from = next.saturating_sub(SEEN_PRIME);
+            while from < next {
                 let want = usize::try_from(next - from).unwrap_or(usize::MAX);
                 let records = log.poll(&tp, from, want)?;
+                let Some(last) = records.last().map(|r| r.offset) else { break };
                 let ids: Vec<u128> = records
                     .iter()
                     .filter(|r| r.offset < next)
                     .filter_map(|r| Envelope::from_bytes(&r.payload).ok().map(|e| e.event_id.as_u128()))
                     .collect();
                 self.remember(ids);
+                from = last + 1;
             }
             self.primed.insert(tp);
         }
