@@ -312,6 +312,51 @@ mod tests {
         assert_eq!(ns, (0..n).collect::<Vec<_>>(), "each event once, in order");
     }
 
+    /// Records a reader was given are kept for the others (`recent`); a topic deleted and
+    /// made again in Iggy starts its offsets over, and what was kept of the old one must
+    /// not be handed out for the new one.
+    #[tokio::test(flavor = "multi_thread")]
+    #[cfg_attr(owlery_skip_iggy, ignore = "SKIPPED: OWLERY_SKIP_IGGY=1")]
+    async fn a_topic_made_again_is_read_from_iggy_not_from_what_was_kept() {
+        use iggy::prelude::{
+            Client, CompressionAlgorithm, Identifier, IggyClient, IggyExpiry, MaxTopicSize, TopicClient,
+        };
+
+        let server = IggyServer::start(false);
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IggySettings { address: server.address(), partitions: 1, ..IggySettings::default() };
+        let log = IggyLog::open(dir.path(), settings).unwrap();
+        log.ensure_topics(&["t".to_owned()]).await.unwrap();
+        log.append((1..=3).map(item).collect()).await.unwrap();
+        let ns = |records: &[crate::log::Record]| -> Vec<u64> {
+            records.iter().map(|r| Envelope::from_bytes(&r.payload).unwrap().data["n"].as_u64().unwrap()).collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ns(&log.poll("t", 0, 0, 10).await.unwrap_or_default()) != [1, 2, 3] {
+            assert!(Instant::now() < deadline, "the first three never arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Kept now, and the tailer has looked at the topic as it was.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let client = IggyClient::from_connection_string(&format!("iggy://iggy:iggy@{}", server.address())).unwrap();
+        client.connect().await.unwrap();
+        let (stream, topic) = (Identifier::named("owlery").unwrap(), Identifier::named("t").unwrap());
+        client.delete_topic(&stream, &topic).await.unwrap();
+        let (none, expiry, size) = (CompressionAlgorithm::None, IggyExpiry::NeverExpire, MaxTopicSize::ServerDefault);
+        client.create_topic(&stream, "t", 1, none, None, expiry, size).await.unwrap();
+        log.append(vec![item(100), item(101)]).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let read = ns(&log.poll("t", 0, 0, 10).await.unwrap_or_default());
+            if read == [100, 101] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still read from offset 0: {read:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     contract::contract_suite!(skip_if: owlery_skip_iggy, {
         let server = IggyServer::start(false);
         let address = server.address();
