@@ -336,8 +336,8 @@ mod tests {
             assert!(Instant::now() < deadline, "the first three never arrived");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Kept now, and the tailer has looked at the topic as it was.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Kept now, and the tailer (a look every 50 ms) has seen the topic as it was.
+        tokio::time::sleep(Duration::from_secs(1)).await;
 
         let client = IggyClient::from_connection_string(&format!("iggy://iggy:iggy@{}", server.address())).unwrap();
         client.connect().await.unwrap();

@@ -149,6 +149,7 @@ impl Remote {
 
     /// The offset the next record of the partition will get.
     pub(super) async fn high_watermark(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        let kept_end = self.recent.kept_end(topic, partition);
         let details = self.topic_details(topic).await?;
         let p = details
             .partitions
@@ -156,11 +157,9 @@ impl Remote {
             .find(|p| p.id == partition)
             .ok_or_else(|| LogError::NoSuchPartition { topic: topic.to_owned(), partition })?;
         let end = end_of(p);
-        if self.recent.partition(topic, partition).beyond(end) {
-            // Made again since it was read (a reader that sees the end move back reads it
-            // from the start): what is kept of it is another topic's.
-            self.recent.forget(topic);
-        }
+        // Made again since it was read (a reader that sees the end move back reads it from
+        // the start): what is kept of it is another topic's.
+        self.recent.check_end(topic, kept_end, end);
         Ok(end)
     }
 

@@ -45,6 +45,22 @@ impl Recent {
         partitions.entry(partition).or_default().clone()
     }
 
+    /// Where the run kept of the partition ends, if one is kept. Read before asking Iggy
+    /// where the partition ends: an answer below it means the topic was made again (Iggy's
+    /// end only moves on; the run may grow past an answer read before it grew).
+    pub(super) fn kept_end(&self, topic: &str, partition: u32) -> Option<u64> {
+        let kept = self.topics().get(topic).and_then(|partitions| partitions.get(&partition).cloned())?;
+        let run = kept.run();
+        (!run.records.is_empty()).then_some(run.end)
+    }
+
+    /// Iggy said the partition ends at `end`, asked after the run ended at `kept_end`.
+    pub(super) fn check_end(&self, topic: &str, kept_end: Option<u64>, end: u64) {
+        if kept_end.is_some_and(|kept| kept > end) {
+            self.forget(topic);
+        }
+    }
+
     /// The topic was made again (its offsets start over): nothing kept of it holds.
     pub(super) fn forget(&self, topic: &str) {
         if let Some(partitions) = self.topics().remove(topic) {
@@ -262,7 +278,12 @@ mod tests {
         let kept = recent.partition("t", 0);
         kept.put(0, 3, &records(0..3));
         recent.partition("u", 1).put(0, 3, &records(0..3));
-        recent.forget("t");
+        let kept_end = recent.kept_end("t", 0);
+        assert_eq!(kept_end, Some(3));
+        assert_eq!(recent.kept_end("t", 5), None);
+        recent.check_end("t", kept_end, 3);
+        assert!(kept.read(0, 10).is_some(), "Iggy ends where the run does: still the same topic");
+        recent.check_end("t", kept_end, 2);
         assert!(kept.read(0, 10).is_none(), "a reader holding the old run sees it empty");
         assert!(recent.partition("t", 0).read(0, 10).is_none());
         assert!(recent.partition("u", 1).read(0, 10).is_some(), "other topics stay");

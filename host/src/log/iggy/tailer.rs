@@ -74,11 +74,15 @@ async fn read_ends(remote: &Remote, topic: &str, partitions: u32) -> bool {
         let ends = remote.ends();
         (0..partitions).map(|p| ends.generation(topic, p)).collect()
     };
+    let kept_ends: Vec<Option<u64>> = (0..partitions).map(|p| remote.recent.kept_end(topic, p)).collect();
     let looked = tokio::time::timeout(LOOK_TIMEOUT, remote.reader.get_topic(&remote.stream, &id)).await;
     let Ok(Ok(Some(details))) = looked else { return false };
     let mut ends = remote.ends();
     let mut moved = false;
     for partition in &details.partitions {
+        // Ending before what was kept of it: made again between two looks.
+        let kept_end = kept_ends.get(partition.id as usize).copied().flatten();
+        remote.recent.check_end(topic, kept_end, end_of(partition));
         let generation = generations.get(partition.id as usize).copied().unwrap_or(0);
         moved |= ends.read(topic, partition.id, end_of(partition), generation);
     }
