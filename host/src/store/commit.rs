@@ -31,7 +31,7 @@ impl BatchCommit {
 }
 
 /// Hands a committed batch's fan-out records on (to the hub); called in commit order.
-pub type Committed = Box<dyn FnOnce(Vec<FanoutRecord>) + Send>;
+type Committed = Box<dyn FnOnce(Vec<FanoutRecord>) + Send>;
 
 /// A batch waiting for the next commit.
 struct Queued {

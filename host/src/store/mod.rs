@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-pub use commit::{BatchCommit, Broadcast, BroadcastEncoder, Committed};
+pub use commit::{BatchCommit, Broadcast, BroadcastEncoder};
 pub use fanout::FanoutRecord;
 pub use http::{Due, Pending, Settle};
 pub use outbox::Peeked;
