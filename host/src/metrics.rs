@@ -40,6 +40,10 @@ pub struct Metrics {
     /// Reads of Iggy's partitions, by what answered them: `iggy`, `kept` (records another
     /// reader had just read), `end` (known to hold nothing new).
     pub iggy_polls: IntCounterVec,
+    /// Batches a catching-up plugin read ahead while handling the one before, by plugin and
+    /// whether the read was `used` or `dropped` (its plan no longer held: a command, a
+    /// failed commit, a replay's end, or it found nothing).
+    pub reads_ahead: IntCounterVec,
     /// Attempts at plugins' HTTP requests, by plugin and outcome (`delivered`, `retried`,
     /// `failed`).
     pub http_requests: IntCounterVec,
@@ -77,6 +81,11 @@ impl Metrics {
         registry.register(Box::new(iggy_forward_seconds.clone())).expect("registered once");
         let iggy_polls =
             counter("owlery_iggy_polls_total", "Reads of Iggy's partitions, by what answered them", &["answered"]);
+        let reads_ahead = counter(
+            "owlery_plugin_reads_ahead_total",
+            "Batches read ahead while the batch before was handled, by plugin and outcome",
+            &["plugin", "outcome"],
+        );
         let http_requests = counter(
             "owlery_http_request_attempts_total",
             "Attempts at plugins' HTTP requests, by outcome",
@@ -91,6 +100,7 @@ impl Metrics {
             slow_clients_cut,
             iggy_forward_seconds,
             iggy_polls,
+            reads_ahead,
             http_requests,
         }
     }

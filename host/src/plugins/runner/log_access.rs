@@ -20,6 +20,7 @@ pub enum Wake<T> {
     Closed,
 }
 
+#[derive(Clone)]
 pub struct LogAccess {
     log: Arc<dyn EventLog>,
     tokio: tokio::runtime::Handle,

@@ -152,6 +152,8 @@ pub struct Runner {
     dead_letter_streak: u32,
     rate: Rate,
     seen: SeenIds,
+    /// The next batch, being read while this one is handled (see `poll::Prefetch`).
+    prefetch: Option<poll::Prefetch>,
     /// Cancelled when the runner is stopped: ends a call in progress.
     cancel: CancellationToken,
     /// Requested by whoever sends a command: ends an armed `handle` call.
@@ -184,6 +186,7 @@ impl Runner {
             dead_letter_streak: 0,
             rate: Rate::default(),
             seen: SeenIds::default(),
+            prefetch: None,
             cancel: cancel.clone(),
             interrupt: interrupt.clone(),
             interruptible: true,
@@ -250,6 +253,7 @@ impl Runner {
             self.refresh_partitions();
             return self.wait(changes, IDLE_WAIT);
         }
+        self.read_ahead(&polled);
         if let Err(error) = self.process(polled) {
             // Only the store can fail here: nothing was committed, so the batch will be
             // read again.
@@ -395,6 +399,10 @@ impl Runner {
 
     fn command(&mut self, command: Command) -> ControlFlow<()> {
         let query = matches!(command, Command::Query { .. });
+        // What was read ahead is for the positions and plan before the command: read again.
+        if !query {
+            self.drop_read_ahead();
+        }
         self.interrupt.taken(query);
         if !query {
             self.interruptible = true;

@@ -2,7 +2,8 @@
 //! decoded into what the plugin gets (or kept with the reason it is not an event).
 
 use super::Runner;
-use super::offsets::TopicPartition;
+use super::log_access::LogAccess;
+use super::offsets::{Offsets, TopicPartition};
 use crate::log::{LogError, Record};
 use crate::runtime::GuestEnvelope;
 
@@ -55,10 +56,82 @@ pub fn guest_from_record(topic: &str, record: &Record) -> Result<(u128, GuestEnv
     Ok((id.as_u128(), guest))
 }
 
+/// What one read asks for: each partition still to read from, with `(from, until)`, and
+/// the batch's size. Two reads with the same plan read the same records (a record at an
+/// offset never changes), which is what lets a read made ahead of time stand in for one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ReadPlan {
+    open: Vec<(TopicPartition, u64, u64)>,
+    max: usize,
+}
+
+/// The read of the batch after the one being handled, made on another thread while it
+/// is handled: a plugin catching up spends its own thread on `handle` and its commit,
+/// the other core reads and decodes what comes next.
+pub(super) struct Prefetch {
+    plan: ReadPlan,
+    result: std::sync::mpsc::Receiver<Result<Vec<Polled>, LogError>>,
+}
+
 impl Runner {
-    /// Read up to `max_batch` records across the subscribed partitions.
+    /// Read up to `max_batch` records across the subscribed partitions: what was read ahead
+    /// for exactly these positions if there is such a read and it found records, else a
+    /// read now.
     pub(super) fn poll_batch(&mut self) -> Result<Vec<Polled>, LogError> {
         self.seen.prime(&self.log, &self.positions)?;
+        let plan = self.plan(&self.positions);
+        if let Some(ahead) = self.prefetch.take() {
+            // An empty or failed read ahead is not trusted: it was made before this turn
+            // marked the log's changes seen, so what came since might be missing from it.
+            let used = (ahead.plan == plan)
+                .then(|| ahead.result.recv())
+                .and_then(|answer| answer.ok()?.ok())
+                .filter(|polled| !polled.is_empty());
+            self.count_read_ahead(used.is_some());
+            if let Some(polled) = used {
+                return Ok(polled);
+            }
+        }
+        read(&self.log, plan)
+    }
+
+    /// Start reading the batch that follows `polled`, when the plugin is catching up (the
+    /// batch is full) and live: a shadow's reads are bounded by how far the live version
+    /// has come, which a replay of it can move back.
+    pub(super) fn read_ahead(&mut self, polled: &[Polled]) {
+        self.drop_read_ahead();
+        let max = self.version.manifest.limits.max_batch;
+        if self.mode != super::Mode::Live || polled.len() < max {
+            return;
+        }
+        let mut next = self.positions.clone();
+        for p in polled {
+            next.advance(&p.topic_partition(), p.record.offset + 1);
+        }
+        let plan = self.plan(&next);
+        if plan.open.is_empty() {
+            return;
+        }
+        let (answer, result) = std::sync::mpsc::sync_channel(1);
+        let (log, ahead) = (self.log.clone(), plan.clone());
+        self.deps.tokio.spawn_blocking(move || answer.send(read(&log, ahead)));
+        self.prefetch = Some(Prefetch { plan, result });
+    }
+
+    /// Forget what was read ahead: it is for the positions before a command.
+    pub(super) fn drop_read_ahead(&mut self) {
+        if self.prefetch.take().is_some() {
+            self.count_read_ahead(false);
+        }
+    }
+
+    fn count_read_ahead(&self, used: bool) {
+        let outcome = if used { "used" } else { "dropped" };
+        crate::metrics::metrics().reads_ahead.with_label_values(&[&*self.name, outcome]).inc();
+    }
+
+    /// What to read next from `positions`.
+    fn plan(&self, positions: &Offsets) -> ReadPlan {
         let max = self.version.manifest.limits.max_batch;
         // While replaying, read only up to where the replay began.
         let replay = self.lifecycle.replaying();
@@ -69,8 +142,7 @@ impl Runner {
             super::Mode::Shadow => Some(self.deps.store.offsets(&self.name).unwrap_or_default()),
             super::Mode::Live => None,
         };
-        let mut open: Vec<(TopicPartition, u64, u64)> = self
-            .positions
+        let open = positions
             .iter()
             .filter_map(|(tp, from)| {
                 let mut until = match replay {
@@ -83,33 +155,39 @@ impl Runner {
                 (until > from).then(|| (tp.clone(), from, until))
             })
             .collect();
-        // All partitions at once (one round trip, not one per partition, on a remote log),
-        // a fair share each; then the partitions that filled their share split what is left.
-        let mut polled: Vec<Polled> = Vec::new();
-        for _round in 0..2 {
-            let budget = max.saturating_sub(polled.len());
-            if open.is_empty() || budget == 0 {
-                break;
-            }
-            let share = (budget / open.len()).max(1);
-            let wants: Vec<usize> = open
-                .iter()
-                .map(|(_, from, until)| share.min(usize::try_from(until - from).unwrap_or(usize::MAX)))
-                .collect();
-            let reads: Vec<_> = open.iter().zip(&wants).map(|((tp, from, _), want)| (tp, *from, *want)).collect();
-            let results = self.log.poll_many(&reads);
-            let mut still_open = Vec::new();
-            for (((tp, from, until), want), records) in open.into_iter().zip(wants).zip(results) {
-                let records = records?;
-                let full = records.len() == want;
-                let next = records.last().map_or(from, |r| r.offset + 1);
-                polled.extend(records.into_iter().map(|record| Polled::new(&tp.topic, record)));
-                if full && next < until {
-                    still_open.push((tp, next, until));
-                }
-            }
-            open = still_open;
-        }
-        Ok(polled)
+        ReadPlan { open, max }
     }
+}
+
+/// Read what `plan` asks for, decoded. All partitions at once (one round trip, not one per
+/// partition, on a remote log), a fair share each; then the partitions that filled their
+/// share split what is left.
+fn read(log: &LogAccess, plan: ReadPlan) -> Result<Vec<Polled>, LogError> {
+    let ReadPlan { mut open, max } = plan;
+    let mut polled: Vec<Polled> = Vec::new();
+    for _round in 0..2 {
+        let budget = max.saturating_sub(polled.len());
+        if open.is_empty() || budget == 0 {
+            break;
+        }
+        let share = (budget / open.len()).max(1);
+        let wants: Vec<usize> = open
+            .iter()
+            .map(|(_, from, until)| share.min(usize::try_from(until - from).unwrap_or(usize::MAX)))
+            .collect();
+        let reads: Vec<_> = open.iter().zip(&wants).map(|((tp, from, _), want)| (tp, *from, *want)).collect();
+        let results = log.poll_many(&reads);
+        let mut still_open = Vec::new();
+        for (((tp, from, until), want), records) in open.into_iter().zip(wants).zip(results) {
+            let records = records?;
+            let full = records.len() == want;
+            let next = records.last().map_or(from, |r| r.offset + 1);
+            polled.extend(records.into_iter().map(|record| Polled::new(&tp.topic, record)));
+            if full && next < until {
+                still_open.push((tp, next, until));
+            }
+        }
+        open = still_open;
+    }
+    Ok(polled)
 }
