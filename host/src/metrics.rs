@@ -41,8 +41,9 @@ pub struct Metrics {
     /// reader had just read), `end` (known to hold nothing new).
     pub iggy_polls: IntCounterVec,
     /// Batches a catching-up plugin read ahead while handling the one before, by plugin and
-    /// whether the read was `used` or `dropped` (its plan no longer held: a command, a
-    /// failed commit, a replay's end, or it found nothing).
+    /// whether the read was `used` or `dropped`: what came next had changed (a command, a
+    /// batch interrupted or not committed), or the read failed or found nothing (the end
+    /// of a catch-up whose last batch was full).
     pub reads_ahead: IntCounterVec,
     /// Attempts at plugins' HTTP requests, by plugin and outcome (`delivered`, `retried`,
     /// `failed`).

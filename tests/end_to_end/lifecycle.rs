@@ -603,12 +603,16 @@ async fn shadow_uploads_at_the_same_moment_leave_one_shadow_and_no_orphan() {
     assert_eq!(host.query("analytics", "").await, json!({"count": 2001}));
 }
 
-/// A plugin catching up reads its next batch while it handles one (`poll::Prefetch`). What
-/// was read ahead is used only for exactly the positions it was read for: a replay, a pause
-/// and a swap landing in the middle of the catch-up still count every event once.
+/// A plugin catching up reads its next batch while it handles one (`poll::ReadAhead`).
+/// What was read ahead is used only for exactly the positions it was read for: a replay, a
+/// pause and a swap landing in the middle of the catch-up still count every event once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_catching_up_reads_ahead_and_commands_in_between_still_count_every_event_once() {
-    let host = Host::with_plugins(&[shipped("analytics")]);
+    // Small batches: the catch-up takes hundreds of them, so the commands land inside it.
+    let (name, wasm, manifest) = shipped("analytics");
+    let manifest = manifest.replace("max_batch = 512", "max_batch = 16");
+    assert!(manifest.contains("max_batch = 16"));
+    let host = Host::with_plugins(&[(name, wasm, manifest)]);
     host.caught_up("analytics").await;
     assert_eq!(post(&host, "/api/plugins/analytics/pause", json!({})).await.0, 200);
     const EVENTS: u64 = 12_000;
@@ -616,16 +620,23 @@ async fn a_plugin_catching_up_reads_ahead_and_commands_in_between_still_count_ev
         let batch: Vec<_> = (0..500).map(|i| event("user.connected", json!({"n": round * 500 + i}))).collect();
         assert_eq!(host.post_events(&json!(batch)).await.0, 201);
     }
-    // Full batches (analytics reads 512 at a time) from here on: each is read ahead.
+    // Full batches from here on: each is read ahead.
     assert_eq!(post(&host, "/api/plugins/analytics/resume", json!({})).await.0, 200);
     tokio::time::sleep(Duration::from_millis(20)).await;
+    let status = host.plugin("analytics").await;
+    let processed = status["processed"].as_u64().unwrap();
+    assert!(processed > 0 && processed < EVENTS, "the replay lands inside the catch-up: {status}");
     let (status, body) = post(&host, "/api/plugins/analytics/replay", json!({"from": 0})).await;
     assert_eq!(status, 202, "{body}");
+    tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(post(&host, "/api/plugins/analytics/pause", json!({})).await.0, 200);
     assert_eq!(post(&host, "/api/plugins/analytics/resume", json!({})).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let swapped = version_of(&std::fs::read(guests::ANALYTICS).unwrap(), 1);
     let (status, body) = put(&host, "analytics", swapped, None).await;
     assert_eq!(status, 200, "{body}");
+    let status = host.plugin("analytics").await;
+    assert!(status["lag"].as_u64().unwrap() > 0, "the swap lands inside the catch-up: {status}");
     host.caught_up("analytics").await;
     let deadline = Instant::now() + WAIT;
     while host.plugin("analytics").await["replay"]["finishedAt"].is_null() {
@@ -641,5 +652,6 @@ async fn a_plugin_catching_up_reads_ahead_and_commands_in_between_still_count_ev
         let line = format!("owlery_plugin_reads_ahead_total{{outcome=\"{outcome}\",plugin=\"analytics\"}} ");
         metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).map_or(0, |n| n.parse().unwrap())
     };
-    assert!(reads_ahead("used") > 0, "the catch-up read ahead: {metrics}");
+    assert!(reads_ahead("used") > 100, "the catch-up read ahead: {metrics}");
+    assert!(reads_ahead("dropped") >= 1, "the replay dropped what was read ahead: {metrics}");
 }

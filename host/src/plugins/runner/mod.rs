@@ -152,8 +152,8 @@ pub struct Runner {
     dead_letter_streak: u32,
     rate: Rate,
     seen: SeenIds,
-    /// The next batch, being read while this one is handled (see `poll::Prefetch`).
-    prefetch: Option<poll::Prefetch>,
+    /// The next batch, being read while this one is handled.
+    ahead: poll::ReadAhead,
     /// Cancelled when the runner is stopped: ends a call in progress.
     cancel: CancellationToken,
     /// Requested by whoever sends a command: ends an armed `handle` call.
@@ -186,7 +186,7 @@ impl Runner {
             dead_letter_streak: 0,
             rate: Rate::default(),
             seen: SeenIds::default(),
-            prefetch: None,
+            ahead: poll::ReadAhead::default(),
             cancel: cancel.clone(),
             interrupt: interrupt.clone(),
             interruptible: true,

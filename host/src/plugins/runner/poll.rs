@@ -57,20 +57,55 @@ pub fn guest_from_record(topic: &str, record: &Record) -> Result<(u128, GuestEnv
 }
 
 /// What one read asks for: each partition still to read from, with `(from, until)`, and
-/// the batch's size. Two reads with the same plan read the same records (a record at an
-/// offset never changes), which is what lets a read made ahead of time stand in for one.
+/// the batch's size. A read ahead stands in for a read now only when both have the same
+/// plan. That is sound because a read returns, for each partition, the records from its
+/// `from` on with none skipped (it may return fewer than another read would: the log grows,
+/// a remote log answers a page), and because a runner only ever waits for the log after an
+/// empty read made afresh (see `poll_batch`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ReadPlan {
     open: Vec<(TopicPartition, u64, u64)>,
     max: usize,
 }
 
-/// The read of the batch after the one being handled, made on another thread while it
-/// is handled: a plugin catching up spends its own thread on `handle` and its commit,
-/// the other core reads and decodes what comes next.
-pub(super) struct Prefetch {
-    plan: ReadPlan,
-    result: std::sync::mpsc::Receiver<Result<Vec<Polled>, LogError>>,
+type ReadResult = Result<Vec<Polled>, LogError>;
+
+/// A plugin catching up spends its own thread on `handle` and its commit; a second thread,
+/// its reader, reads and decodes the batch after the one being handled meanwhile.
+#[derive(Default)]
+pub(super) struct ReadAhead {
+    /// To the reader: what to read, and where to answer. Started at the first read ahead,
+    /// on a thread of its own rather than tokio's blocking pool, where a read could queue
+    /// behind blocking work that itself waits on this runner (an upload waiting for its
+    /// swap). It ends when this is dropped, after the read it is on.
+    reader: Option<std::sync::mpsc::Sender<(ReadPlan, std::sync::mpsc::SyncSender<ReadResult>)>>,
+    /// The read under way, and the plan it is for.
+    pending: Option<(ReadPlan, std::sync::mpsc::Receiver<ReadResult>)>,
+}
+
+impl ReadAhead {
+    /// Ask the reader (started if need be) to read `plan`; nothing is read ahead if no
+    /// thread could be had.
+    fn start(&mut self, plugin: &str, log: &LogAccess, plan: ReadPlan) {
+        if self.reader.is_none() {
+            let (requests, jobs) = std::sync::mpsc::channel::<(ReadPlan, std::sync::mpsc::SyncSender<ReadResult>)>();
+            let log = log.clone();
+            let spawned = std::thread::Builder::new().name(format!("reader-{plugin}")).spawn(move || {
+                for (plan, answer) in jobs {
+                    let _ = answer.send(read(&log, plan));
+                }
+            });
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "no thread to read ahead with; reading batch by batch");
+                return;
+            }
+            self.reader = Some(requests);
+        }
+        let (answer, result) = std::sync::mpsc::sync_channel(1);
+        if self.reader.as_ref().is_some_and(|reader| reader.send((plan.clone(), answer)).is_ok()) {
+            self.pending = Some((plan, result));
+        }
+    }
 }
 
 impl Runner {
@@ -80,11 +115,12 @@ impl Runner {
     pub(super) fn poll_batch(&mut self) -> Result<Vec<Polled>, LogError> {
         self.seen.prime(&self.log, &self.positions)?;
         let plan = self.plan(&self.positions);
-        if let Some(ahead) = self.prefetch.take() {
+        if let Some((ahead, result)) = self.ahead.pending.take() {
             // An empty or failed read ahead is not trusted: it was made before this turn
-            // marked the log's changes seen, so what came since might be missing from it.
-            let used = (ahead.plan == plan)
-                .then(|| ahead.result.recv())
+            // marked the log's changes seen, so what came since might be missing from it,
+            // and an empty read is what sends the runner to wait for the log.
+            let used = (ahead == plan)
+                .then(|| result.recv())
                 .and_then(|answer| answer.ok()?.ok())
                 .filter(|polled| !polled.is_empty());
             self.count_read_ahead(used.is_some());
@@ -112,15 +148,12 @@ impl Runner {
         if plan.open.is_empty() {
             return;
         }
-        let (answer, result) = std::sync::mpsc::sync_channel(1);
-        let (log, ahead) = (self.log.clone(), plan.clone());
-        self.deps.tokio.spawn_blocking(move || answer.send(read(&log, ahead)));
-        self.prefetch = Some(Prefetch { plan, result });
+        self.ahead.start(&self.name, &self.log, plan);
     }
 
     /// Forget what was read ahead: it is for the positions before a command.
     pub(super) fn drop_read_ahead(&mut self) {
-        if self.prefetch.take().is_some() {
+        if self.ahead.pending.take().is_some() {
             self.count_read_ahead(false);
         }
     }
