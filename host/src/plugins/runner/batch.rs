@@ -3,7 +3,6 @@
 //! as a whole, dead-letter what still fails, and commit the effects with the new offsets
 //! in one store transaction.
 
-use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use super::dead_letter::dead_letter;
 use super::error::RunnerError;
 use super::offsets::TopicPartition;
 use super::poll::Polled;
+use super::seen::IdSet;
 use super::{Mode, Runner};
 use crate::log::AppendItem;
 use crate::runtime::{CallError, Effects, GuestEnvelope};
@@ -32,7 +32,7 @@ impl Runner {
         // Indexes into `polled` of the events delivered, and the events themselves.
         let mut deliver: Vec<usize> = Vec::new();
         let mut batch: Vec<GuestEnvelope> = Vec::new();
-        let mut batch_ids = HashSet::new();
+        let mut batch_ids = IdSet::with_capacity_and_hasher(polled.len(), Default::default());
         for (i, p) in polled.iter_mut().enumerate() {
             if let Ok((id, _)) = &p.event
                 && (self.seen.contains(*id) || !batch_ids.insert(*id))
