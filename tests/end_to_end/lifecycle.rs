@@ -608,32 +608,52 @@ async fn shadow_uploads_at_the_same_moment_leave_one_shadow_and_no_orphan() {
 /// pause and a swap landing in the middle of the catch-up still count every event once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_catching_up_reads_ahead_and_commands_in_between_still_count_every_event_once() {
-    // Small batches: the catch-up takes hundreds of them, so the commands land inside it.
+    let host = Host::with_plugins(&[analytics_in_small_batches()]);
+    catch_up_with_commands_in_between(&host, async {}).await;
+}
+
+/// Analytics reading 16 events at a time: a catch-up takes hundreds of batches, so
+/// commands sent during one land inside it.
+pub(crate) fn analytics_in_small_batches() -> (String, std::path::PathBuf, String) {
     let (name, wasm, manifest) = shipped("analytics");
     let manifest = manifest.replace("max_batch = 512", "max_batch = 16");
     assert!(manifest.contains("max_batch = 16"));
-    let host = Host::with_plugins(&[(name, wasm, manifest)]);
+    (name, wasm, manifest)
+}
+
+/// Publish 12,000 events to a paused analytics (`analytics_in_small_batches`), wait for
+/// `published` (on Iggy: until they left the spool), resume it, and replay, pause, resume
+/// and swap it while it catches up; every event is counted once, and batches were read
+/// ahead.
+pub(crate) async fn catch_up_with_commands_in_between(host: &Host, published: impl std::future::Future<Output = ()>) {
     host.caught_up("analytics").await;
-    assert_eq!(post(&host, "/api/plugins/analytics/pause", json!({})).await.0, 200);
+    assert_eq!(post(host, "/api/plugins/analytics/pause", json!({})).await.0, 200);
     const EVENTS: u64 = 12_000;
     for round in 0..EVENTS / 500 {
         let batch: Vec<_> = (0..500).map(|i| event("user.connected", json!({"n": round * 500 + i}))).collect();
         assert_eq!(host.post_events(&json!(batch)).await.0, 201);
     }
+    published.await;
     // Full batches from here on: each is read ahead.
-    assert_eq!(post(&host, "/api/plugins/analytics/resume", json!({})).await.0, 200);
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let status = host.plugin("analytics").await;
-    let processed = status["processed"].as_u64().unwrap();
-    assert!(processed > 0 && processed < EVENTS, "the replay lands inside the catch-up: {status}");
-    let (status, body) = post(&host, "/api/plugins/analytics/replay", json!({"from": 0})).await;
+    assert_eq!(post(host, "/api/plugins/analytics/resume", json!({})).await.0, 200);
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        let status = host.plugin("analytics").await;
+        if status["processed"].as_u64().unwrap() > 0 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the catch-up never started: {status}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(status["processed"].as_u64().unwrap() < EVENTS, "the replay lands inside the catch-up: {status}");
+    let (status, body) = post(host, "/api/plugins/analytics/replay", json!({"from": 0})).await;
     assert_eq!(status, 202, "{body}");
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(post(&host, "/api/plugins/analytics/pause", json!({})).await.0, 200);
-    assert_eq!(post(&host, "/api/plugins/analytics/resume", json!({})).await.0, 200);
+    assert_eq!(post(host, "/api/plugins/analytics/pause", json!({})).await.0, 200);
+    assert_eq!(post(host, "/api/plugins/analytics/resume", json!({})).await.0, 200);
     tokio::time::sleep(Duration::from_millis(20)).await;
     let swapped = version_of(&std::fs::read(guests::ANALYTICS).unwrap(), 1);
-    let (status, body) = put(&host, "analytics", swapped, None).await;
+    let (status, body) = put(host, "analytics", swapped, None).await;
     assert_eq!(status, 200, "{body}");
     let status = host.plugin("analytics").await;
     assert!(status["lag"].as_u64().unwrap() > 0, "the swap lands inside the catch-up: {status}");

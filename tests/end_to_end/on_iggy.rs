@@ -105,6 +105,20 @@ async fn publish_reaches_plugins_and_websockets_through_iggy() {
     assert!(polls("kept") > 0 && polls("iggy") > 0, "{metrics}");
 }
 
+/// Reading ahead on Iggy: a catch-up's batches are read by the runner's reader thread
+/// through the shared reads (`log::iggy::recent`), and a replay, a pause and a swap in the
+/// middle of it still count every event once.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(owlery_skip_iggy, ignore = "SKIPPED: OWLERY_SKIP_IGGY=1")]
+async fn a_plugin_catching_up_on_iggy_reads_ahead_and_counts_every_event_once() {
+    let iggy = IggyServer::start(false);
+    let host = Host::on_iggy(&iggy, &[crate::lifecycle::analytics_in_small_batches()]);
+    crate::lifecycle::catch_up_with_commands_in_between(&host, async {
+        spool_drained(&host).await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[cfg_attr(owlery_skip_iggy, ignore = "SKIPPED: OWLERY_SKIP_IGGY=1")]
 #[cfg_attr(owlery_skip_python, ignore = "SKIPPED: OWLERY_SKIP_PYTHON=1")]
