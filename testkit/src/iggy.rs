@@ -34,7 +34,9 @@ pub fn find_binary() -> Option<PathBuf> {
     let beside_checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/iggy/iggy-server");
     let beside_cwd = PathBuf::from("../shared/iggy/iggy-server");
     if let Some(found) = [beside_checkout, beside_cwd].into_iter().find(|p| p.exists()) {
-        return Some(found);
+        // Absolute: the server is started in a directory of its own, where a path relative
+        // to this process's directory would name nothing.
+        return Some(std::path::absolute(&found).unwrap_or(found));
     }
     std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join("iggy-server")).find(|p| p.exists())
 }
