@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::support::{Host, event, guests, reporter_5_update, reporter_5_updates, shipped};
+use crate::support::{Host, counter, event, guests, reporter_5_update, reporter_5_updates, shipped};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -667,10 +667,9 @@ pub(crate) async fn catch_up_with_commands_in_between(host: &Host, published: im
     assert_eq!(counts["total"], EVENTS, "every event counted once: {counts}");
     assert_eq!(counts["byEventType"]["user.connected"], EVENTS);
 
-    let metrics = host.http.get(host.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let reads_ahead = |outcome: &str| -> u64 {
-        let line = format!("owlery_plugin_reads_ahead_total{{outcome=\"{outcome}\",plugin=\"analytics\"}} ");
-        metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).map_or(0, |n| n.parse().unwrap())
+    let metrics = host.metrics().await;
+    let reads_ahead = |outcome: &str| {
+        counter(&metrics, &format!("owlery_plugin_reads_ahead_total{{outcome=\"{outcome}\",plugin=\"analytics\"}}"))
     };
     assert!(reads_ahead("used") > 100, "the catch-up read ahead: {metrics}");
     assert!(reads_ahead("dropped") >= 1, "the replay dropped what was read ahead: {metrics}");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::support::{Host, event, shipped};
+use crate::support::{Host, counter, event, shipped};
 use owlery_testkit::IggyServer;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -97,11 +97,8 @@ async fn publish_reaches_plugins_and_websockets_through_iggy() {
 
     // The three runners read the same partitions: what one read from Iggy, the others were
     // given by the host (`log::iggy::recent`), and the counts above are still exact.
-    let metrics = host.http.get(host.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let polls = |answered: &str| -> u64 {
-        let line = format!("owlery_iggy_polls_total{{answered=\"{answered}\"}} ");
-        metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).map_or(0, |n| n.parse().unwrap())
-    };
+    let metrics = host.metrics().await;
+    let polls = |answered: &str| counter(&metrics, &format!("owlery_iggy_polls_total{{answered=\"{answered}\"}}"));
     assert!(polls("kept") > 0 && polls("iggy") > 0, "{metrics}");
 }
 

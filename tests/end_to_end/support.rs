@@ -220,6 +220,11 @@ impl Host {
         body
     }
 
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+    }
+
     pub async fn plugin(&self, name: &str) -> Value {
         let (status, body) = self.get(&format!("/api/plugins/{name}")).await;
         assert_eq!(status, 200, "{body}");
@@ -328,4 +333,11 @@ pub fn reporter_5_update(n: Value) -> Value {
 /// `count` such updates, numbered from 0.
 pub fn reporter_5_updates(count: u64) -> Vec<Value> {
     (0..count).map(|n| reporter_5_update(n.into())).collect()
+}
+
+/// The value of one series (`name{labels}`, labels in Prometheus' order) in `metrics`, the
+/// text of `GET /metrics`; 0 when it is not there yet.
+pub fn counter(metrics: &str, series: &str) -> u64 {
+    let line = format!("{series} ");
+    metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).map_or(0, |n| n.parse().unwrap())
 }

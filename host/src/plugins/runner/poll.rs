@@ -133,9 +133,9 @@ impl Runner {
 
     /// Start reading the batch that follows `polled`, when the plugin is catching up (the
     /// batch is full) and live: a shadow's reads are bounded by how far the live version
-    /// has come, which a replay of it can move back.
+    /// has come, which a replay of it can move back. Nothing is pending here: `poll_batch`
+    /// took it.
     pub(super) fn read_ahead(&mut self, polled: &[Polled]) {
-        self.drop_read_ahead();
         let max = self.version.manifest.limits.max_batch;
         if self.mode != super::Mode::Live || polled.len() < max {
             return;
