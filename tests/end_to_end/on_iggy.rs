@@ -578,3 +578,79 @@ async fn a_topic_made_again_with_fewer_partitions_does_not_stop_the_spool() {
     let (_, status) = host.get("/api/monitoring/iggy-status").await;
     assert_eq!(status["spool"], json!({"pending": 0, "setAside": 0}), "nothing was set aside: {status}");
 }
+
+/// Unless told otherwise a host makes its topics in Iggy with one partition (more cost Iggy
+/// a request and an fsync per partition per send, and buy no parallelism while every host
+/// runs every plugin over all of them), and keeps the partitions of topics already there:
+/// after an upgrade from eight, each key's events still go to the partition its earlier
+/// events are in.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(owlery_skip_iggy, ignore = "SKIPPED: OWLERY_SKIP_IGGY=1")]
+async fn topics_get_one_partition_by_default_and_topics_already_in_iggy_keep_theirs() {
+    use iggy::prelude::{Client, Identifier, IggyClient, TopicClient};
+
+    // Twenty incidents (keyed by `data.id`), `round` telling the batches apart.
+    let incidents = |round: u64| -> Vec<Value> {
+        (0..20).map(|i| event("incident.updated", json!({"id": i, "round": round}))).collect()
+    };
+    let partitions_of = |body: &Value| -> Vec<u64> {
+        body["events"].as_array().unwrap().iter().map(|e| e["partition"].as_u64().unwrap()).collect()
+    };
+    let count_in_iggy = |iggy: &IggyServer| {
+        let address = iggy.address();
+        async move {
+            let client = IggyClient::from_connection_string(&format!("iggy://iggy:iggy@{address}")).unwrap();
+            client.connect().await.unwrap();
+            let (stream, topic) = (Identifier::named("owlery").unwrap(), Identifier::named("incident-events").unwrap());
+            client.get_topic(&stream, &topic).await.unwrap().unwrap().partitions_count
+        }
+    };
+
+    // A fresh Iggy: one partition, and every key's events in it.
+    let fresh = IggyServer::start(false);
+    let host = Host::on_iggy_as_configured(&fresh, &[shipped("analytics")]);
+    topics_in_iggy(&host).await;
+    assert_eq!(count_in_iggy(&fresh).await, 1);
+    let (status, body) = host.post_events(&json!(incidents(0))).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(partitions_of(&body), vec![0; 20]);
+    spool_drained(&host).await;
+    host.caught_up("analytics").await;
+    assert_eq!(host.query("analytics", "").await["total"], 20);
+    drop(host);
+
+    // Topics made with eight by a host set so, which is then started again with the
+    // default (an upgrade from when eight was the default): they keep their eight, and
+    // what it accepts right after the restart, before it has read them in Iggy, still
+    // goes to each incident's partition.
+    let upgraded = IggyServer::start(false);
+    let env = upgraded.host_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut host = Host::with_config_and_env(&[shipped("analytics")], "[iggy]\npartitions = 8\n", &env);
+    topics_in_iggy(&host).await;
+    let (status, body) = host.post_events(&json!(incidents(0))).await;
+    assert_eq!(status, 201, "{body}");
+    let first = partitions_of(&body);
+    assert!(first.iter().any(|p| *p > 0), "twenty incidents spread over eight partitions: {first:?}");
+    spool_drained(&host).await;
+    host.stop();
+    host.write_config("");
+    host.start();
+    let (status, body) = host.post_events(&json!(incidents(1))).await;
+    assert_eq!(status, 201, "{body}");
+    spool_drained(&host).await;
+    assert_eq!(count_in_iggy(&upgraded).await, 8);
+    let mut partitions_by_incident: std::collections::HashMap<u64, HashSet<u64>> = Default::default();
+    let records = host.topic_records("incident-events").await;
+    for record in &records {
+        let incident = record["event"]["data"]["id"].as_u64().unwrap();
+        partitions_by_incident.entry(incident).or_default().insert(record["partition"].as_u64().unwrap());
+    }
+    let ids: HashSet<&str> = records.iter().map(|r| r["event"]["eventId"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 40, "every event in Iggy once: {records:?}");
+    for (incident, partitions) in &partitions_by_incident {
+        assert_eq!(partitions.len(), 1, "incident {incident}'s events are in partitions {partitions:?}");
+    }
+    host.caught_up("analytics").await;
+    assert_eq!(host.query("analytics", "").await["total"], 40);
+}

@@ -33,12 +33,16 @@ impl Host {
 
     /// A host on an Iggy server instead of the embedded log.
     pub fn on_iggy(iggy: &IggyServer, plugins: &[(String, PathBuf, String)]) -> Host {
-        Host::with_env(plugins, iggy.host_env())
+        Host::on_iggy_with(iggy, plugins, &[])
     }
 
     /// A host on an Iggy server with more environment (`OWLERY_CLUSTER_SECRET`, say).
     pub fn on_iggy_with(iggy: &IggyServer, plugins: &[(String, PathBuf, String)], env: &[(&str, &str)]) -> Host {
         let mut all = iggy.host_env();
+        // Eight partitions rather than the default one: the tests then also cover what only
+        // several can get wrong (each partition's order and offsets, shared reads, lanes).
+        // `env` can set another count (set later, it wins).
+        all.push(("OWLERY_IGGY_PARTITIONS".to_owned(), "8".to_owned()));
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Host::with_env(plugins, all)
     }
@@ -52,6 +56,11 @@ impl Host {
     pub fn with_config_and_env(plugins: &[(String, PathBuf, String)], owlery_toml: &str, env: &[(&str, &str)]) -> Host {
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Host::with_files(plugins, env, Some(owlery_toml))
+    }
+
+    /// A host on an Iggy server configured only with where Iggy is (the default partitions).
+    pub fn on_iggy_as_configured(iggy: &IggyServer, plugins: &[(String, PathBuf, String)]) -> Host {
+        Host::with_env(plugins, iggy.host_env())
     }
 
     fn with_env(plugins: &[(String, PathBuf, String)], env: Vec<(String, String)>) -> Host {
@@ -84,6 +93,11 @@ impl Host {
     /// `kill -9`: no shutdown, no flush.
     pub fn kill9(&mut self) {
         self.process.kill9().unwrap();
+    }
+
+    /// Write `owlery.toml` (read at the next `start`).
+    pub fn write_config(&self, owlery_toml: &str) {
+        self.process.write_config(owlery_toml).unwrap();
     }
 
     /// SIGTERM and wait for a clean exit.

@@ -153,12 +153,22 @@ pub struct Readiness {
 /// (`FORWARD_BATCH` each), and the outbox's round and recent entries sent again, with room.
 pub const REDELIVERY_WINDOW: u64 = 4 * iggy::FORWARD_BATCH as u64;
 
-/// FNV-1a: a stable hash, so a key maps to the same partition in every version of Owlery.
+/// The partition of `partitions` that `key`'s events go to.
 pub fn partition_for(key: &str, partitions: u32) -> u32 {
+    partition_of_hash(key_hash(key), partitions)
+}
+
+/// FNV-1a: a stable hash, so a key maps to the same partition in every version of Owlery.
+pub fn key_hash(key: &str) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in key.as_bytes() {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
+    hash
+}
+
+/// The partition of `partitions` that a key with this `key_hash` goes to.
+pub fn partition_of_hash(hash: u64, partitions: u32) -> u32 {
     (hash % u64::from(partitions.max(1))) as u32
 }

@@ -36,13 +36,13 @@ impl Remote {
         topics.sort_unstable();
         topics.dedup();
         for topic in topics {
-            if self.known_partitions(topic).is_none() {
+            if self.partitions_in_iggy(topic).is_none() {
                 self.make_topic(topic).await.map_err(nothing_taken)?;
             }
         }
         let mut groups: Vec<Group> = Vec::new();
         for (index, item) in items.into_iter().enumerate() {
-            let count = self.known_partitions(&item.topic).unwrap_or(1).max(1);
+            let count = self.partitions_in_iggy(&item.topic).unwrap_or(1).max(1);
             let key = (item.topic, partition_for(&item.key, count));
             let message = (index, item.envelope.event_id.as_u128(), Bytes::from(item.envelope.to_bytes()));
             match groups.iter_mut().find(|(k, _)| *k == key) {

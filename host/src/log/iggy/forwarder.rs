@@ -16,7 +16,7 @@
 //! Spool work runs on blocking threads; acknowledgements are handed to the `acker`, whose
 //! entries the spool's writer thread writes with the next publishes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 use super::acker::Acker;
 use super::client::{Remote, RemoteError};
-use super::spool::{Spool, SpoolEntry};
+use super::spool::{Destination, Spool, SpoolEntry};
 use crate::log::{LogError, Unavailable};
 
 /// Spool entries sent per round. A crash between Iggy's acknowledgement and the spool's
@@ -196,10 +196,23 @@ impl Forwarder {
             // Acknowledged, on their way out of the spool: not to be sent again. Taken
             // before the spool is read (see `Acker::in_flight`).
             let in_flight = self.acker.in_flight();
-            let mine = move |seq: u64, head: Option<(&str, u32)>| {
+            // Topics whose partitions in Iggy this host has not read yet (planned with the
+            // settings' count, or not known at all after a restart): their entries wait until
+            // they are read, so that every lane maps them to the same partitions, and a
+            // partition's entries all go over one lane, in order.
+            let unread: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+            let found = unread.clone();
+            let mine = move |seq: u64, head: Option<Destination<'_>>| {
                 !in_flight.contains(&seq)
                     && match head {
-                        Some((topic, partition)) => remote.lane_of(topic, partition) == lane,
+                        Some(to) if remote.partitions_in_iggy(to.topic).is_none() => {
+                            found.lock().expect("unread lock").insert(to.topic.to_owned());
+                            false
+                        }
+                        Some(to) => {
+                            let partition = remote.partition_in_iggy(to.topic, to.partition, to.key_hash);
+                            remote.lane_of(to.topic, partition) == lane
+                        }
                         // Entries that cannot be read are set aside by one lane.
                         None => lane == 0,
                     }
@@ -211,6 +224,18 @@ impl Forwarder {
                     return None;
                 }
             };
+            let unread = std::mem::take(&mut *unread.lock().expect("unread lock"));
+            if !unread.is_empty() {
+                for topic in unread {
+                    if let Err(error) = self.remote.ensure_topic(&topic).await {
+                        let pause = self.down(round, &error);
+                        tokio::time::sleep(pause).await;
+                        return None;
+                    }
+                }
+                // Look again, with their partitions known.
+                return None;
+            }
             let mut entries = Vec::with_capacity(peeked.len());
             let mut set_aside = false;
             for (seq, entry) in peeked {
@@ -235,7 +260,8 @@ impl Forwarder {
 
     /// Whether `entry` goes over this lane's connection.
     fn mine(&self, entry: &SpoolEntry) -> bool {
-        self.remote.lane_of(&entry.topic, entry.partition) == self.lane
+        let partition = self.remote.partition_in_iggy(&entry.topic, entry.partition, entry.key_hash);
+        self.remote.lane_of(&entry.topic, partition) == self.lane
     }
 
     /// Connect and prepare (lane 0 everything, the others their own connection); returns
@@ -316,17 +342,18 @@ impl Forwarder {
         let mut topics: Vec<&str> = entries.iter().map(|(_, e)| e.topic.as_str()).collect();
         topics.dedup();
         for topic in topics {
-            if self.remote.known_partitions(topic).is_none() {
+            if self.remote.partitions_in_iggy(topic).is_none() {
                 self.remote.ensure_topic(topic).await.map_err(Failure::Down)?;
             }
         }
         let mut groups: Vec<PartitionGroup> = Vec::new();
         let mut moved = std::collections::BTreeSet::new();
         for (seq, mut entry) in entries {
-            let count = self.remote.known_partitions(&entry.topic).unwrap_or(1).max(1);
-            if entry.partition >= count {
-                moved.insert((entry.topic.clone(), entry.partition, count));
-                entry.partition %= count;
+            let partition = self.remote.partition_in_iggy(&entry.topic, entry.partition, entry.key_hash);
+            if partition != entry.partition {
+                let count = self.remote.partitions_in_iggy(&entry.topic).unwrap_or(1);
+                moved.insert((entry.topic.clone(), entry.partition, partition, count));
+                entry.partition = partition;
             }
             let key = (entry.topic.clone(), entry.partition);
             match groups.iter_mut().find(|(k, _)| *k == key) {
@@ -334,11 +361,11 @@ impl Forwarder {
                 None => groups.push((key, vec![(seq, entry)])),
             }
         }
-        for (topic, partition, count) in moved {
+        for (topic, accepted, to, count) in moved {
             tracing::warn!(
-                %topic, partition, partitions = count,
-                "the topic in Iggy has fewer partitions than when events were accepted for this one; \
-                 sending them to partition {}", partition % count
+                %topic, partition = accepted, partitions = count,
+                "events were accepted for this partition, planned with another count than the topic \
+                 has in Iggy; sending them to their keys' partition {to}"
             );
         }
         // Partitions are independent: send to all of them at once, each in order.
@@ -484,8 +511,13 @@ mod tests {
     use super::*;
 
     fn entries(sizes: &[usize]) -> Vec<(u64, SpoolEntry)> {
-        let entry =
-            |size: usize| SpoolEntry { topic: "t".into(), partition: 0, event_id: 1, payload: "x".repeat(size) };
+        let entry = |size: usize| SpoolEntry {
+            topic: "t".into(),
+            partition: 0,
+            event_id: 1,
+            payload: "x".repeat(size),
+            key_hash: None,
+        };
         sizes.iter().enumerate().map(|(seq, size)| (seq as u64, entry(*size))).collect()
     }
 

@@ -247,7 +247,8 @@ mod tests {
         log.ensure_topics(&["t".to_owned()]).await.unwrap();
         log.append(vec![item(1)]).await.unwrap();
         log.spool.insert_raw(b"{ not an entry");
-        let refused = SpoolEntry { topic: "t".into(), partition: 0, event_id: 7, payload: String::new() };
+        let refused =
+            SpoolEntry { topic: "t".into(), partition: 0, event_id: 7, payload: String::new(), key_hash: None };
         log.spool.insert_raw(&serde_json::to_vec(&refused).unwrap());
         log.append(vec![item(2)]).await.unwrap();
         log.forward.send_modify(|n| *n += 1);

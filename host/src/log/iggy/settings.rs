@@ -8,7 +8,10 @@ pub struct IggySettings {
     pub username: String,
     pub password: String,
     pub stream: String,
-    /// Partitions of each topic Owlery creates.
+    /// Partitions of each topic Owlery creates. One by default: every host runs every
+    /// plugin over all of a topic's partitions, so more partitions buy no parallelism yet,
+    /// and each costs Iggy a request and an fsync per send and the readers a poll per read
+    /// (measured end to end at 1,000 events/s, p99: 15-19 ms with one, 27-55 ms with eight).
     pub partitions: u32,
     /// Topics created with one partition instead, for one order over all their events.
     pub single_partition_topics: Vec<String>,
@@ -23,7 +26,7 @@ impl Default for IggySettings {
             username: "iggy".into(),
             password: "iggy".into(),
             stream: "owlery".into(),
-            partitions: 8,
+            partitions: 1,
             single_partition_topics: Vec::new(),
             dedup_window: 100_000,
         }

@@ -11,7 +11,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 
 use crate::log::dedup::{Ids, IdsByPosition, SeenIds};
-use crate::log::{AppendItem, Appended, LogError, StorageError, partition_for};
+use crate::log::{AppendItem, Appended, LogError, StorageError, key_hash, partition_of_hash};
 
 /// spool sequence → SpoolEntry JSON, in acceptance order
 const SPOOL: TableDefinition<u64, &[u8]> = TableDefinition::new("spool");
@@ -35,6 +35,15 @@ struct Head<'a> {
     #[serde(borrow)]
     topic: std::borrow::Cow<'a, str>,
     partition: u32,
+    #[serde(default)]
+    key_hash: Option<u64>,
+}
+
+/// Where a spooled entry goes, as `peek` shows it to its filter.
+pub(super) struct Destination<'a> {
+    pub(super) topic: &'a str,
+    pub(super) partition: u32,
+    pub(super) key_hash: Option<u64>,
 }
 
 /// One spooled entry: what to send, or why it cannot be read back.
@@ -43,9 +52,16 @@ pub(super) type Peeked = (u64, Result<SpoolEntry, String>);
 #[derive(Serialize, Deserialize)]
 pub(super) struct SpoolEntry {
     pub(super) topic: String,
+    /// The partition it was accepted for (and answered with), of as many as the host
+    /// knew the topic to have then.
     pub(super) partition: u32,
     pub(super) event_id: u128,
     pub(super) payload: String,
+    /// The hash of its routing key (see `log::key_hash`), so that it goes to its key's
+    /// partition of the topic's partitions in Iggy even when the host accepted it before
+    /// it knew how many those are. Missing in entries spooled by earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) key_hash: Option<u64>,
 }
 
 pub(super) struct Spool {
@@ -117,12 +133,14 @@ impl Spool {
             let mut next = meta.get("next")?.map_or(0, |v| v.value());
             let mut seen = SeenIds::windowed(txn, IDS, IDS_BY_SEQ)?;
             let results = seen.append_each(group, false, |item| {
-                let partition = partition_for(&item.key, partitions(&item.topic));
+                let key_hash = key_hash(&item.key);
+                let partition = partition_of_hash(key_hash, partitions(&item.topic));
                 let entry = SpoolEntry {
                     topic: item.topic.clone(),
                     partition,
                     event_id: item.envelope.event_id.as_u128(),
                     payload: String::from_utf8(item.envelope.to_bytes()).expect("JSON is UTF-8"),
+                    key_hash: Some(key_hash),
                 };
                 table.insert(next, serde_json::to_vec(&entry).expect("serialises").as_slice())?;
                 next += 1;
@@ -143,7 +161,7 @@ impl Spool {
     pub(super) fn peek(
         &self,
         max: usize,
-        wanted: impl Fn(u64, Option<(&str, u32)>) -> bool,
+        wanted: impl Fn(u64, Option<Destination<'_>>) -> bool,
     ) -> Result<Vec<Peeked>, LogError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(SPOOL)?;
@@ -152,7 +170,9 @@ impl Spool {
             let (seq, value) = entry?;
             // Where it goes, without copying its payload.
             let head = serde_json::from_slice::<Head<'_>>(value.value()).ok();
-            if !wanted(seq.value(), head.as_ref().map(|h| (h.topic.as_ref(), h.partition))) {
+            let destination =
+                head.as_ref().map(|h| Destination { topic: &h.topic, partition: h.partition, key_hash: h.key_hash });
+            if !wanted(seq.value(), destination) {
                 continue;
             }
             let parsed =
