@@ -620,10 +620,10 @@ async fn topics_get_one_partition_by_default_and_topics_already_in_iggy_keep_the
     drop(host);
 
     // Topics made with eight by a host set so, which is then started again with the
-    // default (an upgrade from when eight was the default): they keep their eight, and
-    // what it accepts right after the restart, before it has read them in Iggy, still
-    // goes to each incident's partition.
-    let upgraded = IggyServer::start(false);
+    // default (an upgrade from when eight was the default) while Iggy is down: they keep
+    // their eight, and what it accepts before it can read them in Iggy (planned with one
+    // partition) still goes to each incident's partition there.
+    let mut upgraded = IggyServer::start(true);
     let env = upgraded.host_env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut host = Host::with_config_and_env(&[shipped("analytics")], "[iggy]\npartitions = 8\n", &env);
@@ -634,10 +634,13 @@ async fn topics_get_one_partition_by_default_and_topics_already_in_iggy_keep_the
     assert!(first.iter().any(|p| *p > 0), "twenty incidents spread over eight partitions: {first:?}");
     spool_drained(&host).await;
     host.stop();
+    upgraded.kill9();
     host.write_config("");
     host.start();
     let (status, body) = host.post_events(&json!(incidents(1))).await;
     assert_eq!(status, 201, "{body}");
+    assert_eq!(partitions_of(&body), vec![0; 20], "accepted for the one partition planned");
+    upgraded.restart();
     spool_drained(&host).await;
     assert_eq!(count_in_iggy(&upgraded).await, 8);
     let mut partitions_by_incident: std::collections::HashMap<u64, HashSet<u64>> = Default::default();

@@ -11,8 +11,10 @@
 //! partition's head request `SPLIT_AFTER` times in a row for a reason that lies in the
 //! messages (not a lost connection), that partition's entries go one by one and each one
 //! still refused is set aside (logged, counted in the status, kept in the spool's `aside`
-//! table). Entries spooled for a partition the topic no longer has (another client made it
-//! again with fewer) go to `partition % count`: one key's events still share a partition.
+//! table). Each entry goes to its key's partition of as many as the topic has in Iggy, read
+//! before any lane takes its entries (see `Remote::partition_in_iggy`): the host may have
+//! accepted it with another count (before it could read the topic, or before another
+//! client made the topic again). One key's events still share a partition.
 //! Spool work runs on blocking threads; acknowledgements are handed to the `acker`, whose
 //! entries the spool's writer thread writes with the next publishes.
 
@@ -45,6 +47,8 @@ const REQUEST_BYTES: usize = 4 << 20;
 const SPLIT_AFTER: u32 = 3;
 /// The pause after a refused request before it is tried again.
 const REFUSED_PAUSE: Duration = Duration::from_millis(200);
+/// The pause before a topic whose partitions could not be read in Iggy is tried again.
+const UNREAD_RETRY: Duration = Duration::from_secs(1);
 
 /// Acknowledged entries sent again after the connection to Iggy was lost. Iggy 0.8.0 was
 /// seen (kill -9 with every batch fsynced) to come back with the last message written
@@ -73,6 +77,8 @@ pub(super) struct Forwarder {
     /// Counted up when something reached Iggy, to wake the readers.
     pub(super) changes: watch::Sender<u64>,
     pub(super) refused: Refusals,
+    /// Topics whose partitions could not be read in Iggy, and when to try again.
+    pub(super) unreadable: HashMap<String, tokio::time::Instant>,
 }
 
 /// Why one request was not acknowledged.
@@ -183,7 +189,18 @@ impl Forwarder {
                 self.acker.flush().await;
                 match self.spool_work(Spool::recent).await {
                     Ok(recent) => {
-                        let recent = recent.into_iter().filter(|(_, e)| self.mine(e)).collect();
+                        let unread = recent
+                            .iter()
+                            .filter(|(_, e)| self.remote.partitions_in_iggy(&e.topic).is_none())
+                            .map(|(_, e)| e.topic.clone())
+                            .collect();
+                        self.read_topics(unread).await;
+                        // Those of a topic that could not be read are not sent again: a
+                        // best effort, like the resend itself.
+                        let recent = recent
+                            .into_iter()
+                            .filter(|(_, e)| self.remote.partitions_in_iggy(&e.topic).is_some() && self.mine(e))
+                            .collect();
                         self.resend(round, recent, losses).await;
                     }
                     Err(e) => self.spool_unreadable(&e).await,
@@ -225,14 +242,7 @@ impl Forwarder {
                 }
             };
             let unread = std::mem::take(&mut *unread.lock().expect("unread lock"));
-            if !unread.is_empty() {
-                for topic in unread {
-                    if let Err(error) = self.remote.ensure_topic(&topic).await {
-                        let pause = self.down(round, &error);
-                        tokio::time::sleep(pause).await;
-                        return None;
-                    }
-                }
+            if self.read_topics(unread).await > 0 {
                 // Look again, with their partitions known.
                 return None;
             }
@@ -256,6 +266,29 @@ impl Forwarder {
             }
             Some(entries)
         }
+    }
+
+    /// Read (or make) the partitions in Iggy of `topics`; how many were read. One that
+    /// cannot be (Iggy down or refusing it) is logged and tried again after
+    /// `UNREAD_RETRY`: its entries wait, the other topics' go on.
+    async fn read_topics(&mut self, topics: BTreeSet<String>) -> usize {
+        let mut read = 0;
+        for topic in topics {
+            if self.unreadable.get(&topic).is_some_and(|after| tokio::time::Instant::now() < *after) {
+                continue;
+            }
+            match self.remote.ensure_topic(&topic).await {
+                Ok(()) => {
+                    self.unreadable.remove(&topic);
+                    read += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(%topic, %error, "cannot read the topic's partitions in Iggy; its events wait in the spool");
+                    self.unreadable.insert(topic, tokio::time::Instant::now() + UNREAD_RETRY);
+                }
+            }
+        }
+        read
     }
 
     /// Whether `entry` goes over this lane's connection.

@@ -90,6 +90,7 @@ impl IggyLog {
                     wake: forward.subscribe(),
                     changes: changes_tx.clone(),
                     refused: Arc::clone(&refused),
+                    unreadable: Default::default(),
                 };
                 tokio::spawn(forwarder.run(stop_lanes.clone()))
             })

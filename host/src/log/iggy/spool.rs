@@ -155,7 +155,7 @@ impl Spool {
     }
 
     /// The oldest `max` entries waiting to be forwarded that `wanted` picks by sequence and
-    /// (topic, partition) (`None`: cannot be read), in order, among the oldest `SCAN`
+    /// destination (`None`: cannot be read), in order, among the oldest `SCAN`
     /// entries: a lane with nothing of its own in a large backlog must not read all of it
     /// every round.
     pub(super) fn peek(
