@@ -47,6 +47,14 @@ const ACK_DELAY: Duration = Duration::from_millis(2);
 /// Publishes accepted within this long count as coming: acknowledgements wait for them.
 const PUBLISHING: Duration = Duration::from_millis(20);
 
+/// Acknowledgements written in one transaction at most; the rest go in the next ones.
+/// Each moves an entry from the spool to the recently forwarded ones and drops the oldest
+/// of those. Measured with 16 publishers on Iggy (one partition, whose rounds are the
+/// largest): a write carrying 65-512 took 3 ms (median) to 10 ms, against 0.6 ms for the
+/// others, and every publish queued behind it waited that long; publish p99 went from
+/// 6.7-8.2 ms to 5.5-7.5.
+const ACKS_PER_WRITE: usize = 64;
+
 type InFlight = Arc<Mutex<HashSet<u64>>>;
 
 /// The spool's writer: each group's publishes and acknowledgements in one transaction.
@@ -129,21 +137,22 @@ impl Writer<SpoolRequest> for SpoolWriter {
             }
         }
         self.deferred_since = None;
-        let (acknowledged, accepted) =
-            match self.spool.write(&items, &self.unwritten, &self.partitions, self.dedup_window) {
-                Ok(results) => (Ok(()), Ok(results)),
-                Err(error) if self.unwritten.is_empty() => (Ok(()), Err(error)),
-                // Each part alone: neither fails for what the other touches.
-                Err(error) if !items.is_empty() => {
-                    let accepted = self.spool.write(&items, &[], &self.partitions, self.dedup_window);
-                    let acknowledged = match accepted {
-                        Ok(_) => Err(error),
-                        Err(_) => self.spool.write(&[], &self.unwritten, &self.partitions, self.dedup_window).map(drop),
-                    };
-                    (acknowledged, accepted)
-                }
-                Err(error) => (Err(error), Ok(Vec::new())),
-            };
+        let acks = &self.unwritten[..self.unwritten.len().min(ACKS_PER_WRITE)];
+        let (acknowledged, accepted) = match self.spool.write(&items, acks, &self.partitions, self.dedup_window) {
+            Ok(results) => (Ok(()), Ok(results)),
+            Err(error) if acks.is_empty() => (Ok(()), Err(error)),
+            // Each part alone: neither fails for what the other touches.
+            Err(error) if !items.is_empty() => {
+                let accepted = self.spool.write(&items, &[], &self.partitions, self.dedup_window);
+                let acknowledged = match accepted {
+                    Ok(_) => Err(error),
+                    Err(_) => self.spool.write(&[], acks, &self.partitions, self.dedup_window).map(drop),
+                };
+                (acknowledged, accepted)
+            }
+            Err(error) => (Err(error), Ok(Vec::new())),
+        };
+        let written = acks.len();
         match &acknowledged {
             // Iggy has them: written out however long the spool fails (a full disk), and
             // in flight meanwhile, so that no lane sends them again and again.
@@ -159,12 +168,15 @@ impl Writer<SpoolRequest> for SpoolWriter {
                     self.failures = 0;
                 }
                 let mut in_flight = self.in_flight.lock().expect("in-flight lock");
-                for seq in self.unwritten.drain(..) {
+                for seq in self.unwritten.drain(..written) {
                     in_flight.remove(&seq);
                 }
                 drop(in_flight);
-                for reply in self.waiting.drain(..) {
-                    let _ = reply.send(());
+                // Answered when all of them are written (a flush: all before it).
+                if self.unwritten.is_empty() {
+                    for reply in self.waiting.drain(..) {
+                        let _ = reply.send(());
+                    }
                 }
             }
         }
@@ -175,14 +187,23 @@ impl Writer<SpoolRequest> for SpoolWriter {
             }
             group_commit::answer(name, replies, accepted);
         }
-        (!self.unwritten.is_empty()).then_some(RETRY)
+        match (self.unwritten.is_empty(), self.failures) {
+            (true, _) => None,
+            // More than one transaction's worth: the rest next (riding with publishes).
+            (false, 0) => Some(Duration::ZERO),
+            (false, _) => Some(RETRY),
+        }
     }
 
-    /// The log is closing: what is still unwritten is written now (once).
+    /// The log is closing: what is still unwritten is written now (until a write fails).
     fn finish(&mut self, name: &'static str) {
-        if !self.unwritten.is_empty() || !self.waiting.is_empty() {
+        while !self.unwritten.is_empty() || !self.waiting.is_empty() {
             let (reply, _) = oneshot::channel();
+            let failures = self.failures;
             self.write(name, vec![SpoolRequest::Flush(reply)]);
+            if self.failures > failures {
+                break;
+            }
         }
     }
 }
@@ -304,6 +325,25 @@ mod tests {
         assert_eq!(spool.depth(), 2);
         let recent: Vec<u64> = spool.recent().unwrap().iter().map(|(seq, _)| *seq).collect();
         assert_eq!(recent, [0, 1, 2], "kept to be sent again after a lost connection");
+    }
+
+    /// A round of more acknowledgements than one transaction takes is written over
+    /// several, and answered once all of it is out of the spool; one still unwritten when
+    /// the log closes is written before the writer ends.
+    #[tokio::test]
+    async fn a_round_larger_than_one_write_is_answered_once_all_of_it_is_out_of_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = spool_with(dir.path(), 300);
+        let (writer, acker) = writer_for(&spool);
+        const { assert!(200 > ACKS_PER_WRITE) };
+        acker.acknowledged((0..200).collect()).await.unwrap();
+        assert!(acker.in_flight().is_empty());
+        assert_eq!(spool.depth(), 100, "all 200 out when answered");
+        let recent: Vec<u64> = spool.recent().unwrap().iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(recent, (190..200).collect::<Vec<_>>(), "the last ten kept");
+        let _unanswered = acker.acknowledged((200..300).collect());
+        drop(writer);
+        assert_eq!(spool.depth(), 0, "written out before the writer ended");
     }
 
     #[tokio::test]
