@@ -167,7 +167,7 @@ pub struct IggyArgs {
     #[arg(id = "iggy_stream_name", long = "iggy-stream-name", env = "IGGY_STREAM_NAME", hide = true)]
     #[serde(skip)]
     pub stream_name: Option<String>,
-    /// Partitions of each topic Owlery creates in Iggy [default: 8].
+    /// Partitions of each topic Owlery creates in Iggy [default: 1].
     #[arg(id = "iggy_partitions", long = "iggy-partitions", env = "OWLERY_IGGY_PARTITIONS")]
     pub partitions: Option<u32>,
 }

@@ -66,10 +66,18 @@ pub(super) struct SpoolWriter {
     /// Wakes the forwarder's lanes when something was spooled.
     forward: watch::Sender<u64>,
     in_flight: InFlight,
-    /// Acknowledgements (and flushes behind them) whose write failed: in every later
-    /// write until one works, and tried again after `RETRY` if nothing comes.
+    /// Acknowledgements not written yet: more than one transaction takes (the rest go in
+    /// the next ones), or whose write failed (in every later write until one works, and
+    /// tried again after `RETRY` if nothing comes).
     unwritten: Vec<u64>,
-    waiting: Vec<oneshot::Sender<()>>,
+    /// Acknowledgements handed over, and written, since the start: a reply waits until
+    /// `written` reaches the count handed over with (or, for a flush, before) it.
+    handed: u64,
+    written: u64,
+    waiting: Vec<(u64, oneshot::Sender<()>)>,
+    /// A flush waits until `written` reaches this: no acknowledgements wait for publishes
+    /// meanwhile.
+    flushing_until: u64,
     failures: u32,
     /// Since when acknowledgements have waited for publishes (see `ACK_DELAY`).
     deferred_since: Option<std::time::Instant>,
@@ -91,7 +99,10 @@ impl SpoolWriter {
             forward,
             in_flight: InFlight::default(),
             unwritten: Vec::new(),
+            handed: 0,
+            written: 0,
             waiting: Vec::new(),
+            flushing_until: 0,
             failures: 0,
             deferred_since: None,
             last_accepted: None,
@@ -108,7 +119,6 @@ impl Writer<SpoolRequest> for SpoolWriter {
     fn write(&mut self, name: &'static str, group: Vec<SpoolRequest>) -> Option<Duration> {
         let mut items = Vec::new();
         let mut replies = Vec::new();
-        let mut flush = false;
         for request in group {
             match request {
                 SpoolRequest::Append(append) => {
@@ -116,15 +126,17 @@ impl Writer<SpoolRequest> for SpoolWriter {
                     replies.push(append.reply);
                 }
                 SpoolRequest::Acknowledge(seqs, reply) => {
+                    self.handed += seqs.len() as u64;
                     self.unwritten.extend(seqs);
-                    self.waiting.push(reply);
+                    self.waiting.push((self.handed, reply));
                 }
                 SpoolRequest::Flush(reply) => {
-                    flush = true;
-                    self.waiting.push(reply);
+                    self.flushing_until = self.handed;
+                    self.waiting.push((self.handed, reply));
                 }
             }
         }
+        let flush = self.written < self.flushing_until;
         // Acknowledgements alone wait a moment for publishes to ride with, while publishes
         // come (not while a backlog drains with none, nor after a failed write: that one
         // is tried again when due).
@@ -172,11 +184,15 @@ impl Writer<SpoolRequest> for SpoolWriter {
                     in_flight.remove(&seq);
                 }
                 drop(in_flight);
-                // Answered when all of them are written (a flush: all before it).
-                if self.unwritten.is_empty() {
-                    for reply in self.waiting.drain(..) {
-                        let _ = reply.send(());
-                    }
+                // Each round is answered once it is written (a flush: all before it), not
+                // after the other lanes' rounds behind it.
+                self.written += written as u64;
+                let done = self.written;
+                let (ready, later): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut self.waiting).into_iter().partition(|(until, _)| *until <= done);
+                self.waiting = later;
+                for (_, reply) in ready {
+                    let _ = reply.send(());
                 }
             }
         }
@@ -325,6 +341,43 @@ mod tests {
         assert_eq!(spool.depth(), 2);
         let recent: Vec<u64> = spool.recent().unwrap().iter().map(|(seq, _)| *seq).collect();
         assert_eq!(recent, [0, 1, 2], "kept to be sent again after a lost connection");
+    }
+
+    /// Rounds handed over together are each answered once their own acknowledgements are
+    /// written, not after the ones behind them; a flush (answered once all before it are)
+    /// does not let the rest wait for publishes.
+    #[test]
+    fn each_round_is_answered_once_its_own_acknowledgements_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = spool_with(dir.path(), 300);
+        let mut writer = SpoolWriter::new(spool.clone(), |_| 1, 1000, watch::channel(0).0);
+        let (small, mut small_written) = oneshot::channel();
+        let (large, mut large_written) = oneshot::channel();
+        let (flush, mut flushed) = oneshot::channel();
+        let left = writer.write(
+            "spool writer",
+            vec![
+                SpoolRequest::Acknowledge((0..10).collect(), small),
+                SpoolRequest::Acknowledge((10..210).collect(), large),
+                SpoolRequest::Flush(flush),
+            ],
+        );
+        assert!(small_written.try_recv().is_ok(), "the first round fit the first write");
+        assert!(large_written.try_recv().is_err() && flushed.try_recv().is_err());
+        assert_eq!(left, Some(Duration::ZERO), "the rest right after");
+        // Publishes coming: acknowledgements alone would wait for them, but not while a
+        // flush waits.
+        writer.last_accepted = Some(std::time::Instant::now());
+        let mut writes = 1;
+        while !writer.unwritten.is_empty() {
+            let before = writer.unwritten.len();
+            writer.write("spool writer", Vec::new());
+            assert!(writer.unwritten.len() < before, "a write with each call");
+            writes += 1;
+        }
+        assert_eq!(writes, 210_usize.div_ceil(ACKS_PER_WRITE));
+        assert!(large_written.try_recv().is_ok() && flushed.try_recv().is_ok());
+        assert_eq!(spool.depth(), 90);
     }
 
     /// A round of more acknowledgements than one transaction takes is written over

@@ -274,6 +274,12 @@ impl Forwarder {
     async fn read_topics(&mut self, topics: BTreeSet<String>) -> usize {
         let mut read = 0;
         for topic in topics {
+            // Read by another lane since (maybe while this one looked): some of its entries
+            // may have been taken and others skipped, so it counts as read, to look again.
+            if self.remote.partitions_in_iggy(&topic).is_some() {
+                read += 1;
+                continue;
+            }
             if self.unreadable.get(&topic).is_some_and(|after| tokio::time::Instant::now() < *after) {
                 continue;
             }

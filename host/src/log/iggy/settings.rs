@@ -11,7 +11,7 @@ pub struct IggySettings {
     /// Partitions of each topic Owlery creates. One by default: every host runs every
     /// plugin over all of a topic's partitions, so more partitions buy no parallelism yet,
     /// and each costs Iggy a request and an fsync per send and the readers a poll per read
-    /// (measured end to end at 1,000 events/s, p99: 15-19 ms with one, 27-55 ms with eight).
+    /// (measured end to end at 1,000 events/s, p99: 14-21 ms with one, 27-55 ms with eight).
     pub partitions: u32,
     /// Topics created with one partition instead, for one order over all their events.
     pub single_partition_topics: Vec<String>,
