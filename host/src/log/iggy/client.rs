@@ -203,6 +203,14 @@ impl Remote {
         }
     }
 
+    /// The lane an entry spooled for `partition` goes over: that of its partition in Iggy
+    /// (see `partition_in_iggy`), once the topic's partitions there are read (`None`
+    /// before, when which partition that is is not known yet).
+    pub(super) fn lane_of_entry(&self, topic: &str, partition: u32, key_hash: Option<u64>) -> Option<usize> {
+        self.partitions_in_iggy(topic)?;
+        Some(self.lane_of(topic, self.partition_in_iggy(topic, partition, key_hash)))
+    }
+
     /// The lane (and connection) sends to a partition in Iggy (see `partition_in_iggy`) go
     /// over, so that one partition stays in order. The shared fan-out topic has lane 0 to itself: every
     /// broadcast goes through it on its way to the clients, and it must not queue behind

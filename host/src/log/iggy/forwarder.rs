@@ -197,10 +197,7 @@ impl Forwarder {
                         self.read_topics(unread).await;
                         // Those of a topic that could not be read are not sent again: a
                         // best effort, like the resend itself.
-                        let recent = recent
-                            .into_iter()
-                            .filter(|(_, e)| self.remote.partitions_in_iggy(&e.topic).is_some() && self.mine(e))
-                            .collect();
+                        let recent = recent.into_iter().filter(|(_, e)| self.mine(e)).collect();
                         self.resend(round, recent, losses).await;
                     }
                     Err(e) => self.spool_unreadable(&e).await,
@@ -222,14 +219,13 @@ impl Forwarder {
             let mine = move |seq: u64, head: Option<Destination<'_>>| {
                 !in_flight.contains(&seq)
                     && match head {
-                        Some(to) if remote.partitions_in_iggy(to.topic).is_none() => {
-                            found.lock().expect("unread lock").insert(to.topic.to_owned());
-                            false
-                        }
-                        Some(to) => {
-                            let partition = remote.partition_in_iggy(to.topic, to.partition, to.key_hash);
-                            remote.lane_of(to.topic, partition) == lane
-                        }
+                        Some(to) => match remote.lane_of_entry(to.topic, to.partition, to.key_hash) {
+                            Some(its) => its == lane,
+                            None => {
+                                found.lock().expect("unread lock").insert(to.topic.to_owned());
+                                false
+                            }
+                        },
                         // Entries that cannot be read are set aside by one lane.
                         None => lane == 0,
                     }
@@ -297,10 +293,10 @@ impl Forwarder {
         read
     }
 
-    /// Whether `entry` goes over this lane's connection.
+    /// Whether `entry` goes over this lane's connection (not yet known while its topic's
+    /// partitions in Iggy are not read).
     fn mine(&self, entry: &SpoolEntry) -> bool {
-        let partition = self.remote.partition_in_iggy(&entry.topic, entry.partition, entry.key_hash);
-        self.remote.lane_of(&entry.topic, partition) == self.lane
+        self.remote.lane_of_entry(&entry.topic, entry.partition, entry.key_hash) == Some(self.lane)
     }
 
     /// Connect and prepare (lane 0 everything, the others their own connection); returns
