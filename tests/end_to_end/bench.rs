@@ -61,7 +61,13 @@ async fn the_benchmark_runs_every_case_and_writes_its_figures() {
     // A number when the rate tried met the bound, else a note saying it did not.
     assert!(!figures["fanout.capacity_events_per_sec"].is_null(), "{stdout}");
     if iggy.is_some() {
-        for key in ["publish.iggy.events_per_sec", "publish.iggy_http.events_per_sec", "e2e.iggy.p99_ms"] {
+        for key in [
+            "publish.iggy.events_per_sec",
+            "publish.iggy.p99_ms",
+            "publish.iggy_cold.p99_ms",
+            "publish.iggy_http.events_per_sec",
+            "e2e.iggy.p99_ms",
+        ] {
             assert!(figures[key].as_f64().is_some_and(|v| v > 0.0), "{key} in\n{stdout}");
         }
     }
