@@ -39,7 +39,8 @@ pub(super) async fn publish(args: &BenchArgs, report: &mut Report, iggy_bin: Opt
     wait_until_forwarding(&http, &host).await?;
     let (lat, owlery_rate) = load(requests, clients, owlery_sender(host.base.clone())).await?;
 
-    // Iggy's own HTTP API, same load, same stream and topic, same payload.
+    // Iggy's own HTTP API, same load, same payload, to the same stream (its `events`
+    // topic: the host sends these to `incident-events`).
     wait_until_forwarding(&http, &host).await?;
     let sender = iggy_http_sender(&http, iggy.http_port).await?;
     wait_for_iggy_http(&http, &sender).await?;
@@ -82,7 +83,8 @@ pub(super) async fn publish(args: &BenchArgs, report: &mut Report, iggy_bin: Opt
     Ok(())
 }
 
-/// Wait until the host is connected to Iggy, has created its `events` topic there, and has
+/// Wait until the host is connected to Iggy, has created its topics there (`events` among
+/// them: every routed topic is made before the host counts as connected), and has
 /// forwarded everything it accepted.
 async fn wait_until_forwarding(http: &reqwest::Client, host: &BenchHost) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -113,7 +115,7 @@ async fn wait_for_iggy_http(http: &reqwest::Client, send: &Sender) -> anyhow::Re
 }
 
 /// Publishing straight to Iggy's HTTP API on `port`: the same event to the host's stream,
-/// topic and partition 0, as the root user.
+/// its `events` topic, partition 0, as the root user.
 async fn iggy_http_sender(http: &reqwest::Client, port: u16) -> anyhow::Result<Sender> {
     let login: Value = http
         .post(format!("http://127.0.0.1:{port}/users/login"))

@@ -16,8 +16,8 @@ pub(super) async fn replay(args: &BenchArgs, report: &mut Report) -> anyhow::Res
     let host = BenchHost::start(args, &["ws-broadcast"], None)?;
     let http = reqwest::Client::new();
     prefill(&http, &host, events).await?;
-    // ws-broadcast broadcasts each of them (it takes user.connected): measure analytics
-    // alone, not beside it catching up (which put a run at 3.3 s instead of 2.1).
+    // ws-broadcast broadcasts each of them (it takes user.connected): analytics is
+    // measured alone, not beside it catching up.
     host.wait_caught_up(&http, "ws-broadcast", 0).await?;
     let wasm = super::read_wasm(args, "analytics")?;
     let manifest = std::fs::read_to_string(args.manifest_dir.join("analytics.toml")).unwrap_or_default();
@@ -40,7 +40,7 @@ pub(super) async fn replay(args: &BenchArgs, report: &mut Report) -> anyhow::Res
         &format!("replay {events} events through analytics"),
         secs,
         "s",
-        format!("{:.0} events/s; {used} of {} batches read ahead", events as f64 / secs, used + dropped),
+        format!("{:.0} events/s; {used} of {} reads ahead used", events as f64 / secs, used + dropped),
     );
 
     // 100 broadcasts missed by a client, then it resumes.
@@ -59,9 +59,9 @@ pub(super) async fn replay(args: &BenchArgs, report: &mut Report) -> anyhow::Res
     Ok(())
 }
 
-/// How many of `plugin`'s batches were read ahead and used, and how many were read ahead
-/// and dropped, from the host's metrics: a replay takes about half again as long when its
-/// batches are not read ahead.
+/// How many of `plugin`'s reads ahead were used, and how many dropped, from the host's
+/// metrics (0 and 0 if it has none): a replay took about half again as long before its
+/// batches were read ahead. Each full batch starts one (one that finds nothing is dropped).
 async fn reads_ahead(http: &reqwest::Client, host: &BenchHost, plugin: &str) -> anyhow::Result<(u64, u64)> {
     let text = http.get(format!("{}/metrics", host.base)).send().await?.text().await?;
     let count = |outcome: &str| -> u64 {

@@ -280,11 +280,13 @@ impl Remote {
                 tracing::debug!(%error, "connecting the outbox's connection to Iggy failed; retried on its next send");
             }
         });
+        // Each to its end, failed or not: a connect dropped half-way leaves its client
+        // counting as connecting, and its next connect a no-op.
         let (signed_in, _) = tokio::join!(
-            futures_util::future::try_join_all(connections.map(|c| connect_signed_in(c, &self.settings))),
+            futures_util::future::join_all(connections.map(|c| connect_signed_in(c, &self.settings))),
             futures_util::future::join_all(outbox),
         );
-        signed_in?;
+        signed_in.into_iter().collect::<Result<Vec<()>, _>>()?;
         if self.client.get_stream(&self.stream).await?.is_none() {
             match self.client.create_stream(&self.settings.stream).await {
                 Ok(_) | Err(IggyError::StreamNameAlreadyExists(_)) => {}
