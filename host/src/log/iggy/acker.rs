@@ -71,7 +71,8 @@ pub(super) struct SpoolWriter {
     /// tried again after `RETRY` if nothing comes).
     unwritten: Vec<u64>,
     /// Acknowledgements handed over, and written, since the start: a reply waits until
-    /// `written` reaches the count handed over with (or, for a flush, before) it.
+    /// `written` reaches the count handed over with (or, for a flush, before) it; `waiting`
+    /// is in the order handed over, so those counts never go down.
     handed: u64,
     written: u64,
     waiting: Vec<(u64, oneshot::Sender<()>)>,
@@ -187,11 +188,9 @@ impl Writer<SpoolRequest> for SpoolWriter {
                 // Each round is answered once it is written (a flush: all before it), not
                 // after the other lanes' rounds behind it.
                 self.written += written as u64;
-                let done = self.written;
-                let (ready, later): (Vec<_>, Vec<_>) =
-                    std::mem::take(&mut self.waiting).into_iter().partition(|(until, _)| *until <= done);
-                self.waiting = later;
-                for (_, reply) in ready {
+                // In the order handed over, so by the count each waits for.
+                let done = self.waiting.partition_point(|(until, _)| *until <= self.written);
+                for (_, reply) in self.waiting.drain(..done) {
                     let _ = reply.send(());
                 }
             }
