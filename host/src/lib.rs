@@ -9,6 +9,7 @@
 //! `/ws` and Socket.IO, the shared-log mirror). Around them: `http` (axum routes), `auth`, `keys`
 //! (the host's secret: unpredictable output ids, signed fan-out records), `config`, `cli`, `server` (assembly and shutdown), `topics` (Owlery's own topic names).
 
+pub mod allocator;
 pub mod auth;
 // `owlery bench`: tooling, not product; only with the `bench` feature (on by default).
 #[cfg(feature = "bench")]

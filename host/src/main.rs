@@ -6,7 +6,12 @@ use owlery::config::LogFormat;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+// Why mimalloc, and why configured: `owlery::allocator`.
+#[global_allocator]
+static GLOBAL: owlery::allocator::MiMalloc = owlery::allocator::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
+    owlery::allocator::configure();
     let cli = Cli::parse();
     // `serve` reads the format from its configuration (`log_format`, `OWLERY_LOG_FORMAT`);
     // the other commands write for people.
