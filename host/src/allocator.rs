@@ -8,33 +8,39 @@
 //! "Performance"). mimalloc frees a block back to the page it came from, whichever thread
 //! frees it.
 //!
-//! Why the two settings: mimalloc's defaults keep a freed page for a second (ten for whole
-//! arenas) and only give it back on a later call into the allocator, which an idle host never
-//! makes; and it asks for transparent huge pages on its arenas, so one touched byte holds 2 MiB.
-//! With both, an idle host with three plugins held 144-149 MB; with neither, 44 MB.
-//! `no_thp` is a build feature (`Cargo.toml`); the purge delay is set by [`configure`].
+//! Why the two settings: by default mimalloc keeps a freed page committed for a second and
+//! gives it back only from a later call into the allocator, which an idle host may not make
+//! for a long time; and it asks for transparent huge pages on its arenas
+//! (`madvise(MADV_HUGEPAGE)`), so one touched byte can hold 2 MiB. With mimalloc's defaults an
+//! idle host with three plugins held 144-149 MB; with `no_thp` and a purge delay of 0, 43-46
+//! MB (glibc: 48). `no_thp` is a build feature (`Cargo.toml`) and only drops that `madvise`:
+//! where the system's THP mode is `always` (this machine's is `madvise`), set
+//! `MIMALLOC_ALLOW_THP=0`, which mimalloc reads before `main`. The purge delay is set by
+//! [`configure`].
 
 use libmimalloc_sys::{mi_option_get, mi_option_set_default, mi_option_t};
 pub use mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in the bundled mimalloc v3 header (`mimalloc.h`, `mi_option_e`);
-/// `libmimalloc-sys` names only the options v2 and v3 share. Pinned by a test below.
+/// `mi_option_purge_delay` in the bundled mimalloc v3 header (`mimalloc.h`, `mi_option_e`),
+/// which `libmimalloc-sys` does not name. Pinned by a test below.
 const PURGE_DELAY: mi_option_t = 15;
 
 /// Gives freed memory back at once (purge delay 0 ms) unless `MIMALLOC_PURGE_DELAY` says
-/// otherwise. Call first thing in `main`: the delay is read at every purge, so what was freed
-/// before is only held a little longer.
+/// otherwise (mimalloc reads its environment before `main`, and a default does not override
+/// it). Call first thing in `main`, before any thread: the Rust runtime's allocations before
+/// it are a few small blocks, so no freed page is waiting under the old delay.
 #[allow(unsafe_code)]
 pub fn configure() {
-    // SAFETY: mimalloc's option setters only store a value in its options table; they take
-    // no pointers and are safe to call from any thread at any time.
+    // SAFETY: stores a value in mimalloc's options table (no pointers; 15 is in range, and
+    // out-of-range options are ignored). Not thread-safe against other option calls, hence
+    // first thing in `main`, before any thread exists.
     unsafe { mi_option_set_default(PURGE_DELAY, 0) }
 }
 
 /// The purge delay in force, in milliseconds.
 #[allow(unsafe_code)]
 pub fn purge_delay_ms() -> std::ffi::c_long {
-    // SAFETY: a read of mimalloc's options table (see `configure`).
+    // SAFETY: a read of mimalloc's options table; nothing sets options after `configure`.
     unsafe { mi_option_get(PURGE_DELAY) }
 }
 

@@ -7,7 +7,8 @@
 //! (what a batch produced) → `store` (state, offsets, fan-out table, outbox, one commit per
 //! batch) → `outbox` (forwards committed entries to the log) and `fanout` (hub, catch-up,
 //! `/ws` and Socket.IO, the shared-log mirror). Around them: `http` (axum routes), `auth`, `keys`
-//! (the host's secret: unpredictable output ids, signed fan-out records), `config`, `cli`, `server` (assembly and shutdown), `topics` (Owlery's own topic names).
+//! (the host's secret: unpredictable output ids, signed fan-out records), `config`, `cli`, `server` (assembly and shutdown), `topics` (Owlery's own topic names),
+//! `allocator` (the binary's memory allocator).
 
 pub mod allocator;
 pub mod auth;
