@@ -1,5 +1,6 @@
 //! Child processes that Owlery's end-to-end tests and `owlery bench` both run: a real Iggy
-//! server ([`IggyServer`]) and real `owlery serve` hosts ([`HostProcess`]).
+//! server ([`IggyServer`]) and real `owlery serve` hosts ([`HostProcess`]); and [`metrics`],
+//! which reads figures out of a host's `GET /metrics`.
 //!
 //! Kept out of the `owlery` crate so that the product binary does not carry test tooling,
 //! and so that the tests and the bench start hosts the same way. It does not depend on
@@ -7,6 +8,7 @@
 
 pub mod host;
 pub mod iggy;
+pub mod metrics;
 
 use std::path::PathBuf;
 use std::process::ExitStatus;

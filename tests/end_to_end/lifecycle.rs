@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::support::{Host, counter, event, guests, reporter_5_update, reporter_5_updates, shipped};
+use crate::support::{Host, event, guests, reporter_5_update, reporter_5_updates, shipped};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -669,8 +669,12 @@ pub(crate) async fn catch_up_with_commands_in_between(host: &Host, published: im
 
     let metrics = host.metrics().await;
     let reads_ahead = |outcome: &str| {
-        counter(&metrics, &format!("owlery_plugin_reads_ahead_total{{outcome=\"{outcome}\",plugin=\"analytics\"}}"))
+        owlery_testkit::metrics::sum(
+            &metrics,
+            "owlery_plugin_reads_ahead_total",
+            &[("plugin", "analytics"), ("outcome", outcome)],
+        )
     };
-    assert!(reads_ahead("used") > 100, "the catch-up read ahead: {metrics}");
-    assert!(reads_ahead("dropped") >= 1, "the replay dropped what was read ahead: {metrics}");
+    assert!(reads_ahead("used") > 100.0, "the catch-up read ahead: {metrics}");
+    assert!(reads_ahead("dropped") >= 1.0, "the replay dropped what was read ahead: {metrics}");
 }

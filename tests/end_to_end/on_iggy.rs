@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::support::{Host, counter, event, shipped};
+use crate::support::{Host, event, shipped};
 use owlery_testkit::IggyServer;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -98,8 +98,9 @@ async fn publish_reaches_plugins_and_websockets_through_iggy() {
     // The three runners read the same partitions: what one read from Iggy, the others were
     // given by the host (`log::iggy::recent`), and the counts above are still exact.
     let metrics = host.metrics().await;
-    let polls = |answered: &str| counter(&metrics, &format!("owlery_iggy_polls_total{{answered=\"{answered}\"}}"));
-    assert!(polls("kept") > 0 && polls("iggy") > 0, "{metrics}");
+    let polls =
+        |answered: &str| owlery_testkit::metrics::sum(&metrics, "owlery_iggy_polls_total", &[("answered", answered)]);
+    assert!(polls("kept") > 0.0 && polls("iggy") > 0.0, "{metrics}");
 }
 
 /// Reading ahead on Iggy: a catch-up's batches are read by the runner's reader thread

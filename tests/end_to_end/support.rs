@@ -348,10 +348,3 @@ pub fn reporter_5_update(n: Value) -> Value {
 pub fn reporter_5_updates(count: u64) -> Vec<Value> {
     (0..count).map(|n| reporter_5_update(n.into())).collect()
 }
-
-/// The value of one series (`name{labels}`, labels in Prometheus' order) in `metrics`, the
-/// text of `GET /metrics`; 0 when it is not there yet.
-pub fn counter(metrics: &str, series: &str) -> u64 {
-    let line = format!("{series} ");
-    metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).map_or(0, |n| n.parse().unwrap())
-}

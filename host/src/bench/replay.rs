@@ -65,12 +65,11 @@ pub(super) async fn replay(args: &BenchArgs, report: &mut Report) -> anyhow::Res
 async fn reads_ahead(http: &reqwest::Client, host: &BenchHost, plugin: &str) -> anyhow::Result<(u64, u64)> {
     let text = http.get(format!("{}/metrics", host.base)).send().await?.text().await?;
     let count = |outcome: &str| -> u64 {
-        let labels = [format!("plugin=\"{plugin}\""), format!("outcome=\"{outcome}\"")];
-        text.lines()
-            .filter(|line| line.starts_with("owlery_plugin_reads_ahead_total{"))
-            .filter(|line| labels.iter().all(|label| line.contains(label.as_str())))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
+        owlery_testkit::metrics::sum(
+            &text,
+            "owlery_plugin_reads_ahead_total",
+            &[("plugin", plugin), ("outcome", outcome)],
+        ) as u64
     };
     Ok((count("used"), count("dropped")))
 }

@@ -195,20 +195,16 @@ impl Remote {
     /// may not be the topic's); one spooled without its key's hash (by an earlier
     /// version) goes to `partition`, or to `partition % count` if the topic has fewer.
     pub(super) fn partition_in_iggy(&self, topic: &str, partition: u32, key_hash: Option<u64>) -> u32 {
-        let count = self.partitions_in_iggy(topic).unwrap_or(1).max(1);
-        match key_hash {
-            Some(hash) => crate::log::partition_of_hash(hash, count),
-            None if partition >= count => partition % count,
-            None => partition,
-        }
+        partition_among(self.partitions_in_iggy(topic).unwrap_or(1), partition, key_hash)
     }
 
     /// The lane an entry spooled for `partition` goes over: that of its partition in Iggy
     /// (see `partition_in_iggy`), once the topic's partitions there are read (`None`
-    /// before, when which partition that is is not known yet).
+    /// before, when which partition that is is not known yet). One look at the topics, since
+    /// the forwarder's peek asks this of every spooled entry.
     pub(super) fn lane_of_entry(&self, topic: &str, partition: u32, key_hash: Option<u64>) -> Option<usize> {
-        self.partitions_in_iggy(topic)?;
-        Some(self.lane_of(topic, self.partition_in_iggy(topic, partition, key_hash)))
+        let count = self.partitions_in_iggy(topic)?;
+        Some(self.lane_of(topic, partition_among(count, partition, key_hash)))
     }
 
     /// The lane (and connection) sends to a partition in Iggy (see `partition_in_iggy`) go
@@ -351,6 +347,16 @@ impl Remote {
     }
 }
 
+/// `partition_in_iggy` for a topic of `count` partitions in Iggy.
+fn partition_among(count: u32, partition: u32, key_hash: Option<u64>) -> u32 {
+    let count = count.max(1);
+    match key_hash {
+        Some(hash) => crate::log::partition_of_hash(hash, count),
+        None if partition >= count => partition % count,
+        None => partition,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Remote;
@@ -365,9 +371,13 @@ mod tests {
         // Accepted before the host had read the topic: planned with the settings' count.
         assert_eq!(remote.plan_topic("t"), 1);
         assert_eq!(remote.partition_in_iggy("t", 0, hash), 0);
-        // Iggy's topic has eight: the key's partition of eight, where its other events are.
+        // No lane takes it until the topic is read from Iggy.
+        assert_eq!(remote.lane_of_entry("t", 0, hash), None);
+        // Iggy's topic has eight: the key's partition of eight, where its other events are,
+        // over that partition's lane.
         remote.found_partitions("t", 8);
         assert_eq!(remote.partition_in_iggy("t", 0, hash), partition_for(&key, 8));
+        assert_eq!(remote.lane_of_entry("t", 0, hash), Some(remote.lane_of("t", partition_for(&key, 8))));
         // Spooled by an earlier version, without the hash: where it was accepted for, or
         // wrapped around when the topic has fewer partitions now.
         assert_eq!(remote.partition_in_iggy("t", 5, None), 5);
