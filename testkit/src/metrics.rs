@@ -6,9 +6,17 @@
 /// `labels` (in any order; others may be there too); 0 when there is none yet. A metric
 /// whose name only starts with `name` is another metric and is not counted.
 pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let wanted: Vec<String> = labels.iter().map(|(label, value)| format!("{label}=\"{value}\"")).collect();
+    // Escaped as the host's encoder writes label values, so a value with a quote,
+    // backslash or newline is found too.
+    let wanted: Vec<String> = labels
+        .iter()
+        .map(|(label, value)| {
+            let value = value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            format!("{label}=\"{value}\"")
+        })
+        .collect();
+    // `# HELP` and `# TYPE` lines never start with a metric's name, so need no filter.
     text.lines()
-        .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {
             let rest = line.strip_prefix(name)?;
             // `name{labels} value` or `name value`: split the labels off at the last brace,
@@ -61,6 +69,8 @@ owlery_plugin_reads_ahead_total_extra{outcome=\"used\",plugin=\"analytics\"} 99
 owlery_iggy_polls_total{answered=\"iggy\"} 1500
 owlery_iggy_polls_total{answered=\"kept\"} 1900
 owlery_odd_total{note=\"a, b\",plugin=\"analytics\"} 3
+owlery_odd_total{myplugin=\"analytics\"} 5
+owlery_odd_total{path=\"C:\\\\x\",say=\"\\\"hi\\\"\"} 7
 owlery_up 1
 ";
 
@@ -77,13 +87,17 @@ owlery_up 1
     fn a_series_not_there_yet_is_zero() {
         assert_eq!(sum(TEXT, "owlery_missing_total", &[]), 0.0);
         assert_eq!(sum(TEXT, "owlery_iggy_polls_total", &[("answered", "never")]), 0.0);
-        // `plugin="analytics"` is not a label of a series whose value merely contains it.
+        // A label only matches whole: `myplugin="analytics"` is not `plugin="analytics"`
+        // (a reader looking for the text inside the line counted it), nor is a value a
+        // part of another.
+        assert_eq!(sum(TEXT, "owlery_odd_total", &[("plugin", "analytics")]), 3.0);
         assert_eq!(sum(TEXT, "owlery_odd_total", &[("note", "a")]), 0.0);
     }
 
     #[test]
-    fn unlabelled_series_and_quoted_commas() {
+    fn unlabelled_series_quoted_commas_and_escaped_values() {
         assert_eq!(sum(TEXT, "owlery_up", &[]), 1.0);
+        assert_eq!(sum(TEXT, "owlery_odd_total", &[("path", "C:\\x"), ("say", "\"hi\"")]), 7.0);
         assert_eq!(sum(TEXT, "owlery_odd_total", &[("note", "a, b"), ("plugin", "analytics")]), 3.0);
     }
 }
