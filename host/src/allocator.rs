@@ -18,7 +18,7 @@
 //! `MIMALLOC_ALLOW_THP=0`, which mimalloc reads before `main`. The purge delay is set by
 //! [`configure`].
 
-use libmimalloc_sys::{mi_option_get, mi_option_set_default, mi_option_t};
+use libmimalloc_sys::{mi_option_set_default, mi_option_t};
 pub use mimalloc::MiMalloc;
 
 /// `mi_option_purge_delay` in the bundled mimalloc v3 header (`mimalloc.h`, `mi_option_e`),
@@ -37,16 +37,16 @@ pub fn configure() {
     unsafe { mi_option_set_default(PURGE_DELAY, 0) }
 }
 
-/// The purge delay in force, in milliseconds.
-#[allow(unsafe_code)]
-pub fn purge_delay_ms() -> std::ffi::c_long {
-    // SAFETY: a read of mimalloc's options table; nothing sets options after `configure`.
-    unsafe { mi_option_get(PURGE_DELAY) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The purge delay in force, in milliseconds.
+    #[allow(unsafe_code)]
+    fn purge_delay_ms() -> std::ffi::c_long {
+        // SAFETY: a read of mimalloc's options table; only this test sets options here.
+        unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) }
+    }
 
     // The option's number is not exported by name: if a mimalloc update renumbers it, this
     // sees another option's default (purge_delay's is 1000 ms, its neighbours' 1 and 0)
